@@ -1,0 +1,103 @@
+"""Shared benchmark harness: time providers side by side in one process and write results.
+
+Timing uses torch.utils.benchmark (CPU and GPU). Each case reports p50 with p20/p80 in ms; ratios
+are only ever taken between providers timed in the same run. Results go to
+benchmarks/results/<device>/<op>.json (list of rows) and are merged on
+(op, provider, mode, shape, dtype, device) so reruns replace their own rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.utils.benchmark as tb
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="small sweep that finishes fast on CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (2 on the reference machine)")
+    p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per case")
+    p.add_argument("--out", default=None, help="results file (default results/<device>/<op>.json)")
+    return p
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device)).replace(" ", "_")
+    return "cpu"
+
+
+def env_tags(device: str) -> dict:
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        sha = "unknown"
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:
+        tv = None
+    import cofi
+
+    return {"device_name": device_name(device), "torch": torch.__version__, "triton": tv, "cofi": cofi.__version__,
+            "git_sha": sha, "threads": torch.get_num_threads(), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def measure(fn: Callable[[], object], min_run_time: float = 1.0, device: str = "cpu") -> dict[str, float]:
+    """p20/p50/p80 in milliseconds of ``fn()`` after 2 warm-up calls."""
+    for _ in range(2):
+        fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    m = tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    times = sorted(m.times)
+
+    def q(p: float) -> float:
+        return 1e3 * times[min(len(times) - 1, int(round(p * (len(times) - 1))))]
+
+    return {"p20_ms": q(0.2), "p50_ms": q(0.5), "p80_ms": q(0.8), "runs": len(times) * m.number_per_run}
+
+
+def check_close(name: str, got: object, want: object, atol: float, rtol: float) -> str | None:
+    """None if close, else a description (a wrong provider is reported, not timed)."""
+    gs = got if isinstance(got, (tuple, list)) else (got,)
+    ws = want if isinstance(want, (tuple, list)) else (want,)
+    for g, w in zip(gs, ws):
+        if g is None or w is None:
+            continue
+        try:
+            torch.testing.assert_close(g.float(), w.float(), atol=atol, rtol=rtol)
+        except AssertionError as e:
+            return f"{name}: {str(e).splitlines()[0]}"
+    return None
+
+
+def write_rows(op: str, rows: list[dict], device: str, out: str | None = None) -> Path:
+    path = Path(out) if out else RESULTS / device_name(device) / f"{op}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(path.read_text()) if path.exists() else []
+    key = lambda r: (r.get("op"), r.get("provider"), r.get("mode"), json.dumps(r.get("shape")), r.get("dtype"), r.get("device_name"))  # noqa: E731
+    new_keys = {key(r) for r in rows}
+    merged = [r for r in old if key(r) not in new_keys] + rows
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(merged, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    widths = [max(len(c), *(len(f"{r.get(c, '')}") for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(f"{r.get(c, '')}".ljust(w) for c, w in zip(cols, widths)))

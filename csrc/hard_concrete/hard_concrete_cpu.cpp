@@ -1,0 +1,279 @@
+// CPU kernels of the hard-concrete op family (sample, keep_prob, deterministic, expected_size).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "hard_concrete.h"
+
+namespace {
+
+constexpr int64_t kGrain = 4096;
+
+double q0_logit(double t, double l, double r) {
+  double xn = (0.0 - l) / (r - l);
+  return (std::log(xn) - std::log1p(-xn)) * t;
+}
+
+void check_same(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
+  TORCH_CHECK(a.sizes() == b.sizes(), "cofi: ", bn, " must have the shape of ", an, " ", a.sizes(), ", got ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "cofi: ", bn, " dtype ", b.scalar_type(), " must match ", an, " dtype ", a.scalar_type());
+}
+
+void check_float(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "cofi: ", name, " must be float32 or float64 on CPU, got ", x.scalar_type());
+}
+
+at::Tensor sample_fwd(const at::Tensor& log_alpha, const at::Tensor& u, double t, double l, double r) {
+  check_float(log_alpha, "log_alpha");
+  check_same(log_alpha, "log_alpha", u, "u");
+  auto la = log_alpha.contiguous();
+  auto uu = u.contiguous();
+  auto z = at::empty_like(la);
+  AT_DISPATCH_FLOATING_TYPES(la.scalar_type(), "hard_concrete_sample_fwd", [&] {
+    const scalar_t* pa = la.const_data_ptr<scalar_t>();
+    const scalar_t* pu = uu.const_data_ptr<scalar_t>();
+    scalar_t* pz = z.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, la.numel(), kGrain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i)
+        pz[i] = cofi_hc::sample<scalar_t>(pa[i], pu[i], scalar_t(t), scalar_t(l), scalar_t(r));
+    });
+  });
+  return z;
+}
+
+at::Tensor sample_bwd(const at::Tensor& grad, const at::Tensor& log_alpha, const at::Tensor& u, double t, double l, double r) {
+  check_float(log_alpha, "log_alpha");
+  check_same(log_alpha, "log_alpha", u, "u");
+  check_same(log_alpha, "log_alpha", grad, "grad");
+  auto la = log_alpha.contiguous();
+  auto uu = u.contiguous();
+  auto g = grad.contiguous();
+  auto out = at::empty_like(la);
+  AT_DISPATCH_FLOATING_TYPES(la.scalar_type(), "hard_concrete_sample_bwd", [&] {
+    const scalar_t* pa = la.const_data_ptr<scalar_t>();
+    const scalar_t* pu = uu.const_data_ptr<scalar_t>();
+    const scalar_t* pg = g.const_data_ptr<scalar_t>();
+    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, la.numel(), kGrain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i)
+        po[i] = pg[i] * cofi_hc::sample_grad<scalar_t>(pa[i], pu[i], scalar_t(t), scalar_t(l), scalar_t(r));
+    });
+  });
+  return out;
+}
+
+at::Tensor keep_fwd(const at::Tensor& log_alpha, double t, double l, double r, double eps) {
+  check_float(log_alpha, "log_alpha");
+  auto la = log_alpha.contiguous();
+  auto p = at::empty_like(la);
+  const double q0 = q0_logit(t, l, r);
+  AT_DISPATCH_FLOATING_TYPES(la.scalar_type(), "hard_concrete_keep_prob_fwd", [&] {
+    const scalar_t* pa = la.const_data_ptr<scalar_t>();
+    scalar_t* pp = p.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, la.numel(), kGrain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) pp[i] = cofi_hc::keep_prob<scalar_t>(pa[i], scalar_t(q0), scalar_t(eps));
+    });
+  });
+  return p;
+}
+
+at::Tensor keep_bwd(const at::Tensor& grad, const at::Tensor& log_alpha, double t, double l, double r, double eps) {
+  check_float(log_alpha, "log_alpha");
+  check_same(log_alpha, "log_alpha", grad, "grad");
+  auto la = log_alpha.contiguous();
+  auto g = grad.contiguous();
+  auto out = at::empty_like(la);
+  const double q0 = q0_logit(t, l, r);
+  AT_DISPATCH_FLOATING_TYPES(la.scalar_type(), "hard_concrete_keep_prob_bwd", [&] {
+    const scalar_t* pa = la.const_data_ptr<scalar_t>();
+    const scalar_t* pg = g.const_data_ptr<scalar_t>();
+    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, la.numel(), kGrain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) po[i] = pg[i] * cofi_hc::keep_prob_grad<scalar_t>(pa[i], scalar_t(q0), scalar_t(eps));
+    });
+  });
+  return out;
+}
+
+// Per row: zero the round-half-even(n - sum keep) smallest log_alpha (ties: lower index first).
+at::Tensor deterministic(const at::Tensor& log_alpha, bool binary, double t, double l, double r, double eps) {
+  check_float(log_alpha, "log_alpha");
+  TORCH_CHECK(log_alpha.dim() == 2, "cofi: log_alpha must be 2-D [rows, n], got ", log_alpha.sizes());
+  auto la = log_alpha.contiguous();
+  auto out = at::empty_like(la);
+  const int64_t rows = la.size(0), n = la.size(1);
+  const double q0 = q0_logit(t, l, r);
+  AT_DISPATCH_FLOATING_TYPES(la.scalar_type(), "hard_concrete_deterministic", [&] {
+    const scalar_t* pa = la.const_data_ptr<scalar_t>();
+    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+      std::vector<int64_t> order(n);
+      for (int64_t row = b; row < e; ++row) {
+        const scalar_t* a = pa + row * n;
+        scalar_t* o = po + row * n;
+        // Sum in the op's dtype, in index order, as torch's sum over a short row does.
+        scalar_t keep = 0;
+        for (int64_t i = 0; i < n; ++i) keep += cofi_hc::keep_prob<scalar_t>(a[i], scalar_t(q0), scalar_t(eps));
+        const int64_t zeros = static_cast<int64_t>(std::nearbyint(static_cast<double>(scalar_t(n) - keep)));
+        for (int64_t i = 0; i < n; ++i)
+          o[i] = binary ? scalar_t(1) : cofi_hc::sigmoid<scalar_t>(a[i] / scalar_t(t) * scalar_t(0.8));
+        if (zeros <= 0) continue;
+        std::iota(order.begin(), order.end(), 0);
+        auto less = [a](int64_t x, int64_t y) { return a[x] < a[y] || (a[x] == a[y] && x < y); };
+        std::nth_element(order.begin(), order.begin() + (zeros - 1), order.end(), less);
+        for (int64_t k = 0; k < std::min(zeros, n); ++k) o[order[k]] = 0;
+      }
+    });
+  });
+  return out;
+}
+
+struct SizeConsts {
+  double pair_head, per_head, per_unit, full;
+};
+
+SizeConsts consts(int64_t L, int64_t d, int64_t H, int64_t F) {
+  double per_head = H ? (4.0 * d * d + 4.0 * d) / H : 0.0;
+  int64_t per_mlp = 2 * d * F + 5 * d;
+  return {d ? per_head / d : 0.0, per_head, F ? static_cast<double>(per_mlp / F) : 0.0,
+          L * H * per_head + static_cast<double>(L * per_mlp)};
+}
+
+template <typename T>
+T sum_or(const c10::optional<at::Tensor>& x, T dflt) {
+  if (!x.has_value()) return dflt;
+  auto c = x->contiguous();
+  const T* p = c.const_data_ptr<T>();
+  T s = 0;
+  for (int64_t i = 0; i < c.numel(); ++i) s += p[i];
+  return s;
+}
+
+// score = sum_l gate[l] * sum_j unit[l, j]; also fills row sums (for the backward).
+template <typename T>
+T gated_score(const c10::optional<at::Tensor>& units, const c10::optional<at::Tensor>& gate, int64_t L, int64_t W,
+              std::vector<T>* row_sums) {
+  row_sums->assign(L, T(W));
+  if (units.has_value()) {
+    auto c = units->contiguous();
+    const T* p = c.const_data_ptr<T>();
+    for (int64_t l = 0; l < L; ++l) {
+      T s = 0;
+      for (int64_t j = 0; j < W; ++j) s += p[l * W + j];
+      (*row_sums)[l] = s;
+    }
+  }
+  std::vector<T> g(L, T(1));
+  if (gate.has_value()) {
+    auto c = gate->contiguous();
+    const T* p = c.const_data_ptr<T>();
+    for (int64_t l = 0; l < L; ++l) g[l] = p[l];
+  }
+  T score = 0;
+  for (int64_t l = 0; l < L; ++l) score += g[l] * (*row_sums)[l];
+  return score;
+}
+
+const at::Tensor& first_of(const std::vector<const c10::optional<at::Tensor>*>& xs) {
+  for (auto* x : xs)
+    if (x->has_value()) return x->value();
+  TORCH_CHECK(false, "cofi: expected_size needs at least one group of keep probabilities");
+}
+
+std::tuple<at::Tensor, at::Tensor> size_fwd(const c10::optional<at::Tensor>& hidden, const c10::optional<at::Tensor>& head,
+                                            const c10::optional<at::Tensor>& mha, const c10::optional<at::Tensor>& inter,
+                                            const c10::optional<at::Tensor>& ffn, int64_t L, int64_t d, int64_t H, int64_t F) {
+  const at::Tensor& ref = first_of({&hidden, &head, &mha, &inter, &ffn});
+  check_float(ref, "keep probabilities");
+  auto e = at::empty({}, ref.options());
+  auto s = at::empty({}, ref.options());
+  const SizeConsts c = consts(L, d, H, F);
+  AT_DISPATCH_FLOATING_TYPES(ref.scalar_type(), "expected_size_fwd", [&] {
+    std::vector<scalar_t> hs, is;
+    scalar_t head_score = gated_score<scalar_t>(head, mha, L, H, &hs);
+    scalar_t int_score = gated_score<scalar_t>(inter, ffn, L, F, &is);
+    scalar_t expected;
+    if (hidden.has_value()) {
+      scalar_t hsum = sum_or<scalar_t>(hidden, scalar_t(d));
+      expected = hsum * (head_score * scalar_t(c.pair_head) + int_score * scalar_t(2));
+    } else {
+      expected = head_score * scalar_t(c.per_head) + int_score * scalar_t(c.per_unit);
+    }
+    e.fill_(expected);
+    s.fill_(scalar_t(1) - expected / scalar_t(c.full));
+  });
+  return {e, s};
+}
+
+std::vector<at::Tensor> size_bwd(const at::Tensor& g_params, const at::Tensor& g_sparsity, const c10::optional<at::Tensor>& hidden,
+                                 const c10::optional<at::Tensor>& head, const c10::optional<at::Tensor>& mha,
+                                 const c10::optional<at::Tensor>& inter, const c10::optional<at::Tensor>& ffn, int64_t L,
+                                 int64_t d, int64_t H, int64_t F) {
+  const at::Tensor& ref = first_of({&hidden, &head, &mha, &inter, &ffn});
+  check_float(ref, "keep probabilities");
+  const SizeConsts c = consts(L, d, H, F);
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(ref.scalar_type(), "expected_size_bwd", [&] {
+    // dE total = g_params - g_sparsity / full
+    const scalar_t gE = g_params.item<scalar_t>() - g_sparsity.item<scalar_t>() / scalar_t(c.full);
+    std::vector<scalar_t> hs, is;
+    scalar_t head_score = gated_score<scalar_t>(head, mha, L, H, &hs);
+    scalar_t int_score = gated_score<scalar_t>(inter, ffn, L, F, &is);
+    const bool has_hidden = hidden.has_value();
+    scalar_t hsum = has_hidden ? sum_or<scalar_t>(hidden, scalar_t(d)) : scalar_t(1);
+    // dE/d head_score and dE/d int_score
+    scalar_t dH = has_hidden ? hsum * scalar_t(c.pair_head) : scalar_t(c.per_head);
+    scalar_t dI = has_hidden ? hsum * scalar_t(2) : scalar_t(c.per_unit);
+    // A fresh empty tensor per absent group: custom-op outputs may not alias each other.
+    auto empty = [&] { return at::empty({0}, ref.options()); };
+    // hidden
+    if (has_hidden) {
+      out.push_back(at::full_like(*hidden, gE * (head_score * scalar_t(c.pair_head) + int_score * scalar_t(2)),
+                                  at::MemoryFormat::Contiguous));
+    } else {
+      out.push_back(empty());
+    }
+    auto units_grad = [&](const c10::optional<at::Tensor>& units, const c10::optional<at::Tensor>& gate, int64_t W,
+                          scalar_t dScore) {
+      if (!units.has_value()) return empty();
+      auto g = at::empty_like(*units, at::MemoryFormat::Contiguous);
+      scalar_t* pg = g.mutable_data_ptr<scalar_t>();
+      at::Tensor gc = gate.has_value() ? gate->contiguous() : at::Tensor();
+      for (int64_t l = 0; l < L; ++l) {
+        scalar_t gl = gate.has_value() ? gc.const_data_ptr<scalar_t>()[l] : scalar_t(1);
+        for (int64_t j = 0; j < W; ++j) pg[l * W + j] = gE * dScore * gl;
+      }
+      return g;
+    };
+    auto gate_grad = [&](const c10::optional<at::Tensor>& gate, const std::vector<scalar_t>& rows, scalar_t dScore) {
+      if (!gate.has_value()) return empty();
+      auto g = at::empty_like(*gate, at::MemoryFormat::Contiguous);
+      scalar_t* pg = g.mutable_data_ptr<scalar_t>();
+      for (int64_t l = 0; l < L; ++l) pg[l] = gE * dScore * rows[l];
+      return g;
+    };
+    out.push_back(units_grad(head, mha, H, dH));
+    out.push_back(gate_grad(mha, hs, dH));
+    out.push_back(units_grad(inter, ffn, F, dI));
+    out.push_back(gate_grad(ffn, is, dI));
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cofi, CPU, m) {
+  m.impl("hard_concrete_sample_fwd_native", &sample_fwd);
+  m.impl("hard_concrete_sample_bwd_native", &sample_bwd);
+  m.impl("hard_concrete_keep_prob_fwd_native", &keep_fwd);
+  m.impl("hard_concrete_keep_prob_bwd_native", &keep_bwd);
+  m.impl("hard_concrete_deterministic_native", &deterministic);
+  m.impl("expected_size_fwd_native", &size_fwd);
+  m.impl("expected_size_bwd_native", &size_bwd);
+}

@@ -1,0 +1,42 @@
+"""The ``cofi`` command: info, finetune, prune, eval, export, bench, demo.
+
+Each subcommand lives in the module that owns it and exposes ``add_arguments(parser)`` and
+``run(args) -> int``; this file only wires them up, so importing it stays cheap.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("cofi.info", "versions, build flags, backends and devices"),
+    "finetune": ("cofi.training.cli_finetune", "fine-tune a pre-trained encoder on a task (the teacher)"),
+    "prune": ("cofi.training.cli_prune", "CoFi pruning with distillation, then fold and fine-tune the compact model"),
+    "eval": ("cofi.runtime.cli_eval", "evaluate a compact (or full) model folder on a task"),
+    "export": ("cofi.runtime.cli_export", "export a compact model folder to ONNX or torch.export"),
+    "demo": ("cofi.pipeline", "the whole pipeline on the bundled default (README command 1)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cofi", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, (mod_name, help_) in COMMANDS.items():
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and e.name.startswith("cofi"):
+                continue  # subcommand not part of this install
+            raise
+        p = sub.add_parser(name, help=help_, description=help_)
+        mod.add_arguments(p)
+        modules[name] = mod
+    args = parser.parse_args(argv)
+    return int(modules[args.command].run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

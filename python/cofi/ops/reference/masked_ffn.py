@@ -1,0 +1,46 @@
+"""Reference masked feed-forward block (eager PyTorch, dense GEMMs then masks)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+
+
+def activation_ref(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """GELU (erf, as BERT), tanh-approximated GELU, or ReLU."""
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if activation == "relu":
+        return torch.relu(h)
+    raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+
+
+def masked_ffn_ref(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    int_z: torch.Tensor | None = None,
+    mlp_z: torch.Tensor | None = None,
+    activation: str = "gelu",
+) -> torch.Tensor:
+    """y = mlp_z * ((act(x w1^T + b1) * int_z) w2^T + b2).
+
+    x: [..., d]; w1: [F, d]; b1: [F]; w2: [d, F]; b2: [d]; int_z: [F] or None;
+    mlp_z: scalar tensor or None. Returns [..., d].
+
+    A unit whose int_z is exactly 0 is absent: its d int_z is 0 (the kernels never compute dead
+    units; hard-concrete's clip gives zero gradient there anyway). d mlp_z is exact everywhere.
+    """
+    a = activation_ref(F.linear(x, w1, b1), activation)
+    if int_z is not None:
+        z = int_z.to(a.dtype)
+        a = a * torch.where(z != 0, z, z.detach())
+    y = F.linear(a, w2, b2)
+    if mlp_z is not None:
+        y = y * mlp_z.to(y.dtype)
+    return y
