@@ -16,7 +16,8 @@ BLOCK = 1024
 
 
 @triton.jit
-def _hard_concrete_sample_fwd_kernel(la_ptr, u_ptr, z_ptr, n, t, l, r, BLOCK: tl.constexpr):
+def _hard_concrete_sample_fwd_kernel(la_ptr, u_ptr, z_ptr, n, prm_ptr, BLOCK: tl.constexpr):
+    t, l, r = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     a = tl.load(la_ptr + offs, mask=m, other=0.0)
@@ -27,7 +28,8 @@ def _hard_concrete_sample_fwd_kernel(la_ptr, u_ptr, z_ptr, n, t, l, r, BLOCK: tl
 
 
 @triton.jit
-def _hard_concrete_sample_bwd_kernel(g_ptr, la_ptr, u_ptr, out_ptr, n, t, l, r, BLOCK: tl.constexpr):
+def _hard_concrete_sample_bwd_kernel(g_ptr, la_ptr, u_ptr, out_ptr, n, prm_ptr, BLOCK: tl.constexpr):
+    t, l, r = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     g = tl.load(g_ptr + offs, mask=m, other=0.0)
@@ -40,7 +42,8 @@ def _hard_concrete_sample_bwd_kernel(g_ptr, la_ptr, u_ptr, out_ptr, n, t, l, r, 
 
 
 @triton.jit
-def _hard_concrete_keep_prob_fwd_kernel(la_ptr, p_ptr, n, q0, eps, BLOCK: tl.constexpr):
+def _hard_concrete_keep_prob_fwd_kernel(la_ptr, p_ptr, n, prm_ptr, BLOCK: tl.constexpr):
+    q0, eps = tl.load(prm_ptr), tl.load(prm_ptr + 1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     a = tl.load(la_ptr + offs, mask=m, other=0.0)
@@ -49,7 +52,8 @@ def _hard_concrete_keep_prob_fwd_kernel(la_ptr, p_ptr, n, q0, eps, BLOCK: tl.con
 
 
 @triton.jit
-def _hard_concrete_keep_prob_bwd_kernel(g_ptr, la_ptr, out_ptr, n, q0, eps, BLOCK: tl.constexpr):
+def _hard_concrete_keep_prob_bwd_kernel(g_ptr, la_ptr, out_ptr, n, prm_ptr, BLOCK: tl.constexpr):
+    q0, eps = tl.load(prm_ptr), tl.load(prm_ptr + 1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     g = tl.load(g_ptr + offs, mask=m, other=0.0)
@@ -90,6 +94,12 @@ def _gated_rowsum_kernel(x_ptr, gate_ptr, out_ptr, width, HAS_GATE: tl.constexpr
     tl.store(out_ptr + row, s)
 
 
+def _params(ref: torch.Tensor, *values: float) -> torch.Tensor:
+    """Scalar parameters as a tensor of the data dtype: Triton may pass Python floats as float32,
+    which would cost float64 inputs their precision (1 - eps, l = -0.1)."""
+    return torch.tensor(values, dtype=ref.dtype, device=ref.device)
+
+
 def _grid(n: int) -> tuple[int]:
     return (max(1, triton.cdiv(n, BLOCK)),)
 
@@ -103,7 +113,7 @@ def hard_concrete_sample_fwd_triton(log_alpha, u, t, l, r):
     z = torch.empty_like(log_alpha)
     n = log_alpha.numel()
     if n:
-        _hard_concrete_sample_fwd_kernel[_grid(n)](log_alpha, u, z, n, t, l, r, BLOCK=BLOCK)
+        _hard_concrete_sample_fwd_kernel[_grid(n)](log_alpha, u, z, n, _params(log_alpha, t, l, r), BLOCK=BLOCK)
     return z
 
 
@@ -111,7 +121,7 @@ def hard_concrete_sample_bwd_triton(grad, log_alpha, u, t, l, r):
     out = torch.empty_like(log_alpha)
     n = log_alpha.numel()
     if n:
-        _hard_concrete_sample_bwd_kernel[_grid(n)](grad, log_alpha, u, out, n, t, l, r, BLOCK=BLOCK)
+        _hard_concrete_sample_bwd_kernel[_grid(n)](grad, log_alpha, u, out, n, _params(log_alpha, t, l, r), BLOCK=BLOCK)
     return out
 
 
@@ -119,7 +129,7 @@ def hard_concrete_keep_prob_fwd_triton(log_alpha, t, l, r, eps):
     p = torch.empty_like(log_alpha)
     n = log_alpha.numel()
     if n:
-        _hard_concrete_keep_prob_fwd_kernel[_grid(n)](log_alpha, p, n, _q0(t, l, r), eps, BLOCK=BLOCK)
+        _hard_concrete_keep_prob_fwd_kernel[_grid(n)](log_alpha, p, n, _params(log_alpha, _q0(t, l, r), eps), BLOCK=BLOCK)
     return p
 
 
@@ -127,7 +137,7 @@ def hard_concrete_keep_prob_bwd_triton(grad, log_alpha, t, l, r, eps):
     out = torch.empty_like(log_alpha)
     n = log_alpha.numel()
     if n:
-        _hard_concrete_keep_prob_bwd_kernel[_grid(n)](grad, log_alpha, out, n, _q0(t, l, r), eps, BLOCK=BLOCK)
+        _hard_concrete_keep_prob_bwd_kernel[_grid(n)](grad, log_alpha, out, n, _params(log_alpha, _q0(t, l, r), eps), BLOCK=BLOCK)
     return out
 
 
