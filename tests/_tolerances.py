@@ -17,6 +17,18 @@ TOL: dict[str, dict[str, dict[torch.dtype, tuple[float, float]]]] = {
         "fwd": {torch.float64: (1e-6, 1e-12), torch.float32: (1.0, 1e-5)},
         "bwd": {torch.float64: (1e-9, 1e-12), torch.float32: (1e-3, 1e-5)},
     },
+    "masked_attention": {
+        "fwd": {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5)},
+        "bwd": {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-4)},
+    },
+    "masked_ffn": {
+        "fwd": {torch.float64: (1e-10, 1e-10), torch.float32: (2e-4, 2e-4)},
+        "bwd": {torch.float64: (1e-9, 1e-9), torch.float32: (1e-3, 1e-3)},
+    },
+    "masked_layer_norm": {
+        "fwd": {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5)},
+        "bwd": {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4)},
+    },
 }
 
 

@@ -12,6 +12,9 @@ from .hard_concrete import (
     hard_concrete_keep_prob,
     hard_concrete_sample,
 )
+from .masked_attention import masked_attention, masked_attention_packed
+from .masked_ffn import masked_ffn
+from .masked_layer_norm import masked_layer_norm
 
 __all__ = [
     "BackendError",
@@ -22,29 +25,11 @@ __all__ = [
     "hard_concrete_keep_prob",
     "hard_concrete_sample",
     "last_backend",
+    "masked_attention",
+    "masked_attention_packed",
+    "masked_ffn",
+    "masked_layer_norm",
     "reset_stats",
     "use_backend",
 ]
 
-# Ops added by their own modules; each import registers the op's backends.
-try:  # noqa: SIM105 - modules land one by one
-    from .masked_attention import masked_attention  # noqa: F401
-
-    __all__.append("masked_attention")
-except ImportError as _e:  # pragma: no cover
-    if "masked_attention" not in str(_e):
-        raise
-try:
-    from .masked_ffn import masked_ffn  # noqa: F401
-
-    __all__.append("masked_ffn")
-except ImportError as _e:  # pragma: no cover
-    if "masked_ffn" not in str(_e):
-        raise
-try:
-    from .masked_layer_norm import masked_layer_norm  # noqa: F401
-
-    __all__.append("masked_layer_norm")
-except ImportError as _e:  # pragma: no cover
-    if "masked_layer_norm" not in str(_e):
-        raise

@@ -1,0 +1,325 @@
+"""Compact-model latency vs the dense model (issue 8, "Show").
+
+Providers, all fp32 on this CPU, timed interleaved in one process (one call of each provider per
+round, median over rounds, so machine noise hits every provider alike):
+- dense:          transformers BertForSequenceClassification, BERT-base config, SDPA attention.
+- compact:        cofi.runtime.CompactModel (fused QKV, cofi ops, sublayers that are gone cost nothing).
+- compact_pad64:  the same with FFN widths zero-padded to multiples of 64 (exact; timed to decide
+                  whether padding pays).
+- eager_modules:  the same compact weights in plain eager PyTorch modules the way the reference's
+                  pruned model runs them (separate Q/K/V nn.Linear, matmul-softmax-matmul attention
+                  with an additive mask, nn.LayerNorm, nn.GELU; per-layer ragged sizes).
+
+Structures ("CoFi-like", generated from masks): layer i of L has a depth d = i / (L - 1). A pruning
+level t in [0, 1] gives head keep fraction clip(1 - t * (0.35 + 0.9 d)) per layer (upper heads go
+first) and FFN keep fraction clip(1 - t * (0.45 + 0.8 * (1 - |2d - 1|))) (middle FFNs go first,
+early and late ones kept). A layer whose keep fraction is < 1/H (heads) or < 2% (FFN) gets its
+layer gate set to 0; otherwise the first round(frac * n) units by a random score keep soft values
+U(0.9, 1). Hidden: round(4 t^4) dims pruned (CoFi-MNLI-s95 kept 764 of 768). t is bisected until the
+pruned model's encoder sparsity (counted the paper's way) hits the target within 0.3%. The masks
+are then folded by cofi.pruning.prune into the compact model (so the bench also exercises pruning).
+
+FLOP bound: dense encoder FLOPs / compact encoder FLOPs (matmuls + attention scores/context;
+embeddings and head excluded: that is the best a dense engine can do). Efficiency = speedup /
+bound.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _harness import env_tags  # noqa: E402
+
+from cofi.pruning import prune  # noqa: E402
+from cofi.runtime import CompactModel  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "cpu"
+TARGETS = {"speedup_60": 2.2, "speedup_95": 13.0, "flop_efficiency": 0.9, "vs_eager": 1.2}
+
+
+# ----------------------------------------------------------------------------- structures
+def cofi_like_masks(cfg, t: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    L, H, d, Fi = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size, cfg.intermediate_size
+    g = torch.Generator().manual_seed(seed)
+    head = torch.zeros(L, H, dtype=torch.float64)
+    inter = torch.zeros(L, Fi, dtype=torch.float64)
+    mha = torch.ones(L, dtype=torch.float64)
+    ffn = torch.ones(L, dtype=torch.float64)
+    for i in range(L):
+        dep = i / (L - 1)
+        hf = min(1.0, max(0.0, 1 - t * (0.35 + 0.9 * dep)))
+        ff = min(1.0, max(0.0, 1 - t * (0.45 + 0.8 * (1 - abs(2 * dep - 1)))))
+        nh, nf = round(hf * H), round(ff * Fi)
+        if nh == 0:
+            mha[i] = 0
+        else:
+            keep = torch.randperm(H, generator=g)[:nh]
+            head[i, keep] = 0.9 + 0.1 * torch.rand(nh, generator=g, dtype=torch.float64)
+        if ff < 0.02 or nf == 0:
+            ffn[i] = 0
+        else:
+            keep = torch.randperm(Fi, generator=g)[:nf]
+            inter[i, keep] = 0.9 + 0.1 * torch.rand(nf, generator=g, dtype=torch.float64)
+    hidden = torch.ones(d, dtype=torch.float64)
+    hidden[torch.randperm(d, generator=g)[:round(4 * t ** 4)]] = 0
+    return {"hidden": hidden, "head": head, "mha": mha, "intermediate": inter, "ffn": ffn}
+
+
+def mask_sparsity(cfg, m: dict) -> float:
+    """Encoder sparsity of the model these masks prune to (same count as CompactModel.sparsity)."""
+    d, D, H, Fi = int((m["hidden"] != 0).sum()), 64, cfg.num_attention_heads, cfg.intermediate_size
+    D0 = cfg.hidden_size
+    kept = 0
+    for i in range(cfg.num_hidden_layers):
+        if m["mha"][i] != 0:
+            w = int((m["head"][i] != 0).sum()) * D
+            kept += 4 * w * d + 3 * w + d + 2 * d
+        if m["ffn"][i] != 0:
+            f = int((m["intermediate"][i] != 0).sum())
+            kept += 2 * f * d + f + d + 2 * d
+    full = cfg.num_hidden_layers * (4 * D0 * D0 + 4 * D0 + 2 * D0 * Fi + Fi + D0 + 4 * D0)
+    return 1 - kept / full
+
+
+def masks_for_sparsity(model, target: float) -> tuple[dict, CompactModel]:
+    lo, hi = 0.0, 4.0
+    for _ in range(40):
+        t = (lo + hi) / 2
+        m = cofi_like_masks(model.config, t)
+        s = mask_sparsity(model.config, m)
+        if abs(s - target) < 0.003:
+            break
+        lo, hi = (t, hi) if s < target else (lo, t)
+    c = prune(model, m)
+    assert abs(c.sparsity() - s) < 1e-9, (c.sparsity(), s)
+    return m, c
+
+
+# ----------------------------------------------------------------------------- eager baseline
+class _EagerLayer(nn.Module):
+    def __init__(self, c: CompactModel, i: int) -> None:
+        super().__init__()
+        lay, d = c.layers[i], c.config.hidden_size
+        self.attn, self.ffn = lay.attention, lay.ffn
+        if self.attn is not None and self.attn.num_heads:
+            h, D = self.attn.num_heads, self.attn.head_dim
+            w = h * D
+            self.q, self.k, self.v = (nn.Linear(d, w) for _ in range(3))
+            for j, lin in enumerate((self.q, self.k, self.v)):
+                lin.weight.data.copy_(self.attn.qkv_weight[j * w:(j + 1) * w])
+                lin.bias.data.copy_(self.attn.qkv_bias[j * w:(j + 1) * w])
+            self.o = nn.Linear(w, d)
+            self.o.weight.data.copy_(self.attn.out_weight)
+            self.o.bias.data.copy_(self.attn.out_bias)
+            self.h, self.D = h, D
+        if self.attn is not None:
+            self.ln1 = nn.LayerNorm(d, eps=c.config.layer_norm_eps)
+            self.ln1.weight.data.copy_(self.attn.ln_weight)
+            self.ln1.bias.data.copy_(self.attn.ln_bias)
+            self.has_attn, self.attn_bias = True, self.attn.out_bias.detach()
+        else:
+            self.has_attn = False
+        if self.ffn is not None and self.ffn.width:
+            self.w1, self.w2 = nn.Linear(d, self.ffn.width), nn.Linear(self.ffn.width, d)
+            self.w1.weight.data.copy_(self.ffn.w1)
+            self.w1.bias.data.copy_(self.ffn.b1)
+            self.w2.weight.data.copy_(self.ffn.w2)
+            self.w2.bias.data.copy_(self.ffn.b2)
+            self.act = nn.GELU()
+        if self.ffn is not None:
+            self.ln2 = nn.LayerNorm(d, eps=c.config.layer_norm_eps)
+            self.ln2.weight.data.copy_(self.ffn.ln_weight)
+            self.ln2.bias.data.copy_(self.ffn.ln_bias)
+        self.has_ffn = self.ffn is not None
+        if self.has_ffn:
+            self.ffn_b2 = self.ffn.b2.detach()
+        self.attn = self.ffn = None  # do not register the compact modules here
+
+    def forward(self, x: torch.Tensor, add_mask: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        if self.has_attn:
+            if hasattr(self, "q"):
+                q, k, v = (m(x).view(B, S, self.h, self.D).transpose(1, 2) for m in (self.q, self.k, self.v))
+                p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.D) + add_mask, dim=-1)
+                a = self.o((p @ v).transpose(1, 2).reshape(B, S, self.h * self.D))
+            else:
+                a = self.attn_bias.expand_as(x)
+            x = self.ln1(a + x)
+        if self.has_ffn:
+            y = self.w2(self.act(self.w1(x))) if hasattr(self, "w1") else self.ffn_b2.expand_as(x)
+            x = self.ln2(y + x)
+        return x
+
+
+class EagerCompact(nn.Module):
+    """The compact model in plain eager modules (the reference's pruned-model execution style)."""
+
+    def __init__(self, c: CompactModel) -> None:
+        super().__init__()
+        self.emb = c.embeddings
+        self.layers = nn.ModuleList(_EagerLayer(c, i) for i in range(c.config.num_layers))
+        self.ln = nn.LayerNorm(c.config.hidden_size, eps=c.config.layer_norm_eps)
+        self.ln.weight.data.copy_(c.embeddings.ln_weight)
+        self.ln.bias.data.copy_(c.embeddings.ln_bias)
+        self.pooler, self.classifier = c.pooler, c.classifier
+
+    def forward(self, ids, am, tt):
+        S = ids.shape[1]
+        e = (self.emb.word_embeddings(ids) + self.emb.token_type_embeddings(tt)
+             + self.emb.position_embeddings(torch.arange(S)[None]))
+        x = self.ln(e)
+        add = (1.0 - am[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        for lay in self.layers:
+            x = lay(x, add)
+        return self.classifier(torch.tanh(self.pooler(x[:, 0])))
+
+
+# ----------------------------------------------------------------------------- FLOPs / timing
+def encoder_flops(num_heads, widths, d, D, S) -> int:
+    """Per token: 2*(3wd + wd) projections, 2*2*S*w attention scores+context, 2*2*F*d FFN."""
+    f = 0
+    for h, Fw in zip(num_heads, widths):
+        w = h * D
+        f += 2 * 4 * w * d + 4 * S * w + 4 * Fw * d
+    return f
+
+
+def time_interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict[str, dict[str, float]]:
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    samples = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            samples[k].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for k, v in samples.items():
+        v = sorted(v)
+        q = statistics.quantiles(v, n=10) if len(v) >= 2 else [v[0]] * 9
+        out[k] = {"p50_ms": statistics.median(v), "p10_ms": q[0], "p90_ms": q[-1], "n": len(v)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds, batch 8 instead of 32")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sparsities", default="0.6,0.8,0.95")
+    ap.add_argument("--out", default=str(RESULTS / "runtime.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    import transformers as tf
+
+    cfg = tf.BertConfig(num_labels=3, attn_implementation="sdpa")
+    dense = tf.BertForSequenceClassification(cfg).eval()
+    S = 128
+    batches = [8, 1] if args.quick else [32, 1]
+    rounds = args.rounds or (3 if args.quick else 7)
+    d, H, D, Fi, L = cfg.hidden_size, cfg.num_attention_heads, 64, cfg.intermediate_size, cfg.num_hidden_layers
+    dense_flops = encoder_flops([H] * L, [Fi] * L, d, D, S)
+    rows = []
+    with torch.inference_mode():
+        models = {}
+        for s in [float(x) for x in args.sparsities.split(",")]:
+            masks, compact = masks_for_sparsity(dense, s)
+            padded = prune(dense, masks).pad_ffn_(64)
+            eager = EagerCompact(compact).eval()
+            c = compact.config
+            cf = encoder_flops([h if a else 0 for h, a in zip(c.num_heads, c.attention_present)],
+                               [w if f else 0 for w, f in zip(c.intermediate_sizes, c.ffn_present)],
+                               c.hidden_size, D, S)
+            models[s] = (compact, padded, eager, cf)
+            print(f"sparsity {s}: real {compact.sparsity():.4f} hidden {c.hidden_size} heads {c.num_heads} "
+                  f"ffn {c.intermediate_sizes} FLOP ratio {dense_flops / cf:.2f}", flush=True)
+        for B in batches:
+            g = torch.Generator().manual_seed(B)
+            ids = torch.randint(1000, cfg.vocab_size, (B, S), generator=g)
+            am = torch.ones(B, S, dtype=torch.long)
+            if B > 1:  # some padding, as real batches have
+                am[B // 2:, 96:] = 0
+            tt = torch.zeros_like(ids)
+            for s, (compact, padded, eager, cf) in models.items():
+                ref = compact(ids, am, tt).logits
+                err = max(float((eager(ids, am, tt) - ref).abs().max()),
+                          float((padded(ids, am, tt).logits - ref).abs().max()))
+                assert err < 1e-3, f"providers disagree: {err}"
+                fns = {"dense": lambda: dense(input_ids=ids, attention_mask=am, token_type_ids=tt),
+                       "compact": lambda: compact(ids, am, tt),
+                       "compact_pad64": lambda: padded(ids, am, tt),
+                       "eager_modules": lambda: eager(ids, am, tt)}
+                t = time_interleaved(fns, rounds)
+                best_compact = min(t["compact"]["p50_ms"], t["compact_pad64"]["p50_ms"])
+                row = {"batch": B, "seq": S, "target_sparsity": s, "real_sparsity": compact.sparsity(),
+                       "hidden_size": compact.config.hidden_size, "num_heads": compact.config.num_heads,
+                       "intermediate_sizes": compact.config.intermediate_sizes,
+                       "flop_ratio": dense_flops / cf, "times": t,
+                       "speedup": t["dense"]["p50_ms"] / t["compact"]["p50_ms"],
+                       "speedup_pad64": t["dense"]["p50_ms"] / t["compact_pad64"]["p50_ms"],
+                       "speedup_best": t["dense"]["p50_ms"] / best_compact,
+                       "eager_speedup": t["dense"]["p50_ms"] / t["eager_modules"]["p50_ms"],
+                       "vs_eager": t["eager_modules"]["p50_ms"] / t["compact"]["p50_ms"],
+                       "dense_gflops_s": dense_flops * B * S / t["dense"]["p50_ms"] / 1e6}
+                row["flop_efficiency"] = row["speedup"] / row["flop_ratio"]
+                rows.append(row)
+                print(f"B={B:2d} s={s:.2f} dense {t['dense']['p50_ms']:8.1f} ms  compact {t['compact']['p50_ms']:7.2f} "
+                      f"pad64 {t['compact_pad64']['p50_ms']:7.2f} eager {t['eager_modules']['p50_ms']:7.2f} | "
+                      f"speedup {row['speedup']:5.2f}x (pad64 {row['speedup_pad64']:5.2f}x) FLOP bound "
+                      f"{row['flop_ratio']:5.2f}x eff {row['flop_efficiency']:.2f} vs eager {row['vs_eager']:.2f}x",
+                      flush=True)
+    from cofi.runtime import _ops
+    import cofi.ops
+
+    result = {"bench": "runtime", "env": env_tags("cpu"), "quick": args.quick, "rounds": rounds,
+              "dense_model": "transformers BertForSequenceClassification, BERT-base config, sdpa, fp32",
+              "public_ops": _ops.public_ops_available(),
+              "backends_ran": {op: cofi.ops.last_backend(op) for op in ("masked_attention", "masked_ffn", "masked_layer_norm")},
+              "targets": TARGETS, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    plot(rows, Path(args.out).with_name("runtime_speedup.png"))
+    print("wrote", args.out)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for B, mk in ((32, "o"), (8, "o"), (1, "s")):
+        r = sorted((x for x in rows if x["batch"] == B), key=lambda x: x["real_sparsity"])
+        if not r:
+            continue
+        xs = [100 * x["real_sparsity"] for x in r]
+        ax.plot(xs, [x["speedup"] for x in r], marker=mk, label=f"cofi compact, batch {B}x128")
+        ax.plot(xs, [x["eager_speedup"] for x in r], marker=mk, ls=":", alpha=0.7, label=f"eager compact modules, batch {B}")
+    r = sorted((x for x in rows if x["batch"] == rows[0]["batch"]), key=lambda x: x["real_sparsity"])
+    ax.plot([100 * x["real_sparsity"] for x in r], [x["flop_ratio"] for x in r], "k--", label="FLOP ratio (bound)")
+    ax.set_yscale("log")
+    ax.set_xlabel("encoder sparsity (%)")
+    ax.set_ylabel("speedup vs dense BERT-base (SDPA, fp32)")
+    ax.set_title("Compact model latency, CPU 2 threads")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

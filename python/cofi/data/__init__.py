@@ -1,0 +1,9 @@
+"""cofi.data: tasks through ``datasets``, tokenisation, length-grouped batching, metrics."""
+from .batching import epoch_batches, eval_batches, num_batches, rank_slice
+from .encode import Encoded, encode_classification, encode_qa, qa_predictions
+from .metrics import compute as compute_metrics, squad_scores
+from .tasks import TASKS, TaskError, TaskSpec, get_spec, load_task, read_table, rotten_tomatoes_splits
+
+__all__ = ["TASKS", "Encoded", "TaskError", "TaskSpec", "compute_metrics", "encode_classification", "encode_qa",
+           "epoch_batches", "eval_batches", "get_spec", "load_task", "num_batches", "qa_predictions", "rank_slice",
+           "read_table", "rotten_tomatoes_splits", "squad_scores"]

@@ -1,0 +1,22 @@
+"""cofi.runtime: the compact (ragged) pruned model, save/load, export and batch inference."""
+from .config import CompactConfig
+from .inference import predict
+from .modeling import (
+    CompactBertForQuestionAnswering,
+    CompactBertForSequenceClassification,
+    CompactModel,
+    CompactOutput,
+    CompactRobertaForQuestionAnswering,
+    CompactRobertaForSequenceClassification,
+)
+
+__all__ = [
+    "CompactBertForQuestionAnswering",
+    "CompactBertForSequenceClassification",
+    "CompactConfig",
+    "CompactModel",
+    "CompactOutput",
+    "CompactRobertaForQuestionAnswering",
+    "CompactRobertaForSequenceClassification",
+    "predict",
+]

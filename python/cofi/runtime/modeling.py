@@ -1,0 +1,282 @@
+"""The compact (ragged) BERT/RoBERTa model: per-layer head counts and FFN widths, reduced hidden size.
+
+Built on the cofi ops with no masks (``runtime._ops``); fused QKV projection per layer; sublayers
+that are gone cost nothing. Inference model: no dropout.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _ops
+from .config import CONFIG_NAME, WEIGHTS_NAME, CompactConfig
+
+_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                "gelu_tanh": "gelu_tanh", "relu": "relu"}
+
+
+def activation_name(hf_act: str) -> str:
+    """Map an HF ``hidden_act`` name to the cofi op's activation name."""
+    if hf_act not in _ACTIVATIONS:
+        raise ValueError(f"cofi.runtime: hidden_act must be one of {sorted(_ACTIVATIONS)}, got {hf_act!r}")
+    return _ACTIVATIONS[hf_act]
+
+
+@dataclass
+class CompactOutput:
+    """logits [B, num_labels] (classification) or start_logits/end_logits [B, S] (QA);
+    hidden_states: embedding output then each layer output, [B, S, hidden_size] each."""
+
+    logits: torch.Tensor | None = None
+    start_logits: torch.Tensor | None = None
+    end_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def _p(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(*shape))
+
+
+class CompactAttention(nn.Module):
+    """Self-attention sublayer with ``num_heads`` heads (0 = bias only) + post-LN."""
+
+    def __init__(self, d: int, num_heads: int, head_dim: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.eps = num_heads, head_dim, eps
+        w = num_heads * head_dim
+        if num_heads > 0:
+            self.qkv_weight = _p(3 * w, d)  # rows: [Q heads | K heads | V heads]
+            self.qkv_bias = _p(3 * w)
+            self.out_weight = _p(d, w)
+        self.out_bias = _p(d)
+        self.ln_weight = _p(d)
+        self.ln_bias = _p(d)
+        self.impl = "cofi"
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """x: [B, S, d] -> [B, S, d]."""
+        if self.num_heads == 0:
+            return _ops.layer_norm(self.out_bias.expand_as(x).contiguous(), x, self.ln_weight,
+                                   self.ln_bias, self.eps, self.impl)
+        B, S, _ = x.shape
+        h, D = self.num_heads, self.head_dim
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(B, S, 3, h, D)
+        ctx = _ops.attention(qkv, key_padding_mask, self.impl)  # [B, h, S, D]
+        ctx = ctx.transpose(1, 2).reshape(B, S, h * D)
+        a = F.linear(ctx, self.out_weight, self.out_bias)
+        return _ops.layer_norm(a, x, self.ln_weight, self.ln_bias, self.eps, self.impl)
+
+
+class CompactFFN(nn.Module):
+    """Feed-forward sublayer with ``width`` units (0 = bias only) + post-LN."""
+
+    def __init__(self, d: int, width: int, activation: str, eps: float) -> None:
+        super().__init__()
+        self.width, self.activation, self.eps = width, activation, eps
+        if width > 0:
+            self.w1 = _p(width, d)
+            self.b1 = _p(width)
+            self.w2 = _p(d, width)
+        self.b2 = _p(d)
+        self.ln_weight = _p(d)
+        self.ln_bias = _p(d)
+        self.impl = "cofi"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, S, d] -> [B, S, d]."""
+        if self.width == 0:
+            y = self.b2.expand_as(x).contiguous()
+        else:
+            y = _ops.ffn(x, self.w1, self.b1, self.w2, self.b2, self.activation, self.impl)
+        return _ops.layer_norm(y, x, self.ln_weight, self.ln_bias, self.eps, self.impl)
+
+
+class CompactLayer(nn.Module):
+    def __init__(self, cfg: CompactConfig, i: int) -> None:
+        super().__init__()
+        d, eps = cfg.hidden_size, cfg.layer_norm_eps
+        self.attention = (CompactAttention(d, cfg.num_heads[i], cfg.head_dim, eps)
+                          if cfg.attention_present[i] else None)
+        self.ffn = (CompactFFN(d, cfg.intermediate_sizes[i], activation_name(cfg.hidden_act), eps)
+                    if cfg.ffn_present[i] else None)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.attention is not None:
+            x = self.attention(x, key_padding_mask)
+        if self.ffn is not None:
+            x = self.ffn(x)
+        return x
+
+
+class CompactEmbeddings(nn.Module):
+    def __init__(self, cfg: CompactConfig) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.model_type, self.pad, self.eps = cfg.model_type, cfg.pad_token_id, cfg.layer_norm_eps
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, d)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, d)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, d)
+        self.ln_weight = _p(d)
+        self.ln_bias = _p(d)
+        self.impl = "cofi"
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        """input_ids: [B, S] -> [B, S, d]."""
+        S = input_ids.shape[1]
+        if self.model_type == "roberta":  # positions count non-pad tokens, offset by padding_idx
+            keep = input_ids.ne(self.pad).to(torch.long)
+            pos = torch.cumsum(keep, dim=1) * keep + self.pad
+        else:
+            pos = torch.arange(S, device=input_ids.device).unsqueeze(0)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        e = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        e = e + self.position_embeddings(pos)
+        return _ops.layer_norm(e, None, self.ln_weight, self.ln_bias, self.eps, self.impl)
+
+
+class CompactModel(nn.Module):
+    """A pruned BERT/RoBERTa for sequence classification or extractive QA.
+
+    ``forward(input_ids [B, S], attention_mask [B, S] (1 = token) | None, token_type_ids | None,
+    output_hidden_states=False) -> CompactOutput``. Create with ``cofi.pruning.prune(model, masks)`` or
+    ``CompactModel.from_pretrained(dir)``.
+    """
+
+    def __init__(self, config: CompactConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = CompactEmbeddings(config)
+        self.layers = nn.ModuleList(CompactLayer(config, i) for i in range(config.num_layers))
+        d, c = config.hidden_size, config.classifier_size or config.original_hidden_size
+        self.pooler = self.classifier = self.classifier_dense = self.qa_outputs = None
+        if config.task == "question_answering":
+            self.qa_outputs = nn.Linear(d, 2)
+        elif config.model_type == "bert":
+            self.pooler = nn.Linear(d, c)
+            self.classifier = nn.Linear(c, config.num_labels)
+        else:
+            self.classifier_dense = nn.Linear(d, c)
+            self.classifier = nn.Linear(c, config.num_labels)
+        self.layer_transformation = (nn.Linear(d, config.distill_proj_size)
+                                     if config.distill_proj_size else None)
+        self.eval()
+
+    # ------------------------------------------------------------------ forward
+    def set_impl(self, impl: str) -> "CompactModel":
+        """'cofi' (public cofi ops, default) or 'torch' (the same math in plain aten ops, for ONNX)."""
+        if impl not in _ops.IMPLS:
+            raise ValueError(f"cofi.runtime: impl must be one of {_ops.IMPLS}, got {impl!r}")
+        for m in self.modules():
+            if hasattr(m, "impl"):
+                m.impl = impl
+        return self
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Hidden states: embedding output then each layer's output, [B, S, hidden_size] each."""
+        kpm = None if attention_mask is None else attention_mask.to(torch.bool)
+        x = self.embeddings(input_ids, token_type_ids)
+        hs = [x]
+        for layer in self.layers:
+            x = layer(x, kpm)
+            hs.append(x)
+        return hs
+
+    def head(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Task head on the last hidden state x [B, S, d]: (logits,) or (start_logits, end_logits)."""
+        if self.qa_outputs is not None:
+            se = self.qa_outputs(x)
+            return se[..., 0].contiguous(), se[..., 1].contiguous()
+        cls = x[:, 0]
+        if self.pooler is not None:
+            return (self.classifier(torch.tanh(self.pooler(cls))),)
+        return (self.classifier(torch.tanh(self.classifier_dense(cls))),)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None,
+                output_hidden_states: bool = False) -> CompactOutput:
+        hs = self.encode(input_ids, attention_mask, token_type_ids)
+        out = self.head(hs[-1])
+        hidden = tuple(hs) if output_hidden_states else None
+        if self.qa_outputs is not None:
+            return CompactOutput(start_logits=out[0], end_logits=out[1], hidden_states=hidden)
+        return CompactOutput(logits=out[0], hidden_states=hidden)
+
+    # ------------------------------------------------------------------ structure / counting
+    def num_encoder_params(self) -> int:
+        """Kept encoder parameters counted the paper's way (all layer weights, biases, LayerNorms;
+        no embeddings, pooler, classifier, distillation projection); zero padding units excluded."""
+        n = sum(p.numel() for p in self.layers.parameters())
+        d = self.config.hidden_size
+        return n - sum(z * (2 * d + 1) for z in self.config.zero_ffn_units)
+
+    def sparsity(self) -> float:
+        """1 - kept encoder params / full encoder params (cofi-reference.md 4.5)."""
+        return 1.0 - self.num_encoder_params() / self.config.full_encoder_params()
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Multiply-add x2 FLOPs per token of the encoder matmuls + head-free attention for length S."""
+        d, D, f = self.config.hidden_size, self.config.head_dim, 0
+        for i, layer in enumerate(self.layers):
+            if layer.attention is not None and layer.attention.num_heads:
+                w = layer.attention.num_heads * D
+                f += 2 * (3 * w * d + w * d) + 2 * 2 * seq_len * w
+            if layer.ffn is not None and layer.ffn.width:
+                f += 2 * 2 * layer.ffn.width * d
+        return f
+
+    def pad_ffn_(self, multiple: int) -> "CompactModel":
+        """Append all-zero FFN units so every FFN width is a multiple of ``multiple`` (exact: a unit
+        with zero input row and zero bias gives act(0) = 0 and has a zero output column)."""
+        for i, layer in enumerate(self.layers):
+            ffn = layer.ffn
+            if ffn is None or ffn.width == 0 or ffn.width % multiple == 0:
+                continue
+            extra = multiple - ffn.width % multiple
+            with torch.no_grad():
+                ffn.w1 = nn.Parameter(torch.cat([ffn.w1, ffn.w1.new_zeros(extra, ffn.w1.shape[1])]))
+                ffn.b1 = nn.Parameter(torch.cat([ffn.b1, ffn.b1.new_zeros(extra)]))
+                ffn.w2 = nn.Parameter(torch.cat([ffn.w2, ffn.w2.new_zeros(ffn.w2.shape[0], extra)], 1))
+            ffn.width += extra
+            self.config.intermediate_sizes[i] += extra
+            self.config.zero_ffn_units[i] += extra
+        return self
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str, tokenizer=None) -> None:
+        """Write model.safetensors + config.json (+ the tokenizer's files when given)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(sd, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "cofi": "compact"})
+        self.config.save(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> "CompactModel":
+        """Load a folder written by ``save_pretrained`` (safetensors only; nothing is unpickled)."""
+        from safetensors.torch import load_file
+
+        cfg = CompactConfig.load(directory)
+        if not os.path.exists(os.path.join(directory, WEIGHTS_NAME)):
+            raise FileNotFoundError(f"cofi.runtime: {directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+        sd = load_file(os.path.join(directory, WEIGHTS_NAME), device=str(device))
+        model = cls(cfg).to(sd["embeddings.ln_weight"].dtype)
+        model.load_state_dict(sd, strict=True)
+        model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+        return model.eval()
+
+
+# Names from the models/pruning contract; one class serves all four (the config says which).
+CompactBertForSequenceClassification = CompactModel
+CompactBertForQuestionAnswering = CompactModel
+CompactRobertaForSequenceClassification = CompactModel
+CompactRobertaForQuestionAnswering = CompactModel
