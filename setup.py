@@ -74,7 +74,9 @@ def _extension():
     debug = os.environ.get("DEBUG") == "1"
     sources = ["csrc/cofi.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
     cxx = ["-O0", "-g"] if debug else ["-O3", "-march=x86-64-v2" if os.uname().machine == "x86_64" else "-O3"]
-    cxx += ["-fopenmp"]  # the C++ standard is torch's own choice (C++17 for 2.13, C++20 for 2.14)
+    # -fno-trapping-math: lets GCC if-convert the float kernels' compare/select loops (vectorise them);
+    # nothing here relies on floating-point exception flags.
+    cxx += ["-fopenmp", "-fno-trapping-math"]  # the C++ standard is torch's own choice (C++17 for 2.13, C++20 for 2.14)
     extra = {"cxx": cxx}
     macros = []
     if with_cuda:
