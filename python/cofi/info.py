@@ -50,7 +50,7 @@ def format_report(info: dict) -> str:
     for op, row in info["backends"].items():
         for backend, per_dev in row.items():
             cells = [("available" if v == "available" else "no: " + "; ".join(v)) for v in per_dev.values()]
-            lines.append(f"{op:30s} {backend:10s} {cells[0][:24]:24s} {cells[1]}")
+            lines.append(f"{op:30s} {backend:10s} {cells[0]:24s} {cells[1]}")
     return "\n".join(lines)
 
 
