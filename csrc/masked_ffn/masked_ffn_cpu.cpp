@@ -19,6 +19,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "../fast_math.h"
+
 namespace cofi {
 namespace {
 
@@ -75,25 +77,6 @@ inline Vectorized<T> dact_v(const Vectorized<T>& h, int64_t act) {
 // measured ~3x slower than ATen's own AVX2 GELU on BERT-base sizes. The float epilogues therefore
 // use branch-free polynomial erf/exp (A&S 7.1.26: |err| < 1.5e-7; Cephes expf) in plain loops that
 // GCC vectorises, compiled twice: an AVX2+FMA clone chosen at run time and a baseline clone.
-#define COFI_INLINE static inline __attribute__((always_inline))
-
-COFI_INLINE float exp_fast(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
 COFI_INLINE float erf_fast(float x) {
   const float ax = std::fabs(x);
   const float t = 1.0f / (1.0f + 0.3275911f * ax);

@@ -154,6 +154,28 @@ def dtype_reasons(arg: str, t: torch.Tensor, allowed: dict[str, tuple[torch.dtyp
     return []
 
 
+def first_input_reasons(
+    native_op: str,
+    arg: str,
+    native_dtypes: dict[str, tuple[torch.dtype, ...]],
+    triton_dtypes: dict[str, tuple[torch.dtype, ...]],
+    ref_dtypes: dict[str, tuple[torch.dtype, ...]],
+) -> tuple[ReasonsFn, ReasonsFn, ReasonsFn]:
+    """(native, triton, reference) reason checks that look only at the call's first tensor
+    (named ``arg`` in messages): build/device availability plus its dtype."""
+
+    def native(x: torch.Tensor, *rest: object) -> list[str]:
+        return native_reasons(x.device, native_op) + dtype_reasons(arg, x, native_dtypes)
+
+    def triton(x: torch.Tensor, *rest: object) -> list[str]:
+        return triton_reasons(x.device) + dtype_reasons(arg, x, triton_dtypes)
+
+    def reference(x: torch.Tensor, *rest: object) -> list[str]:
+        return dtype_reasons(arg, x, ref_dtypes)
+
+    return native, triton, reference
+
+
 # --- resolution and recording -------------------------------------------------------------------
 
 def resolve(op: str, chosen: str, *inputs: object) -> BackendImpl:

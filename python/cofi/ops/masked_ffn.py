@@ -49,16 +49,8 @@ def _triton():
     return k
 
 
-def _native_reasons(x: torch.Tensor, *rest: object) -> list[str]:
-    return B.native_reasons(x.device, "masked_ffn_fwd_native") + B.dtype_reasons("x", x, _NATIVE_DTYPES)
-
-
-def _triton_reasons(x: torch.Tensor, *rest: object) -> list[str]:
-    return B.triton_reasons(x.device) + B.dtype_reasons("x", x, _TRITON_DTYPES)
-
-
-def _ref_reasons(x: torch.Tensor, *rest: object) -> list[str]:
-    return B.dtype_reasons("x", x, _REF_DTYPES)
+_native_reasons, _triton_reasons, _ref_reasons = B.first_input_reasons(
+    "masked_ffn_fwd_native", "x", _NATIVE_DTYPES, _TRITON_DTYPES, _REF_DTYPES)
 
 
 # ============================== live units ========================================================
