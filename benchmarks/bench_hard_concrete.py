@@ -3,8 +3,9 @@
 Per step CoFi samples every mask (hidden 768, heads 12x12, MHA 12, intermediate 12x3072, FFN 12),
 computes keep probabilities and the expected size/sparsity, and back-propagates the Lagrangian and
 the task loss into log_alpha. Providers: `reference` (the eager formulas, as the CoFi code does
-them, one tensor per group), `reference_compiled` (same under torch.compile), `native` (cofi ops,
-forced native) and `triton` (GPU only). Mode fwd_bwd.
+them, one tensor per group), `reference_compiled` (same under torch.compile), `native` (the fused
+cofi.ops.hard_concrete_step, forced native: one op forward, one backward), `native_unfused` (sample,
+keep-prob and expected_size as three cofi ops) and `triton` (GPU only). Mode fwd_bwd.
 
     python benchmarks/bench_hard_concrete.py [--quick]
 """
@@ -47,7 +48,22 @@ def reference_step(flat, u, shapes, cfg, target):
     return loss
 
 
-def native_step(flat, u, shapes, cfg, target, backend="native"):
+def fused_step(flat, u, shapes, cfg, target, backend="native"):
+    # everything in one op each way: cofi.ops.hard_concrete_step
+    L, d, Hh, F = cfg
+    offsets, i = {}, 0
+    for k, s in shapes.items():
+        offsets[k] = i
+        i += torch.Size(s).numel()
+    r = ops.hard_concrete_step(flat, offsets, num_layers=L, hidden_size=d, num_heads=Hh, intermediate_size=F,
+                               noise=u, backend=backend)
+    s = r.expected_sparsity
+    loss = 0.5 * (s - target) + 0.1 * (s - target) ** 2 + r.z.sum() * 1e-4
+    loss.backward()
+    return loss
+
+
+def unfused_step(flat, u, shapes, cfg, target, backend="native"):
     z = ops.hard_concrete_sample(flat, noise=u, backend=backend)  # one launch for every group
     p = split(ops.hard_concrete_keep_prob(flat, backend=backend), shapes)
     L, d, Hh, F = cfg
@@ -61,9 +77,9 @@ def main() -> None:
     args = H.base_parser(__doc__.splitlines()[0]).parse_args()
     torch.set_num_threads(args.threads)
     dev = args.device
-    providers = {"reference": reference_step, "native": native_step}
+    providers = {"reference": reference_step, "native": fused_step, "native_unfused": unfused_step}
     if dev == "cuda":
-        providers["triton"] = lambda *a: native_step(*a, backend="triton")
+        providers["triton"] = lambda *a: fused_step(*a, backend="triton")
     if not args.quick:
         providers["reference_compiled"] = torch.compile(reference_step)
     rows = []
@@ -88,7 +104,8 @@ def main() -> None:
                 fn(flat, u, shapes, cfg, 0.5)
 
             t = H.measure(run, args.min_run_time or (0.3 if args.quick else 1.0), dev)
-            backend_ran = ops.last_backend("hard_concrete_sample") if prov != "reference" and "reference" not in prov else "reference"
+            op_ran = "hard_concrete_sample" if prov == "native_unfused" else "hard_concrete_step"
+            backend_ran = "reference" if prov.startswith("reference") else ops.last_backend(op_ran)
             base = t["p50_ms"] if prov == "reference" else base
             rows.append({"op": "hard_concrete", "provider": prov, "backend_ran": backend_ran, "mode": "fwd_bwd",
                          "shape": {"config": name, "mask_elements": flat.numel()}, "dtype": "float32", **t,

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "hard_concrete.h"
+#include "hard_concrete_step.h"
 #include "../fast_math.h"
 
 namespace {
@@ -24,12 +25,25 @@ constexpr int64_t kGrain = 16384;
 // chosen at run time and a baseline clone. float64 keeps the exact scalar path.
 COFI_INLINE float sigmoid_f(float x) { return 1.0f / (1.0f + exp_fast(-x)); }
 
-// kind 0: sample fwd, 1: sample bwd, 2: keep fwd, 3: keep bwd. a = log_alpha, u = noise, g = grad.
+// kind 0: sample fwd, 1: sample bwd, 2: keep fwd, 3: keep bwd, 4: sample + keep fwd (o = z,
+// o2 = keep), 5: sample + keep bwd (g = grad of z, g2 = grad of keep). a = log_alpha, u = noise.
 template <int kind>
-COFI_INLINE void hc_loop_f(const float* a, const float* u, const float* g, float* o, int64_t b, int64_t e, float t,
-                           float l, float r, float q0, float eps) {
+COFI_INLINE void hc_loop_f(const float* a, const float* u, const float* g, const float* g2, float* o, float* o2,
+                           int64_t b, int64_t e, float t, float l, float r, float q0, float eps) {
   for (int64_t i = b; i < e; ++i) {
-    if constexpr (kind <= 1) {
+    if constexpr (kind >= 4) {
+      const float s = sigmoid_f((log_fast(u[i]) - log_fast(1.0f - u[i]) + a[i]) / t);
+      const float sbar = s * (r - l) + l;
+      const float q = sigmoid_f(q0 - a[i]);
+      if constexpr (kind == 4) {
+        o[i] = std::min(std::max(sbar, 0.0f), 1.0f);
+        o2[i] = 1.0f - std::min(std::max(q, eps), 1.0f - eps);
+      } else {
+        const float in_z = float((sbar > 0.0f) & (sbar < 1.0f));
+        const float in_q = float((q > eps) & (q < 1.0f - eps));
+        o[i] = in_z * (g[i] * (r - l) * s * (1.0f - s) / t) + in_q * (g2[i] * q * (1.0f - q));
+      }
+    } else if constexpr (kind <= 1) {
       const float s = sigmoid_f((log_fast(u[i]) - log_fast(1.0f - u[i]) + a[i]) / t);
       const float sbar = s * (r - l) + l;
       if constexpr (kind == 0) {
@@ -52,16 +66,17 @@ COFI_INLINE void hc_loop_f(const float* a, const float* u, const float* g, float
 }
 
 template <int kind>
-void hc_base_f(const float* a, const float* u, const float* g, float* o, int64_t b, int64_t e, float t, float l,
-               float r, float q0, float eps) {
-  hc_loop_f<kind>(a, u, g, o, b, e, t, l, r, q0, eps);
+void hc_base_f(const float* a, const float* u, const float* g, const float* g2, float* o, float* o2, int64_t b,
+               int64_t e, float t, float l, float r, float q0, float eps) {
+  hc_loop_f<kind>(a, u, g, g2, o, o2, b, e, t, l, r, q0, eps);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 template <int kind>
-__attribute__((target("avx2,fma"))) void hc_avx2_f(const float* a, const float* u, const float* g, float* o, int64_t b,
-                                                   int64_t e, float t, float l, float r, float q0, float eps) {
-  hc_loop_f<kind>(a, u, g, o, b, e, t, l, r, q0, eps);
+__attribute__((target("avx2,fma"))) void hc_avx2_f(const float* a, const float* u, const float* g, const float* g2,
+                                                   float* o, float* o2, int64_t b, int64_t e, float t, float l, float r,
+                                                   float q0, float eps) {
+  hc_loop_f<kind>(a, u, g, g2, o, o2, b, e, t, l, r, q0, eps);
 }
 bool have_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -71,12 +86,13 @@ bool have_avx2() {
 
 template <int kind>
 void hc_float(const float* a, const float* u, const float* g, float* o, int64_t n, double t, double l, double r,
-              double q0, double eps) {
+              double q0, double eps, const float* g2 = nullptr, float* o2 = nullptr) {
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (have_avx2()) return hc_avx2_f<kind>(a, u, g, o, b, e, float(t), float(l), float(r), float(q0), float(eps));
+    if (have_avx2())
+      return hc_avx2_f<kind>(a, u, g, g2, o, o2, b, e, float(t), float(l), float(r), float(q0), float(eps));
 #endif
-    hc_base_f<kind>(a, u, g, o, b, e, float(t), float(l), float(r), float(q0), float(eps));
+    hc_base_f<kind>(a, u, g, g2, o, o2, b, e, float(t), float(l), float(r), float(q0), float(eps));
   });
 }
 
@@ -235,8 +251,10 @@ T sum_or(const c10::optional<at::Tensor>& x, T dflt) {
   if (!x.has_value()) return dflt;
   auto c = x->contiguous();
   const T* p = c.const_data_ptr<T>();
+  const int64_t n = c.numel();
   T s = 0;
-  for (int64_t i = 0; i < c.numel(); ++i) s += p[i];
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += p[i];
   return s;
 }
 
@@ -250,7 +268,9 @@ T gated_score(const c10::optional<at::Tensor>& units, const c10::optional<at::Te
     const T* p = c.const_data_ptr<T>();
     for (int64_t l = 0; l < L; ++l) {
       T s = 0;
-      for (int64_t j = 0; j < W; ++j) s += p[l * W + j];
+      const T* row = p + l * W;
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < W; ++j) s += row[j];
       (*row_sums)[l] = s;
     }
   }
@@ -351,9 +371,98 @@ std::vector<at::Tensor> size_bwd(const at::Tensor& g_params, const at::Tensor& g
   return out;
 }
 
+// ---- hard_concrete_step: z and keep in one pass (float), the gradients of both in one pass -------
+std::tuple<at::Tensor, at::Tensor> zk_fwd(const at::Tensor& log_alpha, const at::Tensor& u, double t, double l, double r,
+                                          double eps) {
+  check_float(log_alpha, "log_alpha");
+  check_same(log_alpha, "log_alpha", u, "u");
+  if (log_alpha.scalar_type() != at::kFloat) return {sample_fwd(log_alpha, u, t, l, r), keep_fwd(log_alpha, t, l, r, eps)};
+  auto la = log_alpha.contiguous();
+  auto uu = u.contiguous();
+  auto z = at::empty_like(la), p = at::empty_like(la);
+  hc_float<4>(la.const_data_ptr<float>(), uu.const_data_ptr<float>(), nullptr, z.mutable_data_ptr<float>(), la.numel(),
+              t, l, r, q0_logit(t, l, r), eps, nullptr, p.mutable_data_ptr<float>());
+  return {z, p};
+}
+
+at::Tensor zk_bwd(const at::Tensor& gz, const at::Tensor& gk, const at::Tensor& log_alpha, const at::Tensor& u, double t,
+                  double l, double r, double eps) {
+  check_same(log_alpha, "log_alpha", gz, "grad_z");
+  check_same(log_alpha, "log_alpha", gk, "grad_keep");
+  if (log_alpha.scalar_type() != at::kFloat) return sample_bwd(gz, log_alpha, u, t, l, r).add_(keep_bwd(gk, log_alpha, t, l, r, eps));
+  auto la = log_alpha.contiguous();
+  auto uu = u.contiguous();
+  auto out = at::empty_like(la);
+  hc_float<5>(la.const_data_ptr<float>(), uu.const_data_ptr<float>(), gz.const_data_ptr<float>(),
+              out.mutable_data_ptr<float>(), la.numel(), t, l, r, q0_logit(t, l, r), eps, gk.const_data_ptr<float>());
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_fwd(const at::Tensor& log_alpha, const at::Tensor& u,
+                                                                    at::IntArrayRef offsets, int64_t L, int64_t d,
+                                                                    int64_t H, int64_t F, double t, double l, double r,
+                                                                    double eps) {
+  return cofi_hc_step::fwd(zk_fwd, size_fwd, log_alpha, u, offsets, L, d, H, F, t, l, r, eps);
+}
+
+// d E / d keep for every element of the present groups, added into gk (flat, the step's layout):
+// the closed form of expected_size_bwd written in place (no per-group tensors).
+template <typename T>
+void add_size_grad(T* gk, const at::Tensor& keep, at::IntArrayRef offsets, T gE, int64_t L, int64_t d, int64_t H,
+                   int64_t F) {
+  const cofi_hc_step::Views v = cofi_hc_step::views(keep, offsets, L, d, H, F);
+  const SizeConsts c = consts(L, d, H, F);
+  std::vector<T> hs, is;
+  const T head_score = gated_score<T>(v[1], v[2], L, H, &hs);
+  const T int_score = gated_score<T>(v[3], v[4], L, F, &is);
+  const bool has_hidden = v[0].has_value();
+  const T hsum = has_hidden ? sum_or<T>(v[0], T(d)) : T(1);
+  const T dH = has_hidden ? hsum * T(c.pair_head) : T(c.per_head);
+  const T dI = has_hidden ? hsum * T(2) : T(c.per_unit);
+  auto gate = [&](int i, int64_t l) { return v[i].has_value() ? v[i]->const_data_ptr<T>()[l] : T(1); };
+  if (has_hidden) {
+    const T g = gE * (head_score * T(c.pair_head) + int_score * T(2));
+    T* o = gk + offsets[0];
+    for (int64_t j = 0; j < d; ++j) o[j] += g;
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    if (v[1].has_value()) {
+      const T g = gE * dH * gate(2, l);
+      T* o = gk + offsets[1] + l * H;
+      for (int64_t j = 0; j < H; ++j) o[j] += g;
+    }
+    if (v[2].has_value()) gk[offsets[2] + l] += gE * dH * hs[l];
+    if (v[3].has_value()) {
+      const T g = gE * dI * gate(4, l);
+      T* o = gk + offsets[3] + l * F;
+      for (int64_t j = 0; j < F; ++j) o[j] += g;
+    }
+    if (v[4].has_value()) gk[offsets[4] + l] += gE * dI * is[l];
+  }
+}
+
+at::Tensor step_bwd(const c10::optional<at::Tensor>& grad_z, const c10::optional<at::Tensor>& grad_keep,
+                    const at::Tensor& grad_params, const at::Tensor& grad_sparsity, const at::Tensor& log_alpha,
+                    const at::Tensor& u, const at::Tensor& keep, at::IntArrayRef offsets, int64_t L, int64_t d, int64_t H,
+                    int64_t F, double t, double l, double r, double eps) {
+  check_float(log_alpha, "log_alpha");
+  check_same(log_alpha, "log_alpha", keep, "keep");
+  const SizeConsts c = consts(L, d, H, F);
+  at::Tensor gk = grad_keep.has_value() ? grad_keep->contiguous().clone() : at::zeros_like(log_alpha);
+  at::Tensor kc = keep.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(log_alpha.scalar_type(), "hard_concrete_step_bwd", [&] {
+    const scalar_t gE = grad_params.item<scalar_t>() - grad_sparsity.item<scalar_t>() / scalar_t(c.full);
+    add_size_grad<scalar_t>(gk.mutable_data_ptr<scalar_t>(), kc, offsets, gE, L, d, H, F);
+  });
+  at::Tensor gz = grad_z.has_value() ? grad_z->contiguous() : at::zeros_like(log_alpha);
+  return zk_bwd(gz, gk, log_alpha, u, t, l, r, eps);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cofi, CPU, m) {
+  m.impl("hard_concrete_step_fwd_native", &step_fwd);
+  m.impl("hard_concrete_step_bwd_native", &step_bwd);
   m.impl("hard_concrete_sample_fwd_native", &sample_fwd);
   m.impl("hard_concrete_sample_bwd_native", &sample_bwd);
   m.impl("hard_concrete_keep_prob_fwd_native", &keep_fwd);

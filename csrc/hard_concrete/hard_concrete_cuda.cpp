@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include "hard_concrete.h"
+#include "hard_concrete_step.h"
 
 namespace {
 
@@ -166,9 +167,36 @@ std::vector<at::Tensor> size_bwd(const at::Tensor& g_params, const at::Tensor& g
   };
 }
 
+// hard_concrete_step on CUDA: the elementwise launchers back to back (no fused launch yet).
+std::tuple<at::Tensor, at::Tensor> zk_fwd(const at::Tensor& la, const at::Tensor& u, double t, double l, double r, double eps) {
+  return {sample_fwd(la, u, t, l, r), keep_fwd(la, t, l, r, eps)};
+}
+
+at::Tensor zk_bwd(const at::Tensor& gz, const at::Tensor& gk, const at::Tensor& la, const at::Tensor& u, double t, double l,
+                  double r, double eps) {
+  return sample_bwd(gz, la, u, t, l, r).add_(keep_bwd(gk, la, t, l, r, eps));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_fwd(const at::Tensor& log_alpha, const at::Tensor& u,
+                                                                    at::IntArrayRef offsets, int64_t L, int64_t d,
+                                                                    int64_t H, int64_t F, double t, double l, double r,
+                                                                    double eps) {
+  return cofi_hc_step::fwd(zk_fwd, size_fwd, log_alpha, u, offsets, L, d, H, F, t, l, r, eps);
+}
+
+at::Tensor step_bwd(const c10::optional<at::Tensor>& grad_z, const c10::optional<at::Tensor>& grad_keep,
+                    const at::Tensor& grad_params, const at::Tensor& grad_sparsity, const at::Tensor& log_alpha,
+                    const at::Tensor& u, const at::Tensor& keep, at::IntArrayRef offsets, int64_t L, int64_t d, int64_t H,
+                    int64_t F, double t, double l, double r, double eps) {
+  return cofi_hc_step::bwd(zk_bwd, size_bwd, grad_z, grad_keep, grad_params, grad_sparsity, log_alpha, u, keep, offsets,
+                           L, d, H, F, t, l, r, eps);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cofi, CUDA, m) {
+  m.impl("hard_concrete_step_fwd_native", &step_fwd);
+  m.impl("hard_concrete_step_bwd_native", &step_bwd);
   m.impl("hard_concrete_sample_fwd_native", &sample_fwd);
   m.impl("hard_concrete_sample_bwd_native", &sample_bwd);
   m.impl("hard_concrete_keep_prob_fwd_native", &keep_fwd);

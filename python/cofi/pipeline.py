@@ -125,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     teacher_res = Trainer(tcfg, "finetune", resume=args.resume).run()
     times["teacher_finetune_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    pcfg = dataclasses.replace(cfg, output_dir=str(out / "prune"))
+    # CoFi prunes the fine-tuned model: the student starts from the teacher's weights
+    pcfg = dataclasses.replace(cfg, output_dir=str(out / "prune"), model=args.teacher)
     tr = Trainer(pcfg, "prune", resume=args.resume)
     res = tr.run()
     times["prune_and_compact_s"] = time.perf_counter() - t1

@@ -5,10 +5,10 @@ step's mask values into the models (``cofi.models``).
 """
 from .config import GROUPS, INIT_PRESETS, MaskConfig
 from .masks import Masks
-from .maskset import MaskSet, TargetArchitecture
+from .maskset import MaskSet, MaskStep, TargetArchitecture
 from .sparsity import expected_full_size, full_size, kept_units, real_size, real_sparsity
 
 __all__ = [
-    "GROUPS", "INIT_PRESETS", "MaskConfig", "MaskSet", "Masks", "TargetArchitecture",
+    "GROUPS", "INIT_PRESETS", "MaskConfig", "MaskSet", "MaskStep", "Masks", "TargetArchitecture",
     "expected_full_size", "full_size", "kept_units", "real_size", "real_sparsity",
 ]

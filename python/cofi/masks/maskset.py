@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -48,6 +49,16 @@ class TargetArchitecture:
                 self.hidden_size if self.hidden_size is not None else cfg.hidden_size,
                 self.num_heads if self.num_heads is not None else cfg.num_heads,
                 self.intermediate_size if self.intermediate_size is not None else cfg.intermediate_size)
+
+
+class MaskStep(NamedTuple):
+    """``MaskSet.step()``: sampled gates and keep probabilities per group (views of flat [n] tensors),
+    expected remaining prunable parameters and expected sparsity (0-dim)."""
+
+    z: Masks
+    keep: Masks
+    expected_params: torch.Tensor
+    expected_sparsity: torch.Tensor
 
 
 class MaskSet(nn.Module):
@@ -118,6 +129,17 @@ class MaskSet(nn.Module):
                                      generator=generator, noise=noise)
         return self.masks_from_flat(z)
 
+    def step(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> "MaskStep":
+        """A training step's mask work in ONE fused op (cofi.ops.hard_concrete_step): sampled z, keep
+        probabilities and expected size/sparsity; pass ``keep`` and ``expected_sparsity`` on to
+        ``lagrangian`` so that the whole mask graph back-propagates through one backward op."""
+        c = self.cfg
+        r = ops.hard_concrete_step(self.log_alpha, {g: a for g, (a, _) in self.offsets.items()},
+                                   num_layers=c.num_layers, hidden_size=c.hidden_size, num_heads=c.num_heads,
+                                   intermediate_size=c.intermediate_size, temperature=c.temperature,
+                                   limit_l=c.limit_l, limit_r=c.limit_r, eps=c.eps, generator=generator, noise=noise)
+        return MaskStep(self.masks_from_flat(r.z), self.masks_from_flat(r.keep), r.expected_params, r.expected_sparsity)
+
     def keep_prob(self) -> Masks:
         """P(z != 0) per element (differentiable), one fused call."""
         c = self.cfg
@@ -183,7 +205,8 @@ class MaskSet(nn.Module):
             out[g] = 1.0 - rows.sum(-1) / rows.shape[-1]
         return out
 
-    def lagrangian(self, target: float | None = None, *, progress: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def lagrangian(self, target: float | None = None, *, progress: float | None = None,
+                   step: "MaskStep | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (L_c, expected sparsity).
 
         Global mode: L_c = lambda_1 (s - t) + lambda_2 (s - t)^2 with s the expected sparsity and

@@ -11,6 +11,7 @@ from .hard_concrete import (
     hard_concrete_deterministic,
     hard_concrete_keep_prob,
     hard_concrete_sample,
+    hard_concrete_step,
 )
 from .masked_attention import masked_attention, masked_attention_packed
 from .masked_ffn import masked_ffn
@@ -24,6 +25,7 @@ __all__ = [
     "hard_concrete_deterministic",
     "hard_concrete_keep_prob",
     "hard_concrete_sample",
+    "hard_concrete_step",
     "last_backend",
     "masked_attention",
     "masked_attention_packed",

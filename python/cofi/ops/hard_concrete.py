@@ -9,11 +9,13 @@ Public API (all registered as ``torch.ops.cofi.*`` custom ops with fake and auto
 - ``hard_concrete_keep_prob(log_alpha, ...)``: 1 - Q(0), the expected-L0 score, with gradient.
 - ``hard_concrete_deterministic(log_alpha, mode)``: the reference's evaluation rule per row.
 - ``expected_size(...)``: expected remaining prunable parameters and expected sparsity.
+- ``hard_concrete_step(log_alpha, offsets, ...)``: one training step's mask work in ONE op: z, keep
+  probabilities, expected size and sparsity of a flat multi-group buffer; one backward for all.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -471,6 +473,219 @@ def expected_size(
     return torch.ops.cofi.expected_size(hidden, head, mha, intermediate, ffn, L, d, H, F, B.choice(backend))
 
 
+# ============================== hard_concrete_step ================================================
+# Sample + keep-prob + expected size of a flat buffer of mask groups as ONE custom op with ONE
+# backward: a CoFi step's mask work costs one op call each way instead of six (the per-call overhead,
+# not the arithmetic, dominates at BERT size: ~38k gates).
+
+STEP_GROUPS = ("hidden", "head", "mha", "intermediate", "ffn")
+
+
+def _step_shapes(L: int, d: int, H: int, F: int) -> tuple[tuple[int, ...], ...]:
+    return (d,), (L, H), (L,), (L, F), (L,)
+
+
+def _step_views(flat: torch.Tensor, offsets: Sequence[int], L: int, d: int, H: int, F: int) -> list[torch.Tensor | None]:
+    out = []
+    for off, shape in zip(offsets, _step_shapes(L, d, H, F)):
+        n = math.prod(shape)
+        out.append(None if off < 0 else flat[off:off + n].view(shape))
+    return out
+
+
+def _composite_step(backend: str):
+    """fwd/bwd of hard_concrete_step composed from ``backend``'s sample, keep-prob and size kernels."""
+    sample, keep, size = (B.impl(op, backend) for op in ("hard_concrete_sample", "hard_concrete_keep_prob", "expected_size"))
+
+    def fwd(la, u, offsets, L, d, H, F, t, l, r, eps):
+        z, p = sample.fwd(la, u, t, l, r), keep.fwd(la, t, l, r, eps)
+        e, s = size.fwd(*_step_views(p, offsets, L, d, H, F), L, d, H, F)
+        return z, p, e, s
+
+    def bwd(gz, gk, gp, gs, la, u, p, offsets, L, d, H, F, t, l, r, eps):
+        gsize = size.bwd(gp, gs, *_step_views(p, offsets, L, d, H, F), L, d, H, F)
+        gk = torch.zeros_like(la) if gk is None else gk.clone()
+        for off, g in zip(offsets, gsize):
+            if off >= 0:
+                gk[off:off + g.numel()] += g.reshape(-1)
+        gz = torch.zeros_like(la) if gz is None else gz
+        return sample.bwd(gz, la, u, t, l, r) + keep.bwd(gk, la, t, l, r, eps)
+
+    return fwd, bwd
+
+
+def _step_reasons(native_op: str | None):
+    def reasons(gz_or_la: torch.Tensor | None, *rest: object) -> list[str]:
+        la = next(x for x in (gz_or_la, *rest) if isinstance(x, torch.Tensor))
+        if native_op is None:
+            return _ref_reasons(la)
+        if native_op == "triton":
+            return _triton_reasons(la)
+        return _native_reasons(native_op)(la)
+
+    return reasons
+
+
+for _name in ("reference", "triton"):
+    _f, _b = _composite_step(_name)
+    B.register("hard_concrete_step", B.BackendImpl(_name, _step_reasons(None if _name == "reference" else "triton"), _f, _b))
+B.register("hard_concrete_step", B.BackendImpl(
+    "native", _step_reasons("hard_concrete_step_fwd_native"),
+    lambda *a: tuple(torch.ops.cofi.hard_concrete_step_fwd_native(*a)),
+    lambda *a: torch.ops.cofi.hard_concrete_step_bwd_native(*a)))
+
+
+@torch.library.custom_op("cofi::hard_concrete_step", mutates_args=())
+def _step_op(log_alpha: torch.Tensor, u: torch.Tensor, offsets: list[int], num_layers: int, hidden_size: int,
+             num_heads: int, intermediate_size: int, temperature: float, limit_l: float, limit_r: float, eps: float,
+             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    z, p, e, s = B.run("hard_concrete_step", backend, "fwd", log_alpha.contiguous(), u.contiguous(), offsets,
+                       num_layers, hidden_size, num_heads, intermediate_size, temperature, limit_l, limit_r, eps)
+    return z, p, e, s
+
+
+def _step_fake(log_alpha, u, offsets, num_layers, hidden_size, num_heads, intermediate_size, temperature, limit_l,
+               limit_r, eps, *backend):
+    z = torch.empty_like(log_alpha, memory_format=torch.contiguous_format)
+    return z, torch.empty_like(z), log_alpha.new_empty(()), log_alpha.new_empty(())
+
+
+_step_op.register_fake(_step_fake)
+
+
+@torch.library.custom_op("cofi::hard_concrete_step_backward", mutates_args=())
+def _step_bwd_op(grad_z: torch.Tensor | None, grad_keep: torch.Tensor | None, grad_params: torch.Tensor,
+                 grad_sparsity: torch.Tensor, log_alpha: torch.Tensor, u: torch.Tensor, keep: torch.Tensor,
+                 offsets: list[int], num_layers: int, hidden_size: int, num_heads: int, intermediate_size: int,
+                 temperature: float, limit_l: float, limit_r: float, eps: float, backend: str) -> torch.Tensor:
+    c = lambda x: None if x is None else x.contiguous()  # noqa: E731
+    return B.run("hard_concrete_step", backend, "bwd", c(grad_z), c(grad_keep), grad_params.contiguous(),
+                 grad_sparsity.contiguous(), log_alpha.contiguous(), u.contiguous(), keep.contiguous(), offsets,
+                 num_layers, hidden_size, num_heads, intermediate_size, temperature, limit_l, limit_r, eps)
+
+
+@_step_bwd_op.register_fake
+def _(grad_z, grad_keep, grad_params, grad_sparsity, log_alpha, u, keep, offsets, num_layers, hidden_size, num_heads,
+      intermediate_size, temperature, limit_l, limit_r, eps, backend):
+    return torch.empty_like(log_alpha, memory_format=torch.contiguous_format)
+
+
+def _step_setup(ctx, inputs, output):
+    log_alpha, u, *args = inputs
+    ctx.save_for_backward(log_alpha, u, output[1])
+    ctx.args = args
+
+
+def _step_backward(ctx, gz, gk, gp, gs):
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 12
+    log_alpha, u, keep = ctx.saved_tensors
+    zero = lambda g: torch.zeros((), dtype=log_alpha.dtype, device=log_alpha.device) if g is None else g  # noqa: E731
+    g = torch.ops.cofi.hard_concrete_step_backward(gz, gk, zero(gp), zero(gs), log_alpha, u, keep, *ctx.args)
+    return (g,) + (None,) * 11
+
+
+_step_op.register_autograd(_step_backward, setup_context=_step_setup)
+
+
+class HardConcreteStep(NamedTuple):
+    """z: sampled gates, keep: P(z != 0), both [n] like log_alpha; expected_params,
+    expected_sparsity: 0-dim. All differentiable w.r.t. log_alpha through one backward op."""
+
+    z: torch.Tensor
+    keep: torch.Tensor
+    expected_params: torch.Tensor
+    expected_sparsity: torch.Tensor
+
+
+def hard_concrete_step(
+    log_alpha: torch.Tensor,
+    offsets: Mapping[str, int],
+    *,
+    num_layers: int,
+    hidden_size: int,
+    num_heads: int,
+    intermediate_size: int,
+    temperature: float = TEMPERATURE,
+    limit_l: float = LIMIT_L,
+    limit_r: float = LIMIT_R,
+    eps: float = EPS,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> HardConcreteStep:
+    """One training step's mask work: ``hard_concrete_sample`` + ``hard_concrete_keep_prob`` of every
+    element of a flat log_alpha buffer, and ``expected_size`` of the groups in it, in one op.
+
+    log_alpha: [n], float. offsets: start offset in log_alpha of each group present, from
+    ``STEP_GROUPS`` = hidden [d], head [L, H], mha [L], intermediate [L, F], ffn [L] (row-major;
+    absent groups count as all-kept). Elements outside every group are sampled but not sized.
+    noise / generator / eps as in ``hard_concrete_sample``. Returns ``HardConcreteStep``.
+    """
+    op = "hard_concrete_step"
+    flat = check_tensor(op, "log_alpha", log_alpha, ndim=(1,))
+    check_finite(op, "log_alpha", flat)
+    _check_stretch(op, temperature, limit_l, limit_r)
+    check_float(op, "eps", eps, 0.0, 0.5, open_lo=True)
+    L, d, H, F = int(num_layers), int(hidden_size), int(num_heads), int(intermediate_size)
+    for n, v in (("num_layers", L), ("hidden_size", d), ("num_heads", H), ("intermediate_size", F)):
+        if v <= 0:
+            raise ValueError(f"cofi.ops.{op}: {n} must be positive, got {v}")
+    unknown = set(offsets) - set(STEP_GROUPS)
+    if unknown:
+        raise ValueError(f"cofi.ops.{op}: offsets has unknown groups {sorted(unknown)}; groups are {STEP_GROUPS}")
+    if not offsets:
+        raise ValueError(f"cofi.ops.{op}: offsets must name at least one group of {STEP_GROUPS}")
+    offs = [int(offsets.get(g, -1)) for g in STEP_GROUPS]
+    spans = []
+    for g, off, shape in zip(STEP_GROUPS, offs, _step_shapes(L, d, H, F)):
+        if g not in offsets:
+            continue
+        n = math.prod(shape)
+        if off < 0 or off + n > flat.numel():
+            raise ValueError(f"cofi.ops.{op}: group {g} of {n} elements at offset {off} does not fit log_alpha "
+                             f"of {flat.numel()} elements")
+        spans.append((off, off + n, g))
+    spans.sort()
+    for (a0, a1, ga), (b0, b1, gb) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise ValueError(f"cofi.ops.{op}: groups {ga} [{a0}, {a1}) and {gb} [{b0}, {b1}) overlap")
+    if noise is None:
+        u = torch.rand(flat.shape, generator=generator, device=flat.device, dtype=flat.dtype)
+        u = u * (1.0 - 2.0 * eps) + eps
+    else:
+        u = check_tensor(op, "noise", noise, shape=tuple(flat.shape), like=flat, like_name="log_alpha")
+    args = (offs, L, d, H, F, float(temperature), float(limit_l), float(limit_r), float(eps))
+    chosen = B.choice(backend)
+    if not torch.compiler.is_compiling() and chosen in ("auto", "native") and \
+            B.resolve("hard_concrete_step", chosen, flat, u).name == "native":
+        return HardConcreteStep(*_NativeStep.apply(flat, u, args))
+    return HardConcreteStep(*torch.ops.cofi.hard_concrete_step(flat, u, *args, chosen))
+
+
+class _NativeStep(torch.autograd.Function):
+    """Eager fast path of cofi::hard_concrete_step on the native backend: the same C++ kernels called
+    directly, without the custom op's Python dispatch layers (which cost more than the kernels at
+    BERT size). torch.compile and opcheck go through the custom op."""
+
+    @staticmethod
+    def forward(ctx, log_alpha, u, args):
+        z, keep, e, s = torch.ops.cofi.hard_concrete_step_fwd_native(log_alpha.detach(), u, *args)
+        B.record("hard_concrete_step", "native", log_alpha.device)
+        ctx.save_for_backward(log_alpha, u, keep)
+        ctx.args = args
+        return z, keep, e, s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gz, gk, gp, gs):
+        log_alpha, u, keep = ctx.saved_tensors
+        zero = lambda g: torch.zeros((), dtype=log_alpha.dtype, device=log_alpha.device) if g is None else g  # noqa: E731
+        g = torch.ops.cofi.hard_concrete_step_bwd_native(gz, gk, zero(gp), zero(gs), log_alpha, u, keep, *ctx.args)
+        B.record("hard_concrete_step", "native", log_alpha.device)
+        return g, None, None
+
+
 # ============================== native fakes ======================================================
 
 if _ext.native_loaded():
@@ -499,6 +714,12 @@ if _ext.native_loaded():
         ref = next(t for t in (hidden, head, mha, intermediate, ffn) if t is not None)
         return ref.new_empty(()), ref.new_empty(())
 
+    torch.library.register_fake("cofi::hard_concrete_step_fwd_native")(_step_fake)
+
+    @torch.library.register_fake("cofi::hard_concrete_step_bwd_native")
+    def _(grad_z, grad_keep, grad_params, grad_sparsity, log_alpha, u, keep, offsets, L, d, H, F, t, l, r, eps):
+        return torch.empty_like(log_alpha, memory_format=torch.contiguous_format)
+
     @torch.library.register_fake("cofi::expected_size_bwd_native")
     def _(g_params, g_sparsity, hidden, head, mha, intermediate, ffn, L, d, H, F):
         return [torch.empty_like(t) if t is not None else g_params.new_empty(0)
@@ -506,8 +727,11 @@ if _ext.native_loaded():
 
 
 __all__ = [
+    "STEP_GROUPS",
+    "HardConcreteStep",
     "expected_size",
     "hard_concrete_deterministic",
     "hard_concrete_keep_prob",
     "hard_concrete_sample",
+    "hard_concrete_step",
 ]

@@ -591,7 +591,8 @@ class Trainer:
 
         def step_fn(batch, ls):
             pruning = self.phase == "pruning"
-            masks = self.maskset.sample(generator=self.mask_gen) if pruning else None
+            mstep = self.maskset.step(generator=self.mask_gen) if pruning else None
+            masks = mstep.z if pruning else None
             out = forward(self.student, batch, masks, cfg.mode, hidden=self.use_layer_distill)
             exists = None
             if masks is not None and (masks.mha is not None or masks.ffn is not None):
@@ -606,7 +607,7 @@ class Trainer:
             rec: dict[str, Any] = {}
             if pruning:
                 t = self.target_at(ls.step)
-                lag, exp_s = self.maskset.lagrangian(t)
+                lag, exp_s = self.maskset.lagrangian(t, step=mstep)
                 terms["lagrangian"] = lag
                 rec.update(target_sparsity=t, expected_sparsity=exp_s.detach(),
                            lambda_1=self.maskset.lambda_1.detach().sum(), lambda_2=self.maskset.lambda_2.detach().sum())

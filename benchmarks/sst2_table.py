@@ -1,0 +1,150 @@
+"""The SST-2 table (issue 9): MiniLM-L6 teacher fine-tuned on GLUE SST-2, CoFi to 60/90/95% sparsity,
+each followed by compact fine-tuning; dev accuracy, real sparsity and compact-vs-teacher latency,
+next to the paper's BERT-base rows.
+
+    python benchmarks/sst2_table.py                 # all stages (resumable: re-run after a kill)
+    python benchmarks/sst2_table.py --stage table   # only re-measure latency and re-write the table
+
+Data: ../shared/data/sst2 (read in place). Subsets (CPU budget, documented in benchmarks/README.md):
+the teacher sees the first ``--teacher-samples`` training sentences for one epoch, each pruning run the
+first ``--prune-samples`` for ``--prune-epochs`` (Lagrangian warm-up over the first half), then one
+compact fine-tuning epoch on the same subset. Dev = the full 872-sentence GLUE dev set.
+Writes runs/sst2/... and benchmarks/results/cpu/sst2_table.json; prints the markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "python"), str(ROOT)]
+
+PAPER = {0.6: (93.0, 2.1), 0.95: (90.4, 12.2)}  # BERT-base CoFi rows: SST-2 dev acc, speedup
+SPARSITIES = (0.6, 0.9, 0.95)
+
+
+def cli(*args: str, log: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'python'}:{ROOT}", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "cofi.cli", *args, "--resume"]
+    print("+", " ".join(cmd), f"> {log}", flush=True)
+    t = time.perf_counter()
+    with open(log, "a") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if rc != 0:
+        raise SystemExit(f"stage failed (rc={rc}); see {log}")
+    print(f"  done in {time.perf_counter() - t:.0f} s", flush=True)
+
+
+def latency(model, batch, reps: int) -> float:
+    import torch
+
+    with torch.no_grad():
+        model(**batch)
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            model(**batch)
+            ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "runs" / "sst2"))
+    ap.add_argument("--stage", choices=["all", "table"], default="all")
+    ap.add_argument("--teacher-samples", type=int, default=20000)
+    ap.add_argument("--prune-samples", type=int, default=16000)
+    ap.add_argument("--prune-epochs", type=float, default=2.0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from cofi.pipeline import minilm_path
+
+    common = ["--task", "sst2", "--max-seq-length", "64", "--batch-size", "32", "--eval-batch-size", "128",
+              "--seed", "42", "--num-threads", str(args.threads), "--progress", "false"]
+    wall = {}
+    if args.stage == "all":
+        if not (out / "teacher" / "results.json").exists():
+            t = time.perf_counter()
+            cli("finetune", "--preset", "teacher", "--model", minilm_path(), "--output-dir", str(out / "teacher"),
+                "--max-train-samples", str(args.teacher_samples), "--epochs", "1", "--learning-rate", "5e-5",
+                "--eval-steps", "200", "--save-steps", "200", *common, log=out / "teacher.log")
+            wall["teacher"] = time.perf_counter() - t
+        for s in SPARSITIES:
+            d = out / f"prune_{s}"
+            if (d / "results.json").exists():
+                continue
+            t = time.perf_counter()
+            # the student starts from the fine-tuned teacher, as in the paper
+            cli("prune", "--preset", "demo", "--task", "sst2", "--model", str(out / "teacher" / "best"),
+                "--teacher", str(out / "teacher" / "best"), "--output-dir", str(d), "--target-sparsity", str(s),
+                "--max-train-samples", str(args.prune_samples), "--epochs", str(args.prune_epochs),
+                "--lagrangian-warmup-epochs", str(args.prune_epochs / 2), *common, log=out / f"prune_{s}.log")
+            wall[f"prune_{s}"] = time.perf_counter() - t
+    table(out, wall, args.threads)
+    return 0
+
+
+def table(out: Path, wall: dict, threads: int) -> None:
+    import torch
+
+    from cofi.runtime import CompactModel
+    from cofi.training.modeling import load_model
+
+    torch.set_num_threads(threads)
+    teacher = load_model(str(out / "teacher" / "best"), qa=False, num_labels=2).eval()
+    t_res = json.loads((out / "teacher" / "results.json").read_text())
+    rows = []
+    compacts = {}
+    for s in SPARSITIES:
+        d = out / f"prune_{s}"
+        if (d / "results.json").exists():
+            compacts[s] = CompactModel.from_pretrained(str(d / "compact")).eval()
+    lat = {}
+    for b in (32, 1):
+        ids = torch.randint(1000, teacher.config.vocab_size, (b, 128), generator=torch.Generator().manual_seed(0))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        reps = 7 if b == 32 else 30
+        # interleave teacher and compact timings so that machine noise hits both alike
+        tt, tc = {s: [] for s in compacts}, {s: [] for s in compacts}
+        for _ in range(3):
+            for s, m in compacts.items():
+                tt[s].append(latency(teacher, batch, reps))
+                tc[s].append(latency(m, batch, reps))
+        lat[b] = {s: (min(tt[s]), min(tc[s])) for s in compacts}
+    for s, m in compacts.items():
+        r = json.loads((out / f"prune_{s}" / "results.json").read_text())
+        rows.append({"target": s, "real_sparsity": m.sparsity(), "encoder_params": m.num_encoder_params(),
+                     "dev_acc": r["compact"]["best_metric"], "prune_best_dev_acc": r["prune"]["best_metric"],
+                     "speedup_b32": lat[32][s][0] / lat[32][s][1], "speedup_b1": lat[1][s][0] / lat[1][s][1],
+                     "teacher_ms_b32": lat[32][s][0] * 1e3, "compact_ms_b32": lat[32][s][1] * 1e3,
+                     "teacher_ms_b1": lat[1][s][0] * 1e3, "compact_ms_b1": lat[1][s][1] * 1e3,
+                     "paper_bert_base": PAPER.get(s)})
+    res = {"teacher_dev_acc": t_res["best_metric"], "rows": rows, "stage_wall_s": wall, "threads": threads,
+           "torch": torch.__version__}
+    dst = ROOT / "benchmarks" / "results" / "cpu" / "sst2_table.json"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(dst.read_text()) if dst.exists() else {}
+    res["stage_wall_s"] = {**old.get("stage_wall_s", {}), **wall}
+    dst.write_text(json.dumps(res, indent=2))
+    print(f"\nteacher (MiniLM-L6 fine-tuned on SST-2): dev acc {100 * t_res['best_metric']:.2f}\n")
+    print("| target | real sparsity | encoder params | dev acc | vs teacher | speedup 32x128 | speedup 1x128 "
+          "| paper BERT-base (acc, speedup) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        p = f"{r['paper_bert_base'][0]}, {r['paper_bert_base'][1]}x" if r["paper_bert_base"] else "-"
+        print(f"| {r['target']:.0%} | {r['real_sparsity']:.3f} | {r['encoder_params']:,} | {100 * r['dev_acc']:.2f} "
+              f"| {100 * (r['dev_acc'] - t_res['best_metric']):+.2f} | {r['speedup_b32']:.2f}x | {r['speedup_b1']:.2f}x "
+              f"| {p} |")
+    print(f"\nwritten {dst}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
