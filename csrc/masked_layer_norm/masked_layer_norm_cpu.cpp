@@ -11,185 +11,210 @@
 // z absent: k = 1, z = 1 (plain LayerNorm with fused residual add).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <type_traits>
 #include <vector>
 
+#include "../fast_math.h"
+
 namespace cofi {
 namespace {
 
-using at::vec::Vectorized;
-
+// Plain loops with `omp simd` reductions (vectorised by GCC without -ffast-math), compiled twice for
+// each dtype: an AVX2+FMA clone picked at run time and the x86-64-v2 baseline (at::vec is generic,
+// i.e. scalar, in this extension's baseline build).
 template <typename T>
 struct Args {
   const T* x;
-  const T* r;  // nullable
+  const T* r;  // residual, or d zeros
   const T* w;
   const T* b;
-  const T* z;  // nullable
-  const T* k;  // keep mask, always set (ones without z)
+  const T* z;  // hidden_z, or the ones of k
+  const T* k;  // keep mask (z != 0), ones without z
+  bool has_z;
   T inv_n;
   T eps;
   int64_t N, d;
 };
 
 template <typename T>
-inline T hsum(const Vectorized<T>& v) {
-  return at::vec::vec_reduce_all<T>([](Vectorized<T>& a, Vectorized<T>& b) { return a + b; }, v);
-}
-
-// v = x z + r into out; returns sum(v k).
-template <typename T>
-inline T load_v(const Args<T>& A, int64_t row, T* out) {
-  using V = Vectorized<T>;
-  const T* xr = A.x + row * A.d;
-  const T* rr = A.r ? A.r + row * A.d : nullptr;
-  V acc(T(0));
-  int64_t j = 0;
-  for (; j + V::size() <= A.d; j += V::size()) {
-    V v = V::loadu(xr + j);
-    if (A.z) v = v * V::loadu(A.z + j);
-    if (rr) v = v + V::loadu(rr + j);
-    v.store(out + j);
-    acc = acc + v * V::loadu(A.k + j);
-  }
-  T s = hsum(acc);
-  for (; j < A.d; ++j) {
-    T v = xr[j];
-    if (A.z) v *= A.z[j];
-    if (rr) v += rr[j];
-    out[j] = v;
-    s += v * A.k[j];
-  }
-  return s;
-}
-
-template <typename T>
-inline void fwd_rows(const Args<T>& A, T* y, T* mean_out, T* rstd_out,
-                                                           int64_t r0, int64_t r1) {
-  using V = Vectorized<T>;
+COFI_INLINE void fwd_rows(const Args<T>& A, T* __restrict y, T* mean_out, T* rstd_out, int64_t r0, int64_t r1) {
   const int64_t d = A.d;
-    for (int64_t row = r0; row < r1; ++row) {
-      T* yr = y + row * d;
-      const T mean = load_v(A, row, yr) * A.inv_n;  // yr holds v
-      const V mv(mean);
-      V acc(T(0));
-      int64_t j = 0;
-      for (; j + V::size() <= d; j += V::size()) {
-        V c = (V::loadu(yr + j) - mv) * V::loadu(A.k + j);
-        acc = acc + c * c;
+  const T* __restrict z = A.z;
+  const T* __restrict k = A.k;
+  const T* __restrict w = A.w;
+  const T* __restrict b = A.b;
+  for (int64_t row = r0; row < r1; ++row) {
+    const T* __restrict xr = A.x + row * d;
+    const T* __restrict rr = A.r == nullptr ? nullptr : A.r + row * d;
+    T* __restrict yr = y + row * d;
+    T s = 0;
+    if (rr) {
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < d; ++j) {
+        const T v = xr[j] * z[j] + rr[j];
+        yr[j] = v;
+        s += v * k[j];
       }
-      T ss = hsum(acc);
-      for (; j < d; ++j) {
-        T c = (yr[j] - mean) * A.k[j];
-        ss += c * c;
+    } else {
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < d; ++j) {
+        const T v = xr[j] * z[j];
+        yr[j] = v;
+        s += v * k[j];
       }
-      const T rstd = T(1) / std::sqrt(ss * A.inv_n + A.eps);
-      const V rv(rstd);
-      j = 0;
-      for (; j + V::size() <= d; j += V::size()) {
-        V o = (V::loadu(yr + j) - mv) * V::loadu(A.k + j) * rv * V::loadu(A.w + j) + V::loadu(A.b + j);
-        if (A.z) o = o * V::loadu(A.z + j);
-        o.store(yr + j);
-      }
-      for (; j < d; ++j) {
-        T o = (yr[j] - mean) * A.k[j] * rstd * A.w[j] + A.b[j];
-        yr[j] = A.z ? o * A.z[j] : o;
-      }
-      mean_out[row] = mean;
-      rstd_out[row] = rstd;
     }
+    const T mean = s * A.inv_n;
+    T ss = 0;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t j = 0; j < d; ++j) {
+      const T c = (yr[j] - mean) * k[j];
+      ss += c * c;
+    }
+    const T rstd = T(1) / std::sqrt(ss * A.inv_n + A.eps);
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) yr[j] = ((yr[j] - mean) * k[j] * rstd * w[j] + b[j]) * z[j];
+    mean_out[row] = mean;
+    rstd_out[row] = rstd;
+  }
 }
 
+// dx, dr: [N, d] or null; cols: [nblocks, 3, d] partial sums of (dw, db, dz). scratch: 2 d.
+template <typename T>
+COFI_INLINE void bwd_blocks(const Args<T>& A, const T* g, const T* mean, const T* rstd, T* dx, T* dr, T* cols,
+                            int64_t nblocks, bool want_cols, int64_t b0, int64_t b1, T* __restrict xh,
+                            T* __restrict dxh) {
+  const int64_t d = A.d, N = A.N;
+  const T* __restrict z = A.z;
+  const T* __restrict k = A.k;
+  const T* __restrict w = A.w;
+  const T* __restrict bb = A.b;
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    T* __restrict dw = cols + blk * 3 * d;
+    T* __restrict db = dw + d;
+    T* __restrict dz = db + d;
+    if (want_cols) std::fill(dw, dw + 3 * d, T(0));
+    const int64_t r0 = blk * N / nblocks, r1 = (blk + 1) * N / nblocks;
+    for (int64_t row = r0; row < r1; ++row) {
+      const T* __restrict gr = g + row * d;
+      const T* __restrict xr = A.x + row * d;
+      const T* __restrict rr = A.r == nullptr ? nullptr : A.r + row * d;
+      const T m = mean[row], rs = rstd[row];
+      T s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+      for (int64_t j = 0; j < d; ++j) {
+        const T v = xr[j] * z[j] + (rr ? rr[j] : T(0));
+        const T xhat = (v - m) * k[j] * rs;
+        const T go = gr[j] * z[j];
+        const T dxhat = go * w[j];
+        xh[j] = xhat;
+        dxh[j] = dxhat;
+        s1 += dxhat * k[j];
+        s2 += dxhat * xhat;
+      }
+      if (want_cols) {
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) {
+          const T go = gr[j] * z[j];
+          dw[j] += go * xh[j];
+          db[j] += go;
+        }
+      }
+      const T c1 = s1 * A.inv_n, c2 = s2 * A.inv_n;
+      T* __restrict dxr = dx ? dx + row * d : nullptr;
+      T* __restrict drr = dr ? dr + row * d : nullptr;
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) {
+        const T dv = (dxh[j] - c1 - xh[j] * c2) * rs * k[j];
+        xh[j] = dv;  // xh now holds dv; the dz pass below needs xhat again, so it recomputes it
+        if (drr) drr[j] = dv;
+        if (dxr) dxr[j] = dv * z[j];
+      }
+      if (want_cols && A.has_z) {
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) {
+          const T v = xr[j] * z[j] + (rr ? rr[j] : T(0));
+          const T xhat = (v - m) * k[j] * rs;
+          dz[j] += gr[j] * (xhat * w[j] + bb[j]) + xh[j] * xr[j];
+        }
+      }
+    }
+  }
+}
+
+#define COFI_LN_CLONES(T, SUF)                                                                                     \
+  void fwd_##SUF##_base(const Args<T>& A, T* y, T* mo, T* ro, int64_t r0, int64_t r1) {                           \
+    fwd_rows<T>(A, y, mo, ro, r0, r1);                                                                               \
+  }                                                                                                                  \
+  void bwd_##SUF##_base(const Args<T>& A, const T* g, const T* mean, const T* rstd, T* dx, T* dr, T* cols,         \
+                        int64_t nb, bool wc, int64_t b0, int64_t b1, T* xh, T* dxh) {                               \
+    bwd_blocks<T>(A, g, mean, rstd, dx, dr, cols, nb, wc, b0, b1, xh, dxh);                                          \
+  }                                                                                                                  \
+  COFI_LN_AVX2(T, SUF)
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define COFI_LN_AVX2(T, SUF)                                                                                       \
+  __attribute__((target("avx2,fma"))) void fwd_##SUF##_avx2(const Args<T>& A, T* y, T* mo, T* ro, int64_t r0,     \
+                                                            int64_t r1) {                                          \
+    fwd_rows<T>(A, y, mo, ro, r0, r1);                                                                               \
+  }                                                                                                                  \
+  __attribute__((target("avx2,fma"))) void bwd_##SUF##_avx2(const Args<T>& A, const T* g, const T* mean,           \
+                                                            const T* rstd, T* dx, T* dr, T* cols, int64_t nb,      \
+                                                            bool wc, int64_t b0, int64_t b1, T* xh, T* dxh) {       \
+    bwd_blocks<T>(A, g, mean, rstd, dx, dr, cols, nb, wc, b0, b1, xh, dxh);                                          \
+  }
+bool have_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#else
+#define COFI_LN_AVX2(T, SUF)
+bool have_avx2() { return false; }
+#endif
+
+COFI_LN_CLONES(float, f)
+COFI_LN_CLONES(double, d)
+
+template <typename T>
+void fwd_rows_any(const Args<T>& A, T* y, T* mo, T* ro, int64_t r0, int64_t r1) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (have_avx2()) {
+    if constexpr (std::is_same_v<T, float>) return fwd_f_avx2(A, y, mo, ro, r0, r1);
+    else return fwd_d_avx2(A, y, mo, ro, r0, r1);
+  }
+#endif
+  if constexpr (std::is_same_v<T, float>) fwd_f_base(A, y, mo, ro, r0, r1);
+  else fwd_d_base(A, y, mo, ro, r0, r1);
+}
+
+template <typename T>
+void bwd_blocks_any(const Args<T>& A, const T* g, const T* mean, const T* rstd, T* dx, T* dr, T* cols, int64_t nb,
+                    bool wc, int64_t b0, int64_t b1, T* xh, T* dxh) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (have_avx2()) {
+    if constexpr (std::is_same_v<T, float>) return bwd_f_avx2(A, g, mean, rstd, dx, dr, cols, nb, wc, b0, b1, xh, dxh);
+    else return bwd_d_avx2(A, g, mean, rstd, dx, dr, cols, nb, wc, b0, b1, xh, dxh);
+  }
+#endif
+  if constexpr (std::is_same_v<T, float>) bwd_f_base(A, g, mean, rstd, dx, dr, cols, nb, wc, b0, b1, xh, dxh);
+  else bwd_d_base(A, g, mean, rstd, dx, dr, cols, nb, wc, b0, b1, xh, dxh);
+}
 
 template <typename T>
 void ln_fwd(const Args<T>& A, T* y, T* mean_out, T* rstd_out) {
   at::parallel_for(0, A.N, std::max<int64_t>(1, 16384 / std::max<int64_t>(A.d, 1)), [&](int64_t r0, int64_t r1) {
-    fwd_rows<T>(A, y, mean_out, rstd_out, r0, r1);
+    fwd_rows_any<T>(A, y, mean_out, rstd_out, r0, r1);
   });
 }
-
-// dx, dr: [N, d] or null; cols: [nblocks, 3, d] partial sums of (dw, db, dz).
-template <typename T>
-inline void bwd_blocks(const Args<T>& A, const T* g, const T* mean,
-                                                             const T* rstd, T* dx, T* dr, T* cols, int64_t nblocks,
-                                                             bool want_cols, int64_t b0, int64_t b1) {
-  using V = Vectorized<T>;
-  const int64_t d = A.d, N = A.N;
-    std::vector<T> vbuf(d), xh(d), dxh(d);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      T* dw = cols + blk * 3 * d;
-      T* db = dw + d;
-      T* dz = db + d;
-      if (want_cols) std::fill(dw, dw + 3 * d, T(0));
-      const int64_t r0 = blk * N / nblocks, r1 = (blk + 1) * N / nblocks;
-      for (int64_t row = r0; row < r1; ++row) {
-        load_v(A, row, vbuf.data());
-        const T* gr = g + row * d;
-        const T* xr = A.x + row * d;
-        const V mv(mean[row]), rv(rstd[row]);
-        V a1(T(0)), a2(T(0));
-        int64_t j = 0;
-        for (; j + V::size() <= d; j += V::size()) {
-          V xhat = (V::loadu(vbuf.data() + j) - mv) * V::loadu(A.k + j) * rv;
-          V go = V::loadu(gr + j);
-          if (A.z) go = go * V::loadu(A.z + j);
-          V dxhat = go * V::loadu(A.w + j);
-          xhat.store(xh.data() + j);
-          dxhat.store(dxh.data() + j);
-          a1 = a1 + dxhat * V::loadu(A.k + j);
-          a2 = a2 + dxhat * xhat;
-          if (want_cols) {
-            (V::loadu(dw + j) + go * xhat).store(dw + j);
-            (V::loadu(db + j) + go).store(db + j);
-          }
-        }
-        T s1 = hsum(a1), s2 = hsum(a2);
-        for (; j < d; ++j) {
-          T xhat = (vbuf[j] - mean[row]) * A.k[j] * rstd[row];
-          T go = A.z ? gr[j] * A.z[j] : gr[j];
-          T dxhat = go * A.w[j];
-          xh[j] = xhat;
-          dxh[j] = dxhat;
-          s1 += dxhat * A.k[j];
-          s2 += dxhat * xhat;
-          if (want_cols) {
-            dw[j] += go * xhat;
-            db[j] += go;
-          }
-        }
-        const V c1(s1 * A.inv_n), c2(s2 * A.inv_n);
-        T* dxr = dx ? dx + row * d : nullptr;
-        T* drr = dr ? dr + row * d : nullptr;
-        j = 0;
-        for (; j + V::size() <= d; j += V::size()) {
-          V xhat = V::loadu(xh.data() + j);
-          V dv = (V::loadu(dxh.data() + j) - c1 - xhat * c2) * rv * V::loadu(A.k + j);
-          if (drr) dv.store(drr + j);
-          if (dxr) (A.z ? dv * V::loadu(A.z + j) : dv).store(dxr + j);
-          if (want_cols && A.z)
-            (V::loadu(dz + j) + V::loadu(gr + j) * (xhat * V::loadu(A.w + j) + V::loadu(A.b + j)) +
-             dv * V::loadu(xr + j)).store(dz + j);
-        }
-        for (; j < d; ++j) {
-          T dv = (dxh[j] - s1 * A.inv_n - xh[j] * s2 * A.inv_n) * rstd[row] * A.k[j];
-          if (drr) drr[j] = dv;
-          if (dxr) dxr[j] = A.z ? dv * A.z[j] : dv;
-          if (want_cols && A.z) dz[j] += gr[j] * (xh[j] * A.w[j] + A.b[j]) + dv * xr[j];
-        }
-      }
-    }
-}
-
 
 template <typename T>
 void ln_bwd(const Args<T>& A, const T* g, const T* mean, const T* rstd, T* dx, T* dr, T* cols, int64_t nblocks,
             bool want_cols) {
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    bwd_blocks<T>(A, g, mean, rstd, dx, dr, cols, nblocks, want_cols, b0, b1);
+    std::vector<T> scratch(2 * A.d);
+    bwd_blocks_any<T>(A, g, mean, rstd, dx, dr, cols, nblocks, want_cols, b0, b1, scratch.data(), scratch.data() + A.d);
   });
 }
 
@@ -211,8 +236,9 @@ Args<T> make_args(const at::Tensor& x, const at::Tensor& r, const at::Tensor& w,
   A.r = r.defined() ? r.data_ptr<T>() : nullptr;
   A.w = w.data_ptr<T>();
   A.b = b.data_ptr<T>();
-  A.z = z.defined() ? z.data_ptr<T>() : nullptr;
   A.k = k.data_ptr<T>();
+  A.has_z = z.defined();
+  A.z = z.defined() ? z.data_ptr<T>() : A.k;  // no hidden_z: k is all ones
   A.N = x.size(0);
   A.d = x.size(1);
   A.eps = T(eps);
@@ -250,14 +276,6 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_layer_norm_fwd_cpu(
     const at::Tensor& x_, const c10::optional<at::Tensor>& residual, const at::Tensor& weight, const at::Tensor& bias,
     const c10::optional<at::Tensor>& hidden_z, double eps) {
-  if (!hidden_z.has_value()) {
-    // Unmasked (the compact runtime): ATen's LayerNorm kernel is per-CPU-capability vectorised,
-    // which this extension's baseline build is not; same mean/rstd definition as ours.
-    check_inputs(x_, residual, weight, bias, hidden_z);
-    const at::Tensor v = residual ? at::add(x_, *residual) : x_.contiguous();
-    auto [y, mean, rstd] = at::native_layer_norm(v, {x_.size(1)}, weight, bias, eps);
-    return {y, mean.reshape({-1}), rstd.reshape({-1})};
-  }
   Prepared p = prepare(x_, residual, weight, bias, hidden_z);
   const int64_t N = p.x.size(0);
   at::Tensor y = at::empty_like(p.x);
