@@ -176,86 +176,95 @@ void bwd_rows_f_base(const float* h, float* g, float* am, float* P, float* Q, co
   bwd_rows_f(h, g, am, P, Q, s, N, L, j0, j1, act);
 }
 
-// Column blocks of this many elements per task: the epilogues run over [N, L] row-major tiles, one
-// column block per task, so column sums need no cross-thread reduction (and are deterministic).
-constexpr int64_t kColBlock = 256;
 
-// h[n, j] += b1[j]; a[n, j] = act(h[n, j]) * s[j]
+// h[n, j] += b1[j]; a[n, j] = act(h[n, j]) * s[j]. Row blocks (no column sums needed here), so each
+// task streams through contiguous memory.
 template <typename T>
 void epilogue_fwd(T* h, T* a, const T* b1, const T* s, int64_t N, int64_t L, int64_t act) {
   using V = Vectorized<T>;
-  at::parallel_for(0, (L + kColBlock - 1) / kColBlock, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t cb = c0; cb < c1; ++cb) {
-      const int64_t j0 = cb * kColBlock, j1 = std::min(L, j0 + kColBlock);
-      if constexpr (std::is_same_v<T, float>) {
+  at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(L, 1)), [&](int64_t n0, int64_t n1) {
+    if constexpr (std::is_same_v<T, float>) {
 #if defined(__x86_64__) && defined(__GNUC__)
-        if (have_avx2()) { fwd_rows_f_avx2(h, a, b1, s, N, L, j0, j1, act); continue; }
+      if (have_avx2()) return fwd_rows_f_avx2(h + n0 * L, a + n0 * L, b1, s, n1 - n0, L, 0, L, act);
 #endif
-        fwd_rows_f_base(h, a, b1, s, N, L, j0, j1, act);
-        continue;
+      return fwd_rows_f_base(h + n0 * L, a + n0 * L, b1, s, n1 - n0, L, 0, L, act);
+    }
+    for (int64_t n = n0; n < n1; ++n) {
+      T* hr = h + n * L;
+      T* ar = a + n * L;
+      int64_t j = 0;
+      for (; j + V::size() <= L; j += V::size()) {
+        V hv = V::loadu(hr + j) + V::loadu(b1 + j);
+        hv.store(hr + j);
+        (act_v(hv, act) * V::loadu(s + j)).store(ar + j);
       }
-      for (int64_t n = 0; n < N; ++n) {
-        T* hr = h + n * L;
-        T* ar = a + n * L;
-        int64_t j = j0;
-        for (; j + V::size() <= j1; j += V::size()) {
-          V hv = V::loadu(hr + j) + V::loadu(b1 + j);
-          hv.store(hr + j);
-          (act_v(hv, act) * V::loadu(s + j)).store(ar + j);
-        }
-        for (; j < j1; ++j) {
-          hr[j] += b1[j];
-          ar[j] = act_s(hr[j], act) * s[j];
-        }
+      for (; j < L; ++j) {
+        hr[j] += b1[j];
+        ar[j] = act_s(hr[j], act) * s[j];
       }
     }
   });
 }
 
 // In place G -> dh = G * s * act'(h). Optional outputs: am = m * act(h) * z (= act(h) * s),
-// P[j] = sum_n act(h) G, Q[j] = sum_n dh.
+// P[j] = sum_n act(h) G, Q[j] = sum_n dh. Row blocks stream contiguous memory; the column sums are
+// accumulated per block and added in block order (deterministic for a given thread count's blocks).
 template <typename T>
 void epilogue_bwd(const T* h, T* G, T* am, T* P, T* Q, const T* s, int64_t N, int64_t L, int64_t act) {
   using V = Vectorized<T>;
-  at::parallel_for(0, (L + kColBlock - 1) / kColBlock, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t cb = c0; cb < c1; ++cb) {
-      const int64_t j0 = cb * kColBlock, j1 = std::min(L, j0 + kColBlock);
-      if (P) std::fill(P + j0, P + j1, T(0));
-      if (Q) std::fill(Q + j0, Q + j1, T(0));
+  const bool sums = P || Q;
+  const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(N, 4 * at::get_num_threads()));
+  std::vector<T> part(sums ? size_t(nb) * 2 * L : 0, T(0));
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * N / nb, r1 = (blk + 1) * N / nb;
+      T* Pb = P ? part.data() + blk * 2 * L : nullptr;
+      T* Qb = Q ? part.data() + blk * 2 * L + L : nullptr;
+      T* amb = am ? am + r0 * L : nullptr;
       if constexpr (std::is_same_v<T, float>) {
 #if defined(__x86_64__) && defined(__GNUC__)
-        if (have_avx2()) { bwd_rows_f_avx2(h, G, am, P, Q, s, N, L, j0, j1, act); continue; }
+        if (have_avx2()) { bwd_rows_f_avx2(h + r0 * L, G + r0 * L, amb, Pb, Qb, s, r1 - r0, L, 0, L, act); continue; }
 #endif
-        bwd_rows_f_base(h, G, am, P, Q, s, N, L, j0, j1, act);
+        bwd_rows_f_base(h + r0 * L, G + r0 * L, amb, Pb, Qb, s, r1 - r0, L, 0, L, act);
         continue;
       }
-      for (int64_t n = 0; n < N; ++n) {
+      for (int64_t n = r0; n < r1; ++n) {
         const T* hr = h + n * L;
         T* gr = G + n * L;
         T* ar = am ? am + n * L : nullptr;
-        int64_t j = j0;
-        for (; j + V::size() <= j1; j += V::size()) {
+        int64_t j = 0;
+        for (; j + V::size() <= L; j += V::size()) {
           V hv = V::loadu(hr + j), gv = V::loadu(gr + j), sv = V::loadu(s + j);
-          if (P || ar) {
+          if (Pb || ar) {
             V f = act_v(hv, act);
-            if (P) (V::loadu(P + j) + f * gv).store(P + j);
+            if (Pb) (V::loadu(Pb + j) + f * gv).store(Pb + j);
             if (ar) (f * sv).store(ar + j);
           }
           V dh = gv * sv * dact_v(hv, act);
           dh.store(gr + j);
-          if (Q) (V::loadu(Q + j) + dh).store(Q + j);
+          if (Qb) (V::loadu(Qb + j) + dh).store(Qb + j);
         }
-        for (; j < j1; ++j) {
+        for (; j < L; ++j) {
           T f = act_s(hr[j], act);
-          if (P) P[j] += f * gr[j];
+          if (Pb) Pb[j] += f * gr[j];
           if (ar) ar[j] = f * s[j];
           T dh = gr[j] * s[j] * dact_s(hr[j], act);
           gr[j] = dh;
-          if (Q) Q[j] += dh;
+          if (Qb) Qb[j] += dh;
         }
       }
     }
   });
+  if (!sums) return;
+  if (P) std::fill(P, P + L, T(0));
+  if (Q) std::fill(Q, Q + L, T(0));
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const T* Pb = part.data() + blk * 2 * L;
+    for (int64_t j = 0; j < L; ++j) {
+      if (P) P[j] += Pb[j];
+      if (Q) Q[j] += Pb[L + j];
+    }
+  }
 }
 
 // ---- glue -------------------------------------------------------------------------------------
