@@ -28,17 +28,22 @@ PAPER = {0.6: (93.0, 2.1), 0.95: (90.4, 12.2)}  # BERT-base CoFi rows: SST-2 dev
 SPARSITIES = (0.6, 0.9, 0.95)
 
 
-def cli(*args: str, log: Path) -> None:
+def cli(*args: str, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'python'}:{ROOT}", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     cmd = [sys.executable, "-m", "cofi.cli", *args, "--resume"]
     print("+", " ".join(cmd), f"> {log}", flush=True)
-    t = time.perf_counter()
-    with open(log, "a") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if rc != 0:
-        raise SystemExit(f"stage failed (rc={rc}); see {log}")
-    print(f"  done in {time.perf_counter() - t:.0f} s", flush=True)
+    f = open(log, "a")
+    return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def wait(procs: dict, wall: dict, t0: dict) -> None:
+    for name, p in procs.items():
+        rc = p.wait()
+        wall[name] = time.perf_counter() - t0[name]
+        print(f"  {name} done in {wall[name]:.0f} s (rc={rc})", flush=True)
+        if rc != 0:
+            raise SystemExit(f"stage {name} failed (rc={rc}); see its log")
 
 
 def latency(model, batch, reps: int) -> float:
@@ -61,7 +66,11 @@ def main() -> int:
     ap.add_argument("--teacher-samples", type=int, default=20000)
     ap.add_argument("--prune-samples", type=int, default=16000)
     ap.add_argument("--prune-epochs", type=float, default=2.0)
+    ap.add_argument("--warmup-epochs", type=float, default=None, help="Lagrangian warm-up (default: half the run)")
+    ap.add_argument("--compact-epochs", type=float, default=1.0)
+    ap.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=1, help="pruning runs at once (threads are split between them)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,25 +78,30 @@ def main() -> int:
 
     common = ["--task", "sst2", "--max-seq-length", "64", "--batch-size", "32", "--eval-batch-size", "128",
               "--seed", "42", "--num-threads", str(args.threads), "--progress", "false"]
-    wall = {}
+    wall, t0 = {}, {}
     if args.stage == "all":
         if not (out / "teacher" / "results.json").exists():
-            t = time.perf_counter()
-            cli("finetune", "--preset", "teacher", "--model", minilm_path(), "--output-dir", str(out / "teacher"),
-                "--max-train-samples", str(args.teacher_samples), "--epochs", "1", "--learning-rate", "5e-5",
-                "--eval-steps", "200", "--save-steps", "200", *common, log=out / "teacher.log")
-            wall["teacher"] = time.perf_counter() - t
-        for s in SPARSITIES:
-            d = out / f"prune_{s}"
-            if (d / "results.json").exists():
-                continue
-            t = time.perf_counter()
-            # the student starts from the fine-tuned teacher, as in the paper
-            cli("prune", "--preset", "demo", "--task", "sst2", "--model", str(out / "teacher" / "best"),
-                "--teacher", str(out / "teacher" / "best"), "--output-dir", str(d), "--target-sparsity", str(s),
-                "--max-train-samples", str(args.prune_samples), "--epochs", str(args.prune_epochs),
-                "--lagrangian-warmup-epochs", str(args.prune_epochs / 2), *common, log=out / f"prune_{s}.log")
-            wall[f"prune_{s}"] = time.perf_counter() - t
+            t0["teacher"] = time.perf_counter()
+            wait({"teacher": cli("finetune", "--preset", "teacher", "--model", minilm_path(), "--output-dir",
+                                 str(out / "teacher"), "--max-train-samples", str(args.teacher_samples), "--epochs", "1",
+                                 "--learning-rate", "5e-5", "--eval-steps", "200", "--save-steps", "200", *common,
+                                 log=out / "teacher.log")}, wall, t0)
+        todo = [s for s in args.sparsities if not (out / f"prune_{s}" / "results.json").exists()]
+        threads = str(max(1, args.threads // max(1, args.jobs)))
+        for i in range(0, len(todo), args.jobs):
+            procs = {}
+            for s in todo[i:i + args.jobs]:
+                t0[f"prune_{s}"] = time.perf_counter()
+                # the student starts from the fine-tuned teacher, as in the paper
+                procs[f"prune_{s}"] = cli(
+                    "prune", "--preset", "demo", "--model", str(out / "teacher" / "best"),
+                    "--teacher", str(out / "teacher" / "best"), "--output-dir", str(out / f"prune_{s}"),
+                    "--target-sparsity", str(s), "--max-train-samples", str(args.prune_samples),
+                    "--epochs", str(args.prune_epochs), "--lagrangian-warmup-epochs",
+                    str(args.warmup_epochs if args.warmup_epochs is not None else args.prune_epochs / 2),
+                    "--compact-epochs", str(args.compact_epochs),
+                    *common, "--num-threads", threads, log=out / f"prune_{s}.log")
+            wait(procs, wall, t0)
     table(out, wall, args.threads)
     return 0
 
