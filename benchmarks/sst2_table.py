@@ -145,6 +145,11 @@ def table(out: Path, wall: dict, threads: int) -> None:
            "torch": torch.__version__}
     dst = ROOT / "benchmarks" / "results" / "cpu" / "sst2_table.json"
     dst.parent.mkdir(parents=True, exist_ok=True)
+    from cofi.pipeline import plots
+
+    for s in compacts:  # dev accuracy + sparsity over steps, lambdas, per-layer structure
+        res.setdefault("plots", []).extend(
+            os.path.relpath(f, ROOT) for f in plots(dst.parent, out / f"prune_{s}" / "metrics.jsonl", f"sst2_{s}_"))
     old = json.loads(dst.read_text()) if dst.exists() else {}
     res["stage_wall_s"] = {**old.get("stage_wall_s", {}), **wall}
     dst.write_text(json.dumps(res, indent=2))

@@ -47,14 +47,16 @@ def _latency(model, batch, reps: int = 5) -> float:
     return ts[len(ts) // 2]
 
 
-def plots(out: Path) -> list[str]:
-    """metrics.jsonl -> accuracy/sparsity over steps, lambdas, per-layer structure map (PNG)."""
+def plots(out: Path, metrics_path: Path | None = None, prefix: str = "") -> list[str]:
+    """A pruning run's metrics.jsonl (default ``out/prune/metrics.jsonl``) -> PNGs in ``out``:
+    ``<prefix>accuracy_sparsity.png`` (dev score and expected/real sparsity over steps),
+    ``<prefix>lambdas.png``, ``<prefix>structure.png`` (heads and FFN width per layer, hidden size)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [json.loads(line) for line in (out / "prune" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    recs = [json.loads(line) for line in (metrics_path or out / "prune" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     ev = [r for r in recs if r.get("stage") == "prune" and "eval" in r]
     tr = [r for r in recs if r.get("stage") == "prune" and "lambda_1" in r and "eval" not in r]
     files = []
@@ -68,8 +70,8 @@ def plots(out: Path) -> list[str]:
     ax[1].set(xlabel="step", ylabel="sparsity", title="sparsity")
     ax[1].legend()
     fig.tight_layout()
-    fig.savefig(out / "accuracy_sparsity.png", dpi=110)
-    files.append(str(out / "accuracy_sparsity.png"))
+    fig.savefig(out / f"{prefix}accuracy_sparsity.png", dpi=110)
+    files.append(str(out / f"{prefix}accuracy_sparsity.png"))
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["step"] for r in tr], [r["lambda_1"] for r in tr], label="lambda_1")
@@ -77,8 +79,8 @@ def plots(out: Path) -> list[str]:
     ax.set(xlabel="step", title="Lagrange multipliers")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "lambdas.png", dpi=110)
-    files.append(str(out / "lambdas.png"))
+    fig.savefig(out / f"{prefix}lambdas.png", dpi=110)
+    files.append(str(out / f"{prefix}lambdas.png"))
     plt.close(fig)
     st = next((r["structure"] for r in reversed(ev) if "structure" in r), None)
     if st:
@@ -89,8 +91,8 @@ def plots(out: Path) -> list[str]:
         ax[1].bar(range(1, L + 1), st.get("ffn", [0] * L))
         ax[1].set(xlabel="layer", ylabel="FFN units kept", title="FFN width per layer")
         fig.tight_layout()
-        fig.savefig(out / "structure.png", dpi=110)
-        files.append(str(out / "structure.png"))
+        fig.savefig(out / f"{prefix}structure.png", dpi=110)
+        files.append(str(out / f"{prefix}structure.png"))
         plt.close(fig)
     return files
 
