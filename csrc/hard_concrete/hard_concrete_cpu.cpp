@@ -26,25 +26,27 @@ constexpr int64_t kGrain = 16384;
 COFI_INLINE float sigmoid_f(float x) { return 1.0f / (1.0f + exp_fast(-x)); }
 
 // kind 0: sample fwd, 1: sample bwd, 2: keep fwd, 3: keep bwd, 4: sample + keep fwd (o = z,
-// o2 = keep), 5: sample + keep bwd (g = grad of z, g2 = grad of keep). a = log_alpha, u = noise.
+// o2 = keep), 5: sample + keep bwd (g = grad of z, g2 = grad of keep, u = the forward's z: inside the
+// clip s = (z - l) / (r - l) exactly inverts the forward map, so no log/exp is needed for dz).
+// a = log_alpha, u = noise. logit(u) = log(u / (1 - u)): one log instead of two.
 template <int kind>
 COFI_INLINE void hc_loop_f(const float* a, const float* u, const float* g, const float* g2, float* o, float* o2,
                            int64_t b, int64_t e, float t, float l, float r, float q0, float eps) {
   for (int64_t i = b; i < e; ++i) {
-    if constexpr (kind >= 4) {
-      const float s = sigmoid_f((log_fast(u[i]) - log_fast(1.0f - u[i]) + a[i]) / t);
-      const float sbar = s * (r - l) + l;
+    if constexpr (kind == 4) {
+      const float s = sigmoid_f((log_fast(u[i] / (1.0f - u[i])) + a[i]) / t);
       const float q = sigmoid_f(q0 - a[i]);
-      if constexpr (kind == 4) {
-        o[i] = std::min(std::max(sbar, 0.0f), 1.0f);
-        o2[i] = 1.0f - std::min(std::max(q, eps), 1.0f - eps);
-      } else {
-        const float in_z = float((sbar > 0.0f) & (sbar < 1.0f));
-        const float in_q = float((q > eps) & (q < 1.0f - eps));
-        o[i] = in_z * (g[i] * (r - l) * s * (1.0f - s) / t) + in_q * (g2[i] * q * (1.0f - q));
-      }
+      o[i] = std::min(std::max(s * (r - l) + l, 0.0f), 1.0f);
+      o2[i] = 1.0f - std::min(std::max(q, eps), 1.0f - eps);
+    } else if constexpr (kind == 5) {
+      const float z = u[i];
+      const float s = (z - l) / (r - l);
+      const float q = sigmoid_f(q0 - a[i]);
+      const float in_z = float((z > 0.0f) & (z < 1.0f));
+      const float in_q = float((q > eps) & (q < 1.0f - eps));
+      o[i] = in_z * (g[i] * (r - l) * s * (1.0f - s) / t) + in_q * (g2[i] * q * (1.0f - q));
     } else if constexpr (kind <= 1) {
-      const float s = sigmoid_f((log_fast(u[i]) - log_fast(1.0f - u[i]) + a[i]) / t);
+      const float s = sigmoid_f((log_fast(u[i] / (1.0f - u[i])) + a[i]) / t);
       const float sbar = s * (r - l) + l;
       if constexpr (kind == 0) {
         o[i] = std::min(std::max(sbar, 0.0f), 1.0f);
@@ -385,15 +387,16 @@ std::tuple<at::Tensor, at::Tensor> zk_fwd(const at::Tensor& log_alpha, const at:
   return {z, p};
 }
 
-at::Tensor zk_bwd(const at::Tensor& gz, const at::Tensor& gk, const at::Tensor& log_alpha, const at::Tensor& u, double t,
-                  double l, double r, double eps) {
+at::Tensor zk_bwd(const at::Tensor& gz, const at::Tensor& gk, const at::Tensor& log_alpha, const at::Tensor& u,
+                  const at::Tensor& z, double t, double l, double r, double eps) {
   check_same(log_alpha, "log_alpha", gz, "grad_z");
   check_same(log_alpha, "log_alpha", gk, "grad_keep");
+  check_same(log_alpha, "log_alpha", z, "z");
   if (log_alpha.scalar_type() != at::kFloat) return sample_bwd(gz, log_alpha, u, t, l, r).add_(keep_bwd(gk, log_alpha, t, l, r, eps));
   auto la = log_alpha.contiguous();
-  auto uu = u.contiguous();
+  auto zz = z.contiguous();
   auto out = at::empty_like(la);
-  hc_float<5>(la.const_data_ptr<float>(), uu.const_data_ptr<float>(), gz.const_data_ptr<float>(),
+  hc_float<5>(la.const_data_ptr<float>(), zz.const_data_ptr<float>(), gz.const_data_ptr<float>(),
               out.mutable_data_ptr<float>(), la.numel(), t, l, r, q0_logit(t, l, r), eps, gk.const_data_ptr<float>());
   return out;
 }
@@ -443,7 +446,7 @@ void add_size_grad(T* gk, const at::Tensor& keep, at::IntArrayRef offsets, T gE,
 
 at::Tensor step_bwd(const c10::optional<at::Tensor>& grad_z, const c10::optional<at::Tensor>& grad_keep,
                     const at::Tensor& grad_params, const at::Tensor& grad_sparsity, const at::Tensor& log_alpha,
-                    const at::Tensor& u, const at::Tensor& keep, at::IntArrayRef offsets, int64_t L, int64_t d, int64_t H,
+                    const at::Tensor& u, const at::Tensor& z, const at::Tensor& keep, at::IntArrayRef offsets, int64_t L, int64_t d, int64_t H,
                     int64_t F, double t, double l, double r, double eps) {
   check_float(log_alpha, "log_alpha");
   check_same(log_alpha, "log_alpha", keep, "keep");
@@ -455,7 +458,7 @@ at::Tensor step_bwd(const c10::optional<at::Tensor>& grad_z, const c10::optional
     add_size_grad<scalar_t>(gk.mutable_data_ptr<scalar_t>(), kc, offsets, gE, L, d, H, F);
   });
   at::Tensor gz = grad_z.has_value() ? grad_z->contiguous() : at::zeros_like(log_alpha);
-  return zk_bwd(gz, gk, log_alpha, u, t, l, r, eps);
+  return zk_bwd(gz, gk, log_alpha, u, z, t, l, r, eps);
 }
 
 }  // namespace

@@ -186,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_fwd(const at::Te
 
 at::Tensor step_bwd(const c10::optional<at::Tensor>& grad_z, const c10::optional<at::Tensor>& grad_keep,
                     const at::Tensor& grad_params, const at::Tensor& grad_sparsity, const at::Tensor& log_alpha,
-                    const at::Tensor& u, const at::Tensor& keep, at::IntArrayRef offsets, int64_t L, int64_t d, int64_t H,
+                    const at::Tensor& u, const at::Tensor& /*z*/, const at::Tensor& keep, at::IntArrayRef offsets, int64_t L, int64_t d, int64_t H,
                     int64_t F, double t, double l, double r, double eps) {
   return cofi_hc_step::bwd(zk_bwd, size_bwd, grad_z, grad_keep, grad_params, grad_sparsity, log_alpha, u, keep, offsets,
                            L, d, H, F, t, l, r, eps);

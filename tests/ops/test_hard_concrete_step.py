@@ -141,10 +141,14 @@ class TestStepRegistration:
         torch.library.opcheck(torch.ops.cofi.hard_concrete_step_fwd_native.default,
                               (la, u, offs, *sizes, 2 / 3, -0.1, 1.1, 1e-6))
         keep = hard_concrete_keep_prob_ref(la)
+        z = hard_concrete_sample_ref(la, u)
         one = torch.tensor(1.0, dtype=torch.float64)
         for gz, gk in ((torch.randn_like(la), None), (None, torch.randn_like(la))):
-            torch.library.opcheck(torch.ops.cofi.hard_concrete_step_bwd_native.default,
-                                  (gz, gk, one, one, la, u, keep, offs, *sizes, 2 / 3, -0.1, 1.1, 1e-6))
+            for dt in (torch.float64, torch.float32):
+                c = lambda x: None if x is None else x.to(dt)  # noqa: E731
+                torch.library.opcheck(torch.ops.cofi.hard_concrete_step_bwd_native.default,
+                                      (c(gz), c(gk), c(one), c(one), c(la), c(u), c(z), c(keep), offs, *sizes,
+                                       2 / 3, -0.1, 1.1, 1e-6))
 
     def test_torch_compile_fullgraph(self):
         la, u, offs, (L, d, H, F) = self._args()

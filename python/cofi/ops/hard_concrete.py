@@ -502,7 +502,7 @@ def _composite_step(backend: str):
         e, s = size.fwd(*_step_views(p, offsets, L, d, H, F), L, d, H, F)
         return z, p, e, s
 
-    def bwd(gz, gk, gp, gs, la, u, p, offsets, L, d, H, F, t, l, r, eps):
+    def bwd(gz, gk, gp, gs, la, u, z, p, offsets, L, d, H, F, t, l, r, eps):
         gsize = size.bwd(gp, gs, *_step_views(p, offsets, L, d, H, F), L, d, H, F)
         gk = torch.zeros_like(la) if gk is None else gk.clone()
         for off, g in zip(offsets, gsize):
@@ -555,33 +555,34 @@ _step_op.register_fake(_step_fake)
 
 @torch.library.custom_op("cofi::hard_concrete_step_backward", mutates_args=())
 def _step_bwd_op(grad_z: torch.Tensor | None, grad_keep: torch.Tensor | None, grad_params: torch.Tensor,
-                 grad_sparsity: torch.Tensor, log_alpha: torch.Tensor, u: torch.Tensor, keep: torch.Tensor,
-                 offsets: list[int], num_layers: int, hidden_size: int, num_heads: int, intermediate_size: int,
+                 grad_sparsity: torch.Tensor, log_alpha: torch.Tensor, u: torch.Tensor, z: torch.Tensor,
+                 keep: torch.Tensor, offsets: list[int], num_layers: int, hidden_size: int, num_heads: int, intermediate_size: int,
                  temperature: float, limit_l: float, limit_r: float, eps: float, backend: str) -> torch.Tensor:
     c = lambda x: None if x is None else x.contiguous()  # noqa: E731
     return B.run("hard_concrete_step", backend, "bwd", c(grad_z), c(grad_keep), grad_params.contiguous(),
-                 grad_sparsity.contiguous(), log_alpha.contiguous(), u.contiguous(), keep.contiguous(), offsets,
+                 grad_sparsity.contiguous(), log_alpha.contiguous(), u.contiguous(), z.contiguous(), keep.contiguous(),
+                 offsets,
                  num_layers, hidden_size, num_heads, intermediate_size, temperature, limit_l, limit_r, eps)
 
 
 @_step_bwd_op.register_fake
-def _(grad_z, grad_keep, grad_params, grad_sparsity, log_alpha, u, keep, offsets, num_layers, hidden_size, num_heads,
+def _(grad_z, grad_keep, grad_params, grad_sparsity, log_alpha, u, z, keep, offsets, num_layers, hidden_size, num_heads,
       intermediate_size, temperature, limit_l, limit_r, eps, backend):
     return torch.empty_like(log_alpha, memory_format=torch.contiguous_format)
 
 
 def _step_setup(ctx, inputs, output):
     log_alpha, u, *args = inputs
-    ctx.save_for_backward(log_alpha, u, output[1])
+    ctx.save_for_backward(log_alpha, u, output[0], output[1])
     ctx.args = args
 
 
 def _step_backward(ctx, gz, gk, gp, gs):
     if not ctx.needs_input_grad[0]:
         return (None,) * 12
-    log_alpha, u, keep = ctx.saved_tensors
+    log_alpha, u, z, keep = ctx.saved_tensors
     zero = lambda g: torch.zeros((), dtype=log_alpha.dtype, device=log_alpha.device) if g is None else g  # noqa: E731
-    g = torch.ops.cofi.hard_concrete_step_backward(gz, gk, zero(gp), zero(gs), log_alpha, u, keep, *ctx.args)
+    g = torch.ops.cofi.hard_concrete_step_backward(gz, gk, zero(gp), zero(gs), log_alpha, u, z, keep, *ctx.args)
     return (g,) + (None,) * 11
 
 
@@ -672,16 +673,16 @@ class _NativeStep(torch.autograd.Function):
     def forward(ctx, log_alpha, u, args):
         z, keep, e, s = torch.ops.cofi.hard_concrete_step_fwd_native(log_alpha.detach(), u, *args)
         B.record("hard_concrete_step", "native", log_alpha.device)
-        ctx.save_for_backward(log_alpha, u, keep)
+        ctx.save_for_backward(log_alpha, u, z, keep)
         ctx.args = args
         return z, keep, e, s
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gz, gk, gp, gs):
-        log_alpha, u, keep = ctx.saved_tensors
+        log_alpha, u, z, keep = ctx.saved_tensors
         zero = lambda g: torch.zeros((), dtype=log_alpha.dtype, device=log_alpha.device) if g is None else g  # noqa: E731
-        g = torch.ops.cofi.hard_concrete_step_bwd_native(gz, gk, zero(gp), zero(gs), log_alpha, u, keep, *ctx.args)
+        g = torch.ops.cofi.hard_concrete_step_bwd_native(gz, gk, zero(gp), zero(gs), log_alpha, u, z, keep, *ctx.args)
         B.record("hard_concrete_step", "native", log_alpha.device)
         return g, None, None
 
@@ -717,7 +718,7 @@ if _ext.native_loaded():
     torch.library.register_fake("cofi::hard_concrete_step_fwd_native")(_step_fake)
 
     @torch.library.register_fake("cofi::hard_concrete_step_bwd_native")
-    def _(grad_z, grad_keep, grad_params, grad_sparsity, log_alpha, u, keep, offsets, L, d, H, F, t, l, r, eps):
+    def _(grad_z, grad_keep, grad_params, grad_sparsity, log_alpha, u, z, keep, offsets, L, d, H, F, t, l, r, eps):
         return torch.empty_like(log_alpha, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("cofi::expected_size_bwd_native")
