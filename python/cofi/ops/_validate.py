@@ -56,7 +56,7 @@ def check_finite(op: str, name: str, t: torch.Tensor) -> None:
         return
     # One reduction: a finite sum proves every element finite; only if it is not (NaN/inf, or a
     # sum that overflowed) do the exact elementwise check.
-    if not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
+    if not math.isfinite(float(t.detach().sum())) and not bool(torch.isfinite(t.detach()).all()):
         raise ValueError(f"cofi.ops.{op}: {name} contains NaN or inf")
 
 
