@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -318,6 +319,39 @@ std::tuple<at::Tensor, at::Tensor> size_fwd(const c10::optional<at::Tensor>& hid
   return {e, s};
 }
 
+// d E / d keep, the closed form of expected_size's gradient, ADDED into out[i] (contiguous, the shape
+// of group i; null = group absent, as is v[i]). Groups: hidden, head, mha, intermediate, ffn.
+template <typename T>
+void add_size_grad(const std::array<T*, 5>& out, const cofi_hc_step::Views& v, T gE, int64_t L, int64_t d, int64_t H,
+                   int64_t F) {
+  const SizeConsts c = consts(L, d, H, F);
+  std::vector<T> hs, is;
+  const T head_score = gated_score<T>(v[1], v[2], L, H, &hs);
+  const T int_score = gated_score<T>(v[3], v[4], L, F, &is);
+  const bool has_hidden = v[0].has_value();
+  const T hsum = has_hidden ? sum_or<T>(v[0], T(d)) : T(1);
+  // dE/d head_score and dE/d int_score
+  const T dH = has_hidden ? hsum * T(c.pair_head) : T(c.per_head);
+  const T dI = has_hidden ? hsum * T(2) : T(c.per_unit);
+  auto gate = [&](int i, int64_t l) { return v[i].has_value() ? v[i]->const_data_ptr<T>()[l] : T(1); };
+  if (out[0]) {
+    const T g = gE * (head_score * T(c.pair_head) + int_score * T(2));
+    for (int64_t j = 0; j < d; ++j) out[0][j] += g;
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    if (out[1]) {
+      const T g = gE * dH * gate(2, l);
+      for (int64_t j = 0; j < H; ++j) out[1][l * H + j] += g;
+    }
+    if (out[2]) out[2][l] += gE * dH * hs[l];
+    if (out[3]) {
+      const T g = gE * dI * gate(4, l);
+      for (int64_t j = 0; j < F; ++j) out[3][l * F + j] += g;
+    }
+    if (out[4]) out[4][l] += gE * dI * is[l];
+  }
+}
+
 std::vector<at::Tensor> size_bwd(const at::Tensor& g_params, const at::Tensor& g_sparsity, const c10::optional<at::Tensor>& hidden,
                                  const c10::optional<at::Tensor>& head, const c10::optional<at::Tensor>& mha,
                                  const c10::optional<at::Tensor>& inter, const c10::optional<at::Tensor>& ffn, int64_t L,
@@ -325,50 +359,20 @@ std::vector<at::Tensor> size_bwd(const at::Tensor& g_params, const at::Tensor& g
   const at::Tensor& ref = first_of({&hidden, &head, &mha, &inter, &ffn});
   check_float(ref, "keep probabilities");
   const SizeConsts c = consts(L, d, H, F);
+  cofi_hc_step::Views v;
   std::vector<at::Tensor> out;
+  int i = 0;
+  for (const auto* g : {&hidden, &head, &mha, &inter, &ffn}) {
+    if (g->has_value()) v[i] = (*g)->contiguous();
+    // A fresh tensor per group (also the empty ones of absent groups): custom-op outputs may not alias.
+    out.push_back(g->has_value() ? at::zeros_like(**g, at::MemoryFormat::Contiguous) : at::empty({0}, ref.options()));
+    ++i;
+  }
   AT_DISPATCH_FLOATING_TYPES(ref.scalar_type(), "expected_size_bwd", [&] {
-    // dE total = g_params - g_sparsity / full
     const scalar_t gE = g_params.item<scalar_t>() - g_sparsity.item<scalar_t>() / scalar_t(c.full);
-    std::vector<scalar_t> hs, is;
-    scalar_t head_score = gated_score<scalar_t>(head, mha, L, H, &hs);
-    scalar_t int_score = gated_score<scalar_t>(inter, ffn, L, F, &is);
-    const bool has_hidden = hidden.has_value();
-    scalar_t hsum = has_hidden ? sum_or<scalar_t>(hidden, scalar_t(d)) : scalar_t(1);
-    // dE/d head_score and dE/d int_score
-    scalar_t dH = has_hidden ? hsum * scalar_t(c.pair_head) : scalar_t(c.per_head);
-    scalar_t dI = has_hidden ? hsum * scalar_t(2) : scalar_t(c.per_unit);
-    // A fresh empty tensor per absent group: custom-op outputs may not alias each other.
-    auto empty = [&] { return at::empty({0}, ref.options()); };
-    // hidden
-    if (has_hidden) {
-      out.push_back(at::full_like(*hidden, gE * (head_score * scalar_t(c.pair_head) + int_score * scalar_t(2)),
-                                  at::MemoryFormat::Contiguous));
-    } else {
-      out.push_back(empty());
-    }
-    auto units_grad = [&](const c10::optional<at::Tensor>& units, const c10::optional<at::Tensor>& gate, int64_t W,
-                          scalar_t dScore) {
-      if (!units.has_value()) return empty();
-      auto g = at::empty_like(*units, at::MemoryFormat::Contiguous);
-      scalar_t* pg = g.mutable_data_ptr<scalar_t>();
-      at::Tensor gc = gate.has_value() ? gate->contiguous() : at::Tensor();
-      for (int64_t l = 0; l < L; ++l) {
-        scalar_t gl = gate.has_value() ? gc.const_data_ptr<scalar_t>()[l] : scalar_t(1);
-        for (int64_t j = 0; j < W; ++j) pg[l * W + j] = gE * dScore * gl;
-      }
-      return g;
-    };
-    auto gate_grad = [&](const c10::optional<at::Tensor>& gate, const std::vector<scalar_t>& rows, scalar_t dScore) {
-      if (!gate.has_value()) return empty();
-      auto g = at::empty_like(*gate, at::MemoryFormat::Contiguous);
-      scalar_t* pg = g.mutable_data_ptr<scalar_t>();
-      for (int64_t l = 0; l < L; ++l) pg[l] = gE * dScore * rows[l];
-      return g;
-    };
-    out.push_back(units_grad(head, mha, H, dH));
-    out.push_back(gate_grad(mha, hs, dH));
-    out.push_back(units_grad(inter, ffn, F, dI));
-    out.push_back(gate_grad(ffn, is, dI));
+    std::array<scalar_t*, 5> ptr{};
+    for (int k = 0; k < 5; ++k) ptr[k] = v[k].has_value() ? out[k].mutable_data_ptr<scalar_t>() : nullptr;
+    add_size_grad<scalar_t>(ptr, v, gE, L, d, H, F);
   });
   return out;
 }
@@ -408,42 +412,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_fwd(const at::Te
   return cofi_hc_step::fwd(zk_fwd, size_fwd, log_alpha, u, offsets, L, d, H, F, t, l, r, eps);
 }
 
-// d E / d keep for every element of the present groups, added into gk (flat, the step's layout):
-// the closed form of expected_size_bwd written in place (no per-group tensors).
-template <typename T>
-void add_size_grad(T* gk, const at::Tensor& keep, at::IntArrayRef offsets, T gE, int64_t L, int64_t d, int64_t H,
-                   int64_t F) {
-  const cofi_hc_step::Views v = cofi_hc_step::views(keep, offsets, L, d, H, F);
-  const SizeConsts c = consts(L, d, H, F);
-  std::vector<T> hs, is;
-  const T head_score = gated_score<T>(v[1], v[2], L, H, &hs);
-  const T int_score = gated_score<T>(v[3], v[4], L, F, &is);
-  const bool has_hidden = v[0].has_value();
-  const T hsum = has_hidden ? sum_or<T>(v[0], T(d)) : T(1);
-  const T dH = has_hidden ? hsum * T(c.pair_head) : T(c.per_head);
-  const T dI = has_hidden ? hsum * T(2) : T(c.per_unit);
-  auto gate = [&](int i, int64_t l) { return v[i].has_value() ? v[i]->const_data_ptr<T>()[l] : T(1); };
-  if (has_hidden) {
-    const T g = gE * (head_score * T(c.pair_head) + int_score * T(2));
-    T* o = gk + offsets[0];
-    for (int64_t j = 0; j < d; ++j) o[j] += g;
-  }
-  for (int64_t l = 0; l < L; ++l) {
-    if (v[1].has_value()) {
-      const T g = gE * dH * gate(2, l);
-      T* o = gk + offsets[1] + l * H;
-      for (int64_t j = 0; j < H; ++j) o[j] += g;
-    }
-    if (v[2].has_value()) gk[offsets[2] + l] += gE * dH * hs[l];
-    if (v[3].has_value()) {
-      const T g = gE * dI * gate(4, l);
-      T* o = gk + offsets[3] + l * F;
-      for (int64_t j = 0; j < F; ++j) o[j] += g;
-    }
-    if (v[4].has_value()) gk[offsets[4] + l] += gE * dI * is[l];
-  }
-}
-
 at::Tensor step_bwd(const c10::optional<at::Tensor>& grad_z, const c10::optional<at::Tensor>& grad_keep,
                     const at::Tensor& grad_params, const at::Tensor& grad_sparsity, const at::Tensor& log_alpha,
                     const at::Tensor& u, const at::Tensor& z, const at::Tensor& keep, at::IntArrayRef offsets, int64_t L, int64_t d, int64_t H,
@@ -453,9 +421,12 @@ at::Tensor step_bwd(const c10::optional<at::Tensor>& grad_z, const c10::optional
   const SizeConsts c = consts(L, d, H, F);
   at::Tensor gk = grad_keep.has_value() ? grad_keep->contiguous().clone() : at::zeros_like(log_alpha);
   at::Tensor kc = keep.contiguous();
+  const cofi_hc_step::Views v = cofi_hc_step::views(kc, offsets, L, d, H, F);
   AT_DISPATCH_FLOATING_TYPES(log_alpha.scalar_type(), "hard_concrete_step_bwd", [&] {
     const scalar_t gE = grad_params.item<scalar_t>() - grad_sparsity.item<scalar_t>() / scalar_t(c.full);
-    add_size_grad<scalar_t>(gk.mutable_data_ptr<scalar_t>(), kc, offsets, gE, L, d, H, F);
+    std::array<scalar_t*, 5> ptr{};
+    for (int k = 0; k < 5; ++k) ptr[k] = v[k].has_value() ? gk.mutable_data_ptr<scalar_t>() + offsets[k] : nullptr;
+    add_size_grad<scalar_t>(ptr, v, gE, L, d, H, F);
   });
   at::Tensor gz = grad_z.has_value() ? grad_z->contiguous() : at::zeros_like(log_alpha);
   return zk_bwd(gz, gk, log_alpha, u, z, t, l, r, eps);

@@ -131,6 +131,32 @@ def _check_stretch(op: str, temperature: float, limit_l: float, limit_r: float) 
         raise ValueError(f"cofi.ops.{op}: stretch limits must satisfy limit_l < 0 < 1 < limit_r, got ({limit_l}, {limit_r})")
 
 
+def _check_gate_args(op: str, flat: torch.Tensor, temperature: float, limit_l: float, limit_r: float,
+                     eps: float) -> None:
+    check_finite(op, "log_alpha", flat)
+    _check_stretch(op, temperature, limit_l, limit_r)
+    check_float(op, "eps", eps, 0.0, 0.5, open_lo=True)
+
+
+def _noise(op: str, flat: torch.Tensor, eps: float, generator: torch.Generator | None,
+           noise: torch.Tensor | None) -> torch.Tensor:
+    """The uniform noise u: ``noise`` (checked against log_alpha) or u ~ U(eps, 1 - eps) drawn on
+    log_alpha's device from ``generator`` (never through the host)."""
+    if noise is not None:
+        return check_tensor(op, "noise", noise, shape=tuple(flat.shape), like=flat, like_name="log_alpha")
+    u = torch.rand(flat.shape, generator=generator, device=flat.device, dtype=flat.dtype)
+    return u * (1.0 - 2.0 * eps) + eps
+
+
+def _check_sizes(op: str, *sizes: int) -> tuple[int, int, int, int]:
+    """(num_layers, hidden_size, num_heads, intermediate_size) as ints, each required positive."""
+    out = tuple(int(v) for v in sizes)
+    for n, v in zip(("num_layers", "hidden_size", "num_heads", "intermediate_size"), out):
+        if v <= 0:
+            raise ValueError(f"cofi.ops.{op}: {n} must be positive, got {v}")
+    return out
+
+
 def hard_concrete_sample(
     log_alpha: torch.Tensor | Sequence[torch.Tensor],
     temperature: float = TEMPERATURE,
@@ -159,14 +185,8 @@ def hard_concrete_sample(
         flat = torch.cat([g.reshape(-1) for g in groups])
     else:
         flat = check_tensor(op, "log_alpha", log_alpha)
-    check_finite(op, "log_alpha", flat)
-    _check_stretch(op, temperature, limit_l, limit_r)
-    check_float(op, "eps", eps, 0.0, 0.5, open_lo=True)
-    if noise is None:
-        u = torch.rand(flat.shape, generator=generator, device=flat.device, dtype=flat.dtype)
-        u = u * (1.0 - 2.0 * eps) + eps
-    else:
-        u = check_tensor(op, "noise", noise, shape=tuple(flat.shape), like=flat, like_name="log_alpha")
+    _check_gate_args(op, flat, temperature, limit_l, limit_r, eps)
+    u = _noise(op, flat, eps, generator, noise)
     z = torch.ops.cofi.hard_concrete_sample(flat, u, float(temperature), float(limit_l), float(limit_r), B.choice(backend))
     if groups is None:
         return z
@@ -253,9 +273,7 @@ def hard_concrete_keep_prob(
     """
     op = "hard_concrete_keep_prob"
     check_tensor(op, "log_alpha", log_alpha)
-    check_finite(op, "log_alpha", log_alpha)
-    _check_stretch(op, temperature, limit_l, limit_r)
-    check_float(op, "eps", eps, 0.0, 0.5, open_lo=True)
+    _check_gate_args(op, log_alpha, temperature, limit_l, limit_r, eps)
     return torch.ops.cofi.hard_concrete_keep_prob(log_alpha, float(temperature), float(limit_l), float(limit_r),
                                                   float(eps), B.choice(backend))
 
@@ -457,10 +475,7 @@ def expected_size(
     the full prunable size is 85,017,600.
     """
     op = "expected_size"
-    L, d, H, F = int(num_layers), int(hidden_size), int(num_heads), int(intermediate_size)
-    for n, v in (("num_layers", L), ("hidden_size", d), ("num_heads", H), ("intermediate_size", F)):
-        if v <= 0:
-            raise ValueError(f"cofi.ops.{op}: {n} must be positive, got {v}")
+    L, d, H, F = _check_sizes(op, num_layers, hidden_size, num_heads, intermediate_size)
     groups = {"hidden": (hidden, (d,)), "head": (head, (L, H)), "mha": (mha, (L,)),
               "intermediate": (intermediate, (L, F)), "ffn": (ffn, (L,))}
     present = [(n, t) for n, (t, _) in groups.items() if t is not None]
@@ -514,23 +529,17 @@ def _composite_step(backend: str):
     return fwd, bwd
 
 
-def _step_reasons(native_op: str | None):
-    def reasons(gz_or_la: torch.Tensor | None, *rest: object) -> list[str]:
-        la = next(x for x in (gz_or_la, *rest) if isinstance(x, torch.Tensor))
-        if native_op is None:
-            return _ref_reasons(la)
-        if native_op == "triton":
-            return _triton_reasons(la)
-        return _native_reasons(native_op)(la)
-
-    return reasons
+def _on_first_tensor(reasons):
+    """Backend reasons for hard_concrete_step's fwd (log_alpha, ...) and bwd (grad_z or None, ...) calls:
+    judged on the first tensor argument (all of one dtype and device)."""
+    return lambda *args: reasons(next(x for x in args if isinstance(x, torch.Tensor)))
 
 
-for _name in ("reference", "triton"):
+for _name, _why in (("reference", _ref_reasons), ("triton", _triton_reasons)):
     _f, _b = _composite_step(_name)
-    B.register("hard_concrete_step", B.BackendImpl(_name, _step_reasons(None if _name == "reference" else "triton"), _f, _b))
+    B.register("hard_concrete_step", B.BackendImpl(_name, _on_first_tensor(_why), _f, _b))
 B.register("hard_concrete_step", B.BackendImpl(
-    "native", _step_reasons("hard_concrete_step_fwd_native"),
+    "native", _on_first_tensor(_native_reasons("hard_concrete_step_fwd_native")),
     lambda *a: tuple(torch.ops.cofi.hard_concrete_step_fwd_native(*a)),
     lambda *a: torch.ops.cofi.hard_concrete_step_bwd_native(*a)))
 
@@ -625,13 +634,8 @@ def hard_concrete_step(
     """
     op = "hard_concrete_step"
     flat = check_tensor(op, "log_alpha", log_alpha, ndim=(1,))
-    check_finite(op, "log_alpha", flat)
-    _check_stretch(op, temperature, limit_l, limit_r)
-    check_float(op, "eps", eps, 0.0, 0.5, open_lo=True)
-    L, d, H, F = int(num_layers), int(hidden_size), int(num_heads), int(intermediate_size)
-    for n, v in (("num_layers", L), ("hidden_size", d), ("num_heads", H), ("intermediate_size", F)):
-        if v <= 0:
-            raise ValueError(f"cofi.ops.{op}: {n} must be positive, got {v}")
+    _check_gate_args(op, flat, temperature, limit_l, limit_r, eps)
+    L, d, H, F = _check_sizes(op, num_layers, hidden_size, num_heads, intermediate_size)
     unknown = set(offsets) - set(STEP_GROUPS)
     if unknown:
         raise ValueError(f"cofi.ops.{op}: offsets has unknown groups {sorted(unknown)}; groups are {STEP_GROUPS}")
@@ -651,11 +655,7 @@ def hard_concrete_step(
     for (a0, a1, ga), (b0, b1, gb) in zip(spans, spans[1:]):
         if b0 < a1:
             raise ValueError(f"cofi.ops.{op}: groups {ga} [{a0}, {a1}) and {gb} [{b0}, {b1}) overlap")
-    if noise is None:
-        u = torch.rand(flat.shape, generator=generator, device=flat.device, dtype=flat.dtype)
-        u = u * (1.0 - 2.0 * eps) + eps
-    else:
-        u = check_tensor(op, "noise", noise, shape=tuple(flat.shape), like=flat, like_name="log_alpha")
+    u = _noise(op, flat, eps, generator, noise)
     args = (offs, L, d, H, F, float(temperature), float(limit_l), float(limit_r), float(eps))
     chosen = B.choice(backend)
     if not torch.compiler.is_compiling() and chosen in ("auto", "native") and \
