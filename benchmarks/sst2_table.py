@@ -46,19 +46,6 @@ def wait(procs: dict, wall: dict, t0: dict) -> None:
             raise SystemExit(f"stage {name} failed (rc={rc}); see its log")
 
 
-def latency(model, batch, reps: int) -> float:
-    import torch
-
-    with torch.no_grad():
-        model(**batch)
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            model(**batch)
-            ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "runs" / "sst2"))
@@ -109,6 +96,7 @@ def main() -> int:
 def table(out: Path, wall: dict, threads: int) -> None:
     import torch
 
+    from cofi.pipeline import latency
     from cofi.runtime import CompactModel
     from cofi.training.modeling import load_model
 
@@ -130,8 +118,8 @@ def table(out: Path, wall: dict, threads: int) -> None:
         tt, tc = {s: [] for s in compacts}, {s: [] for s in compacts}
         for _ in range(3):
             for s, m in compacts.items():
-                tt[s].append(latency(teacher, batch, reps))
-                tc[s].append(latency(m, batch, reps))
+                tt[s].append(latency(teacher, batch, reps, warmup=1))
+                tc[s].append(latency(m, batch, reps, warmup=1))
         lat[b] = {s: (min(tt[s]), min(tc[s])) for s in compacts}
     for s, m in compacts.items():
         r = json.loads((out / f"prune_{s}" / "results.json").read_text())
