@@ -13,6 +13,9 @@ log_alphas set to the clamp bounds, a random fraction f of head / FFN units and 
 dims "on" (+4.6), the rest "off" (-4.6; still sampled nonzero with p = 0.047), layer gates on, f
 found by bisection so the expected sparsity equals s. Masks are sampled fresh every step.
 
+Teacher: a forward pass per step (the reference), or the trainer's teacher cache (one pass per
+example per run; its cost amortised over `--amortize-epochs` in the table).
+
 Run: PYTHONPATH=python:. python benchmarks/bench_train_step.py [--quick]
 Writes benchmarks/results/cpu/train_step.json (and a markdown table next to it).
 """
@@ -28,6 +31,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,10 +39,13 @@ sys.path += [str(ROOT / "python"), str(ROOT)]  # PYTHONPATH (if set) wins
 
 import cofi  # noqa: E402
 from cofi import ops as cops  # noqa: E402
+from cofi import data as D  # noqa: E402
 from cofi.masks import MaskSet  # noqa: E402
 from cofi.models import CoFiBertForSequenceClassification  # noqa: E402
 from cofi.training.losses import (default_teacher_layers, identity_projection, layer_distill_loss,  # noqa: E402
                                   prediction_distill_loss)
+from cofi.training.teacher_cache import TeacherCache  # noqa: E402
+from cofi.training.trainer import forward  # noqa: E402
 
 SHAPES = {
     "bert-base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
@@ -121,7 +128,16 @@ def plain_step_fn(hf, batch, labels):
     return step
 
 
-def cofi_step_fn(cfg, student, teacher, ms: MaskSet, batch, mode: str, target: float):
+def teacher_cache_for(teacher, batch, layers) -> TeacherCache:
+    """The trainer's cache (teacher_cache.py) built for the examples of ``batch``."""
+    ids, am, tt = batch
+    lens = am.sum(1).tolist()
+    enc = D.Encoded(input_ids=[r[:n] for r, n in zip(ids.tolist(), lens)],
+                    token_type_ids=[r[:n] for r, n in zip(tt.tolist(), lens)], labels=None)
+    return TeacherCache.build(teacher, enc, layers, len(lens), torch.device("cpu"), forward)
+
+
+def cofi_step_fn(cfg, student, teacher, ms: MaskSet, batch, mode: str, target: float, cached: bool = False):
     for n, p in student.named_parameters():
         p.requires_grad_("embeddings" not in n)  # CoFi freezes embeddings: no grads computed at all
     proj = identity_projection(cfg.hidden_size)
@@ -134,14 +150,20 @@ def cofi_step_fn(cfg, student, teacher, ms: MaskSet, batch, mode: str, target: f
     gen = torch.Generator().manual_seed(1)
     la0 = ms.log_alpha.detach().clone()
 
+    cache = teacher_cache_for(teacher, batch, layers) if cached else None
+    rows = np.arange(ids.shape[0])
+
     def step():
         z = ms.sample(generator=gen)
-        with torch.no_grad():
-            t = teacher(ids, am, tt, output_hidden_states=True)
+        if cache is not None:
+            t = cache.lookup(rows, am)
+        else:
+            with torch.no_grad():
+                t = teacher(ids, am, tt, output_hidden_states=True)
         out = student(ids, am, tt, masks=z, mode=mode, output_hidden_states=True)
         l_pred = prediction_distill_loss(out.logits, t.logits, 2.0)
         l_layer, _ = layer_distill_loss(out.hidden_states, t.hidden_states, proj, layers,
-                                        student_index=out.hidden_index)
+                                        student_index=out.hidden_index, token_mask=am)
         lag, _ = ms.lagrangian(target)
         loss = 0.5 * l_pred + 0.5 * l_layer + lag
         loss.backward()
@@ -169,6 +191,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-dense", action="store_true", help="skip mode='dense' (the reference's method)")
+    ap.add_argument("--amortize-epochs", type=float, default=20.0,
+                    help="epochs over which the teacher cache's one pass is amortised (paper: 20 pruning epochs)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu/train_step.json"))
     a = ap.parse_args()
     torch.set_num_threads(2)
@@ -182,39 +206,56 @@ def main() -> None:
         plain = timeit(plain_step_fn(hf, bt, labels), a.warmup, reps)
         print(f"{shape}: plain dense step {plain['median_s']:.3f} s", flush=True)
         rows.append({"shape": shape, "provider": "hf_plain_dense", "sparsity": None, **plain})
+        ids, am, tt = bt
+
+        def teacher_fwd():
+            with torch.no_grad():
+                teacher(ids, am, tt, output_hidden_states=True)
+        tf = timeit(teacher_fwd, a.warmup, reps)
+        print(f"{shape}: teacher forward {tf['median_s']:.3f} s", flush=True)
+        rows.append({"shape": shape, "provider": "teacher_forward", "sparsity": None, **tf})
         for s in sps:
             ms = MaskSet(student.mask_config())
             es = set_sparsity(ms, s)
             with torch.no_grad():
                 zs = ms.sample(generator=torch.Generator().manual_seed(5))
                 live = {g: float((t != 0).float().mean()) for g, t in zs.items()}
-            for mode in (["compact"] if a.no_dense else ["compact", "dense"]):
+            variants = [("compact", False), ("compact", True)] + ([] if a.no_dense else [("dense", False)])
+            for mode, cached in variants:
                 cops.reset_stats()
-                r = timeit(cofi_step_fn(cfg, student, teacher, ms, bt, mode, target=max(s, 0.0)), a.warmup, reps)
+                r = timeit(cofi_step_fn(cfg, student, teacher, ms, bt, mode, target=max(s, 0.0), cached=cached),
+                           a.warmup, reps)
                 ran = sorted({f"{op}:{be}" for (op, be, *_), _ in cops.backend_stats().items()})
-                rows.append({"shape": shape, "provider": f"cofi_{mode}", "sparsity": s, "expected_sparsity": es,
+                name = f"cofi_{mode}" + ("_cached_teacher" if cached else "")
+                rows.append({"shape": shape, "provider": name, "sparsity": s, "expected_sparsity": es,
                              "live_fraction_sampled": live, "ratio_vs_plain": r["median_s"] / plain["median_s"],
                              "backends": ran, **r})
-                print(f"{shape} s={s:.2f} (exp {es:.3f}) {mode:8s} {r['median_s']:.3f} s  "
+                print(f"{shape} s={s:.2f} (exp {es:.3f}) {name:28s} {r['median_s']:.3f} s  "
                       f"{r['median_s'] / plain['median_s']:.2f}x plain", flush=True)
         del hf, student, teacher
     meta = {"torch": torch.__version__, "cofi": cofi.__version__, "machine": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "batch": batch, "seq": seq, "quick": a.quick,
+            "threads": torch.get_num_threads(), "batch": batch, "seq": seq, "quick": a.quick, "amortize_epochs": a.amortize_epochs,
             "timestamp": datetime.now(timezone.utc).isoformat(), "device": "cpu"}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = ["| shape | sparsity | compact (s) | dense-masked (s) | plain HF (s) | compact / plain | compact vs dense |",
-             "|---|---|---|---|---|---|---|"]
+    E = a.amortize_epochs
+    lines = ["| shape | sparsity | compact (s) | compact, cached teacher (s) | dense-masked (s) | plain HF (s) | "
+             f"compact / plain | cached / plain | cached + pass/{E:g} / plain | compact vs dense |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for shape in shapes:
-        plain = next(r for r in rows if r["shape"] == shape and r["provider"] == "hf_plain_dense")["median_s"]
+        get = lambda prov, s=None: next((r for r in rows if r["shape"] == shape and r["provider"] == prov  # noqa: E731
+                                         and r["sparsity"] == s), None)
+        plain, tfw = get("hf_plain_dense")["median_s"], get("teacher_forward")["median_s"]
         for s in sps:
-            c = next(r for r in rows if r["shape"] == shape and r["provider"] == "cofi_compact" and r["sparsity"] == s)
-            dn = next((r for r in rows if r["shape"] == shape and r["provider"] == "cofi_dense" and r["sparsity"] == s), None)
+            c, cc, dn = get("cofi_compact", s), get("cofi_compact_cached_teacher", s), get("cofi_dense", s)
             dtxt = f"{dn['median_s']:.2f}" if dn else "-"
             sp = f"{dn['median_s'] / c['median_s']:.2f}x" if dn else "-"
-            lines.append(f"| {shape} | {s:.2f} (exp {c['expected_sparsity']:.3f}) | {c['median_s']:.2f} | {dtxt} | "
-                         f"{plain:.2f} | {c['median_s'] / plain:.2f}x | {sp} |")
+            amort = cc["median_s"] + tfw / E
+            lines.append(f"| {shape} | {s:.2f} (exp {c['expected_sparsity']:.3f}) | {c['median_s']:.2f} | "
+                         f"{cc['median_s']:.2f} | {dtxt} | {plain:.2f} | {c['median_s'] / plain:.2f}x | "
+                         f"{cc['median_s'] / plain:.2f}x | {amort / plain:.2f}x | {sp} |")
+        lines.append(f"| {shape} | teacher forward alone | {tfw:.2f} s | | | | {tfw / plain:.2f}x | | | |")
     table = "\n".join(lines)
     out.with_suffix(".md").write_text(f"batch {batch} x {seq}, {meta['threads']} threads, torch {meta['torch']}\n\n{table}\n")
     print(table)

@@ -8,6 +8,10 @@ Needs the SST-2 teacher of ``benchmarks/sst2_table.py`` (runs/sst2/teacher/best;
 from it). Subset: the first ``--samples`` SST-2 training sentences; the sparsity schedule has the
 shape of the table's 95% run (Lagrangian warm-up over the first ``--warmup-epochs``, then held at
 the target). Only the pruning stage is timed (``--skip-compact``; one evaluation at the end).
+Teacher outputs: ``--pairs`` lists the pairs to run, each ``COMPACT_CACHE:DENSE_CACHE`` with
+``on`` (cached once per example, ``teacher_cache=on``) or ``off`` (one teacher forward per step, as
+the reference does). Default ``on:on,off:off,on:off``: both modes with the cache (same config), both
+without, and our full system against the reference's full method. Each pair runs side by side.
 Writes benchmarks/results/cpu/prune_cost.json.
 """
 from __future__ import annotations
@@ -32,41 +36,48 @@ def main() -> int:
     ap.add_argument("--warmup-epochs", type=float, default=1.0)
     ap.add_argument("--target", type=float, default=0.95)
     ap.add_argument("--threads", type=int, default=1, help="threads per run (the two runs go at once)")
+    ap.add_argument("--pairs", default="on:on,off:off,on:off",
+                    help="comma-separated COMPACT_CACHE:DENSE_CACHE pairs (teacher cache on/off per mode)")
     args = ap.parse_args()
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'python'}:{ROOT}", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     steps = int(args.samples // 32 * args.epochs)
-    res = {"config": vars(args), "runs": {}}
-    procs, t0 = {}, {}
-    for mode in ("compact", "dense"):
-        out = Path(args.out) / mode
-        if out.exists():
-            subprocess.run(["rm", "-rf", str(out)], check=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "cofi.cli", "prune", "--preset", "demo", "--task", "sst2", "--model", args.teacher,
-               "--teacher", args.teacher, "--output-dir", str(out), "--target-sparsity", str(args.target),
-               "--max-train-samples", str(args.samples), "--epochs", str(args.epochs),
-               "--lagrangian-warmup-epochs", str(args.warmup_epochs), "--max-seq-length", "64", "--seed", "42",
-               "--num-threads", str(args.threads), "--progress", "false", "--skip-compact", "true",
-               "--eval-steps", str(steps), "--save-steps", str(steps), "--mode", mode]
-        print("+", " ".join(cmd), flush=True)
-        t0[mode] = time.perf_counter()
-        procs[mode] = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(Path(args.out) / f"{mode}.log", "w"),
-                                       stderr=subprocess.STDOUT)
-    for mode, p in procs.items():
-        rc = p.wait()
-        wall = time.perf_counter() - t0[mode]
-        if rc != 0:
-            print(f"{mode} failed (rc={rc}); see {Path(args.out) / (mode + '.log')}")
-            return rc
-        out = Path(args.out) / mode
-        last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line][-1]
-        res["runs"][mode] = {"wall_s": wall, "final_real_sparsity": last.get("real_sparsity"),
-                             "final_expected_sparsity": last.get("expected_sparsity"), "final_eval": last.get("eval")}
-        print(f"  {mode}: {wall:.0f} s, final real sparsity {last.get('real_sparsity'):.3f}", flush=True)
-    r = res["runs"]
-    res["dense_over_compact"] = r["dense"]["wall_s"] / r["compact"]["wall_s"]
-    print(f"dense / compact wall time: {res['dense_over_compact']:.2f}x")
+    res = {"config": vars(args), "pairs": []}
+    for i, pair in enumerate(args.pairs.split(",")):
+        caches = dict(zip(("compact", "dense"), pair.split(":")))
+        if len(caches) != 2 or not set(caches.values()) <= {"on", "off"}:
+            ap.error(f"--pairs: each pair is COMPACT_CACHE:DENSE_CACHE with on/off, got {pair!r}")
+        procs, t0, runs = {}, {}, {}
+        for mode, cache in caches.items():
+            name = f"pair{i}_{mode}_cache_{cache}"
+            out = Path(args.out) / name
+            if out.exists():
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "cofi.cli", "prune", "--preset", "demo", "--task", "sst2", "--model",
+                   args.teacher, "--teacher", args.teacher, "--output-dir", str(out), "--target-sparsity",
+                   str(args.target), "--max-train-samples", str(args.samples), "--epochs", str(args.epochs),
+                   "--lagrangian-warmup-epochs", str(args.warmup_epochs), "--max-seq-length", "64", "--seed", "42",
+                   "--num-threads", str(args.threads), "--progress", "false", "--skip-compact", "true",
+                   "--eval-steps", str(steps), "--save-steps", str(steps), "--mode", mode, "--teacher-cache", cache]
+            print("+", " ".join(cmd), flush=True)
+            t0[name] = time.perf_counter()
+            procs[name] = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(Path(args.out) / f"{name}.log", "w"),
+                                           stderr=subprocess.STDOUT)
+        for name, p in procs.items():
+            rc = p.wait()
+            wall = time.perf_counter() - t0[name]
+            if rc != 0:
+                print(f"{name} failed (rc={rc}); see {Path(args.out) / (name + '.log')}")
+                return rc
+            out = Path(args.out) / name
+            last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line][-1]
+            runs[name] = {"wall_s": wall, "final_real_sparsity": last.get("real_sparsity"),
+                          "final_expected_sparsity": last.get("expected_sparsity"), "final_eval": last.get("eval")}
+            print(f"  {name}: {wall:.0f} s, final real sparsity {last.get('real_sparsity'):.3f}", flush=True)
+        c, d = (runs[f"pair{i}_{m}_cache_{caches[m]}"]["wall_s"] for m in ("compact", "dense"))
+        res["pairs"].append({"pair": pair, "runs": runs, "dense_over_compact": d / c})
+        print(f"pair {pair}: dense / compact wall time {d / c:.2f}x", flush=True)
     dst = ROOT / "benchmarks" / "results" / "cpu" / "prune_cost.json"
     dst.write_text(json.dumps(res, indent=2))
     print("wrote", dst)

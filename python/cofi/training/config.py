@@ -74,6 +74,8 @@ class TrainConfig:
     distill_layer_alpha: float = 0.5
     layer_distill: str = "v3"       # v3 | v4 | none
     ce_alpha: float = 0.0           # optional ground-truth CE term while distilling
+    teacher_cache: str = "auto"     # auto | on | off: teacher outputs per example from one pass (teacher_cache.py)
+    teacher_cache_max_gb: float = 4.0  # auto: per-step teacher forward above this cache size
     # ---------------------------------------------------------------- stage 2: fine-tune the compact model
     compact_epochs: float = 20.0
     compact_max_steps: int | None = None
@@ -155,7 +157,8 @@ class TrainConfig:
                 bad(n, "must be >= 0 or null")
         choices = {"scheduler": ("linear", "constant"), "compact_scheduler": ("linear", "constant"),
                    "deterministic_mode": ("soft", "binary"), "mode": ("compact", "dense"),
-                   "layer_distill": ("v3", "v4", "none"), "mask_init": ("reference", "uniform")}
+                   "layer_distill": ("v3", "v4", "none"), "mask_init": ("reference", "uniform"),
+                   "teacher_cache": ("auto", "on", "off")}
         for n, ok in choices.items():
             if getattr(self, n) not in ok:
                 bad(n, f"must be one of {', '.join(ok)}")
@@ -209,6 +212,8 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return int(value)
+        if isinstance(value, bool):  # YAML 1.1 reads on/off as booleans
+            return "on" if value else "off"
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"cofi config: {name} must be of type {s.replace('typing.', '')}, got {value!r}") from None

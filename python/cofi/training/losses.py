@@ -106,11 +106,31 @@ def match_layers(loss_matrix: torch.Tensor, version: str = "v3", alive: Sequence
     return out
 
 
+def distill_pairs(student_states: Sequence[torch.Tensor], teacher_states: Sequence[torch.Tensor | None],
+                  teacher_layers: Sequence[int], token_mask: torch.Tensor | None = None
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(student candidates = layers 1..L, distilled teacher layers), each [B, S, d] or, with
+    ``token_mask`` [B, S], the real tokens only [N, d] (row-major order)."""
+    studs = list(student_states[1:])
+    teach = []
+    for t in teacher_layers:
+        if not 1 <= t < len(teacher_states) or teacher_states[t] is None:
+            raise ValueError(f"cofi.training.losses.layer_distill_loss: teacher layer {t} out of range "
+                             f"1..{len(teacher_states) - 1} (or not among the teacher's states)")
+        teach.append(teacher_states[t].detach())
+    if token_mask is not None:
+        m = token_mask.to(torch.bool)
+        studs = [s[m] for s in studs]
+        teach = [t[m] for t in teach]
+    return studs, teach
+
+
 def layer_distill_loss(student_states: Sequence[torch.Tensor], teacher_states: Sequence[torch.Tensor],
                        projection: nn.Linear | tuple[torch.Tensor, torch.Tensor | None],
                        teacher_layers: Sequence[int] = TEACHER_LAYERS, version: str = "v3",
                        student_index: torch.Tensor | None = None,
-                       alive: Sequence[bool] | None = None) -> tuple[torch.Tensor, list[int]]:
+                       alive: Sequence[bool] | None = None,
+                       token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
     """Layerwise distillation: sum over teacher layers t of MSE(H_t^teacher, W H_{m(t)}^student + b).
 
     student_states / teacher_states: ``hidden_states`` of the models (index 0 = embedding output,
@@ -118,19 +138,15 @@ def layer_distill_loss(student_states: Sequence[torch.Tensor], teacher_states: S
     teacher_layers: 1-based teacher layers distilled (default 3, 6, 9, 12; must exist).
     projection: nn.Linear(d, d) or (weight [d_t, d_s], bias). student_index: the live hidden dims
     of compact student states (``CoFiOutput.hidden_index``): the projection's input columns are
-    gathered to them, so the loss equals the full-width one. Returns (loss, matching) with matching
-    [m(t)] as 1-based student layers (0 = unmatched, v4 only).
+    gathered to them, so the loss equals the full-width one. token_mask [B, S] bool (1 = real
+    token): the loss and the matching read those tokens only (padding carries no signal; the
+    reference pads every batch to the maximum length and averages over pads too). Returns (loss,
+    matching) with matching [m(t)] as 1-based student layers (0 = unmatched, v4 only).
     """
     w, b = (projection.weight, projection.bias) if isinstance(projection, nn.Module) else projection
     if student_index is not None:
         w = w.index_select(1, student_index)
-    studs = list(student_states[1:])
-    teach = []
-    for t in teacher_layers:
-        if not 1 <= t < len(teacher_states):
-            raise ValueError(f"cofi.training.losses.layer_distill_loss: teacher layer {t} out of range "
-                             f"1..{len(teacher_states) - 1}")
-        teach.append(teacher_states[t].detach())
+    studs, teach = distill_pairs(student_states, teacher_states, teacher_layers, token_mask)
     lm = layer_loss_matrix([s.detach() for s in studs], teach, w.detach(), None if b is None else b.detach())
     match = match_layers(lm, version, alive)
     loss = studs[0].new_zeros(())

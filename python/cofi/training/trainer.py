@@ -35,6 +35,7 @@ from . import distributed as dd
 from . import losses as LS
 from .config import ConfigError, TrainConfig
 from .modeling import load_model
+from .teacher_cache import TeacherCache, cache_bytes
 
 STAGES = {"finetune": 0, "prune": 1, "compact": 2}
 # Test hook: COFI_TEST_KILL_AT=<stage>:<step> SIGKILLs the process right after that step.
@@ -203,6 +204,7 @@ class Trainer:
         self.mask_gen: torch.Generator | None = None
         self.maskset = None
         self.teacher = None
+        self.teacher_cache: TeacherCache | None = None
         self.proj = None
 
     def log(self, msg: str) -> None:
@@ -259,6 +261,7 @@ class Trainer:
                 if self.use_layer_distill:
                     self.proj = LS.identity_projection(self.student.config.hidden_size,
                                                        self.teacher.config.hidden_size, device=self.device)
+                self.setup_teacher_cache()
             mcfg = MaskConfig.from_hf_config(self.student.config, groups=tuple(cfg.mask_groups), init_mean=cfg.mask_init,
                                              temperature=cfg.temperature, droprate_init=cfg.droprate_init)
             self.maskset = MaskSet(mcfg, device=self.device)
@@ -270,6 +273,35 @@ class Trainer:
                     p.requires_grad_(False)
         dd.broadcast_params(self._all_params(), self.dist)
         self._seed(cfg.seed + 1000 * self.dist.rank)  # dropout differs per rank, as in DDP
+
+    @property
+    def teacher_layers(self) -> tuple[int, ...]:
+        return LS.default_teacher_layers(self.teacher.config.num_hidden_layers) if self.use_layer_distill else ()
+
+    def setup_teacher_cache(self) -> None:
+        """``teacher_cache``: on = the teacher's outputs for every training example from one pass
+        (teacher_cache.py); off = one teacher forward per step (the reference); auto = on unless the
+        task is QA or the cache would exceed ``teacher_cache_max_gb``. The choice is logged."""
+        cfg = self.cfg
+        tl = self.teacher_layers
+        need = cache_bytes(self.task.train.lengths, len(tl), self.teacher.config.hidden_size,
+                           max(1, self.task.spec.num_labels))
+        why = None
+        if cfg.teacher_cache == "off":
+            why = "teacher_cache=off"
+        elif self.task.qa:
+            why = "QA teachers have per-token logits"
+        elif cfg.teacher_cache == "auto" and need > cfg.teacher_cache_max_gb * 2 ** 30:
+            why = f"{need / 2 ** 30:.1f} GiB > teacher_cache_max_gb={cfg.teacher_cache_max_gb}"
+        if why is not None:
+            if cfg.teacher_cache == "on":
+                raise ConfigError(f"cofi config: teacher_cache=on is impossible here: {why}")
+            self.log(f"[teacher] one teacher forward per step ({why})")
+            return
+        self.teacher_cache = TeacherCache.build(self.teacher, self.task.train, tl, cfg.eval_batch_size, self.device,
+                                                forward)
+        self.log(f"[teacher] outputs of {len(self.task.train)} training examples cached in "
+                 f"{self.teacher_cache.build_s:.1f} s ({self.teacher_cache.nbytes / 2 ** 20:.0f} MiB, layers {list(tl)})")
 
     @property
     def use_layer_distill(self) -> bool:
@@ -411,6 +443,7 @@ class Trainer:
                 gb = batches[ls.batch_in_epoch]
                 mine = D.rank_slice(gb, self.dist.rank, self.dist.world)
                 batch = {k: v.to(self.device) for k, v in self.task.train.collate(mine).items()}
+                batch["example_index"] = mine
                 rec = step_fn(batch, ls)
                 ls.step += 1
                 ls.batch_in_epoch += 1
@@ -517,22 +550,25 @@ class Trainer:
     def distill_losses(self, batch, out, masks, layer_exists=None, proj=None) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         terms: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            t_out = forward(self.teacher, batch, hidden=self.use_layer_distill)
+        if self.teacher_cache is not None:
+            t_out = self.teacher_cache.lookup(batch["example_index"], batch["attention_mask"])
+        else:
+            with torch.no_grad():
+                t_out = forward(self.teacher, batch, hidden=self.use_layer_distill)
         if cfg.distill_pred_alpha > 0:
             terms["pred_loss"] = pred_distill_loss(self.task.spec, out, t_out, cfg.distill_temp)
         if self.use_layer_distill:
-            tl = LS.default_teacher_layers(len(t_out.hidden_states) - 1)
+            tl = self.teacher_layers
             alive = None if layer_exists is None else [bool(a) for a in layer_exists]
             idx = getattr(out, "hidden_index", None)
+            kpm = batch.get("attention_mask")
             if self.dist.world == 1:
                 terms["layer_loss"], _ = LS.layer_distill_loss(
                     list(out.hidden_states), list(t_out.hidden_states), proj, teacher_layers=tl,
-                    version=cfg.layer_distill, student_index=idx, alive=alive)
+                    version=cfg.layer_distill, student_index=idx, alive=alive, token_mask=kpm)
             else:  # match layers on the GLOBAL batch: average the loss matrix over ranks first
                 w = proj.weight if idx is None else proj.weight.index_select(1, idx)
-                studs = list(out.hidden_states[1:])
-                teach = [t_out.hidden_states[t].detach() for t in tl]
+                studs, teach = LS.distill_pairs(list(out.hidden_states), list(t_out.hidden_states), tl, kpm)
                 lm = LS.layer_loss_matrix([x.detach() for x in studs], teach, w.detach(), proj.bias.detach())
                 dd.all_reduce_mean_(lm, self.dist)
                 loss = studs[0].new_zeros(())
