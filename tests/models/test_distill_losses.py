@@ -1,4 +1,4 @@
-"""cofi.training.losses: prediction KL, layer-loss matrix (Gram form) vs brute force, v3 / v4 matching."""
+"""cofi.training.losses: prediction KL, layer-loss matrix vs brute force (also when student ~ teacher), v3 / v4 matching."""
 from __future__ import annotations
 
 import torch
@@ -45,3 +45,16 @@ def test_identity_projection_and_layers():
     x = torch.randn(3, 4)
     torch.testing.assert_close(p(x), x)
     assert default_teacher_layers(12) == (3, 6, 9, 12) and default_teacher_layers(6) == (2, 3, 5, 6)
+
+
+def test_layer_loss_matrix_precise_when_student_close_to_teacher():
+    """At the start of pruning the student is the teacher (identity projection): entries of ~1e-4 of
+    the states' norm must come out right (the Gram form in float32 got them >100% wrong)."""
+    torch.manual_seed(1)
+    teach = [torch.randn(8, 64, 96) for _ in range(2)]
+    studs = [t + 1e-2 * torch.randn_like(t) for t in teach] + [torch.randn(8, 64, 96)]
+    lm = layer_loss_matrix(studs, teach, torch.eye(96), None)
+    brute = torch.tensor([[((t.double() - s.double()) ** 2).mean().item() for s in studs] for t in teach],
+                         dtype=torch.float64)
+    torch.testing.assert_close(lm, brute, rtol=1e-5, atol=0)
+    assert lm.argmin(1).tolist() == [0, 1]
