@@ -11,8 +11,11 @@ Two ways to run the same math (cofi-reference.md section 1.7 mask points):
   full parameters) and every GEMM runs on live units only; the residual stream runs at the reduced
   hidden width. Uses the fused ``cofi.ops``.
 
-In both modes a sublayer whose layer gate (mha / ffn) is exactly 0 is skipped together with its
-LayerNorm, decided from the mask value (the reference decides from an all-zero output check).
+A sublayer whose layer gate (mha / ffn) is exactly 0 is the identity (its LayerNorm skipped too),
+decided from the mask value. Compact mode skips its work; dense mode, like the reference, still
+computes it, multiplies it by the zero gate and adds it to the residual (the reference finds the
+all-zero output with a host-synchronising check), so ``mode="dense"`` costs what the reference
+costs at every sparsity.
 """
 from __future__ import annotations
 
@@ -176,11 +179,15 @@ class CoFiEncoder(nn.Module):
                 h = F.dropout(h, p_hid, self.training)
                 o = layer.attention.output.LayerNorm
                 x = ln(h, x, _rows(o.weight, hk), _rows(o.bias, hk), zh, o.eps)
+            elif dense:  # the reference computes the dead sublayer (output * 0) and skips only its LN
+                x = x + self._attn_dense(layer, x, m, l, lp, hk, kpm, p_att)
             if not lp.ffn_skip:
                 h = (self._ffn_dense if dense else self._ffn_compact)(layer, x, m, l, lp, hk)
                 h = F.dropout(h, p_hid, self.training)
                 o = layer.output.LayerNorm
                 x = ln(h, x, _rows(o.weight, hk), _rows(o.bias, hk), zh, o.eps)
+            elif dense:
+                x = x + self._ffn_dense(layer, x, m, l, lp, hk)
             if states is not None:
                 states.append(x)
         return x, (tuple(states) if states is not None else None), plan
