@@ -3,6 +3,8 @@ reference's dense-masked method), same config, seed, data and steps. The two run
 one core each (``--threads`` per run), so that machine noise hits both alike.
 
     python benchmarks/prune_cost.py [--samples 4000] [--epochs 3] [--warmup-epochs 1]
+    python benchmarks/prune_cost.py --samples 1000 --epochs 20 --warmup-epochs 2 --prepruning-epochs 1 \
+        --tag paper_schedule   # the paper's schedule shape (SST-2: 20 epochs, 2 warm-up, 1 pre-pruning)
 
 Needs the SST-2 teacher of ``benchmarks/sst2_table.py`` (runs/sst2/teacher/best; the student starts
 from it). Subset: the first ``--samples`` SST-2 training sentences; the sparsity schedule has the
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,12 +39,16 @@ def main() -> int:
     ap.add_argument("--warmup-epochs", type=float, default=1.0)
     ap.add_argument("--target", type=float, default=0.95)
     ap.add_argument("--threads", type=int, default=1, help="threads per run (the two runs go at once)")
+    ap.add_argument("--prepruning-epochs", type=float, default=None,
+                    help="distillation before masks go on (default: the demo preset's 40 steps)")
+    ap.add_argument("--tag", default="", help="results file suffix: results/cpu/prune_cost[_TAG].json")
     ap.add_argument("--pairs", default="on:on,off:off,on:off",
                     help="comma-separated COMPACT_CACHE:DENSE_CACHE pairs (teacher cache on/off per mode)")
     args = ap.parse_args()
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'python'}:{ROOT}", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    steps = int(args.samples // 32 * args.epochs)
+    spe = -(-args.samples // 32)  # steps per epoch (the last batch may be short)
+    steps = int(math.ceil(spe * args.epochs))
     res = {"config": vars(args), "pairs": []}
     for i, pair in enumerate(args.pairs.split(",")):
         caches = dict(zip(("compact", "dense"), pair.split(":")))
@@ -60,6 +67,8 @@ def main() -> int:
                    "--lagrangian-warmup-epochs", str(args.warmup_epochs), "--max-seq-length", "64", "--seed", "42",
                    "--num-threads", str(args.threads), "--progress", "false", "--skip-compact", "true",
                    "--eval-steps", str(steps), "--save-steps", str(steps), "--mode", mode, "--teacher-cache", cache]
+            if args.prepruning_epochs is not None:
+                cmd += ["--prepruning-steps", str(int(round(spe * args.prepruning_epochs)))]
             print("+", " ".join(cmd), flush=True)
             t0[name] = time.perf_counter()
             procs[name] = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(Path(args.out) / f"{name}.log", "w"),
@@ -78,7 +87,7 @@ def main() -> int:
         c, d = (runs[f"pair{i}_{m}_cache_{caches[m]}"]["wall_s"] for m in ("compact", "dense"))
         res["pairs"].append({"pair": pair, "runs": runs, "dense_over_compact": d / c})
         print(f"pair {pair}: dense / compact wall time {d / c:.2f}x", flush=True)
-    dst = ROOT / "benchmarks" / "results" / "cpu" / "prune_cost.json"
+    dst = ROOT / "benchmarks" / "results" / "cpu" / f"prune_cost{'_' + args.tag if args.tag else ''}.json"
     dst.write_text(json.dumps(res, indent=2))
     print("wrote", dst)
     return 0
