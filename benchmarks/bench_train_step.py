@@ -190,12 +190,18 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--no-dense", action="store_true", help="skip mode='dense' (the reference's method)")
+    ap.add_argument("--variants", default="compact,compact_cached,dense",
+                    help="comma-separated from compact, compact_cached, dense, dense_cached (_cached: the "
+                         "trainer's teacher cache instead of a teacher forward per step)")
     ap.add_argument("--amortize-epochs", type=float, default=20.0,
                     help="epochs over which the teacher cache's one pass is amortised (paper: 20 pruning epochs)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu/train_step.json"))
     a = ap.parse_args()
     torch.set_num_threads(2)
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    bad = sorted(set(variants) - {"compact", "compact_cached", "dense", "dense_cached"})
+    if bad:
+        ap.error(f"--variants: unknown {bad}")
     shapes = a.shapes or (["minilm-l6"] if a.quick else ["minilm-l6", "bert-base"])
     sps = a.sparsities if a.sparsities is not None else ([0.0, 0.9] if a.quick else [0.0, 0.5, 0.7, 0.9, 0.95])
     batch, seq = a.batch or (8 if a.quick else 32), a.seq or (64 if a.quick else 128)
@@ -220,8 +226,8 @@ def main() -> None:
             with torch.no_grad():
                 zs = ms.sample(generator=torch.Generator().manual_seed(5))
                 live = {g: float((t != 0).float().mean()) for g, t in zs.items()}
-            variants = [("compact", False), ("compact", True)] + ([] if a.no_dense else [("dense", False)])
-            for mode, cached in variants:
+            for v in variants:
+                mode, cached = v.split("_")[0], v.endswith("_cached")
                 cops.reset_stats()
                 r = timeit(cofi_step_fn(cfg, student, teacher, ms, bt, mode, target=max(s, 0.0), cached=cached),
                            a.warmup, reps)
@@ -240,22 +246,30 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     E = a.amortize_epochs
-    lines = ["| shape | sparsity | compact (s) | compact, cached teacher (s) | dense-masked (s) | plain HF (s) | "
-             f"compact / plain | cached / plain | cached + pass/{E:g} / plain | compact vs dense |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    names = {"compact": "cofi_compact", "compact_cached": "cofi_compact_cached_teacher", "dense": "cofi_dense",
+             "dense_cached": "cofi_dense_cached_teacher"}
+    cols = [v for v in ("compact", "compact_cached", "dense", "dense_cached") if v in variants]
+    head = ["shape", "sparsity", *[f"{v} (s)" for v in cols], "plain HF (s)", *[f"{v} / plain" for v in cols]]
+    if "compact_cached" in cols:
+        head.append(f"compact_cached + pass/{E:g} / plain")
+    pairs = [(a_, b_) for a_, b_ in (("compact", "dense"), ("compact_cached", "dense_cached"), ("compact_cached", "dense"))
+             if a_ in cols and b_ in cols]
+    head += [f"{b_} / {a_}" for a_, b_ in pairs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for shape in shapes:
         get = lambda prov, s=None: next((r for r in rows if r["shape"] == shape and r["provider"] == prov  # noqa: E731
                                          and r["sparsity"] == s), None)
         plain, tfw = get("hf_plain_dense")["median_s"], get("teacher_forward")["median_s"]
         for s in sps:
-            c, cc, dn = get("cofi_compact", s), get("cofi_compact_cached_teacher", s), get("cofi_dense", s)
-            dtxt = f"{dn['median_s']:.2f}" if dn else "-"
-            sp = f"{dn['median_s'] / c['median_s']:.2f}x" if dn else "-"
-            amort = cc["median_s"] + tfw / E
-            lines.append(f"| {shape} | {s:.2f} (exp {c['expected_sparsity']:.3f}) | {c['median_s']:.2f} | "
-                         f"{cc['median_s']:.2f} | {dtxt} | {plain:.2f} | {c['median_s'] / plain:.2f}x | "
-                         f"{cc['median_s'] / plain:.2f}x | {amort / plain:.2f}x | {sp} |")
-        lines.append(f"| {shape} | teacher forward alone | {tfw:.2f} s | | | | {tfw / plain:.2f}x | | | |")
+            t = {v: get(names[v], s)["median_s"] for v in cols}
+            es = get(names[cols[0]], s)["expected_sparsity"]
+            cells = [shape, f"{s:.2f} (exp {es:.3f})", *[f"{t[v]:.2f}" for v in cols], f"{plain:.2f}",
+                     *[f"{t[v] / plain:.2f}x" for v in cols]]
+            if "compact_cached" in cols:
+                cells.append(f"{(t['compact_cached'] + tfw / E) / plain:.2f}x")
+            cells += [f"{t[b_] / t[a_]:.2f}x" for a_, b_ in pairs]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append(f"| {shape} | teacher forward alone: {tfw:.2f} s = {tfw / plain:.2f}x plain |" + " |" * (len(head) - 2))
     table = "\n".join(lines)
     out.with_suffix(".md").write_text(f"batch {batch} x {seq}, {meta['threads']} threads, torch {meta['torch']}\n\n{table}\n")
     print(table)
