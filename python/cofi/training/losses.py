@@ -11,7 +11,7 @@
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +117,7 @@ def match_layers(loss_matrix: torch.Tensor, version: str = "v3", alive: Sequence
     return out
 
 
-def distill_pairs(student_states: Sequence[torch.Tensor], teacher_states: Sequence[torch.Tensor | None],
+def _distill_pairs(student_states: Sequence[torch.Tensor], teacher_states: Sequence[torch.Tensor | None],
                   teacher_layers: Sequence[int], token_mask: torch.Tensor | None = None
                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(student candidates = layers 1..L, distilled teacher layers), each [B, S, d] or, with
@@ -141,7 +141,8 @@ def layer_distill_loss(student_states: Sequence[torch.Tensor], teacher_states: S
                        teacher_layers: Sequence[int] = TEACHER_LAYERS, version: str = "v3",
                        student_index: torch.Tensor | None = None,
                        alive: Sequence[bool] | None = None,
-                       token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+                       token_mask: torch.Tensor | None = None,
+                       reduce_matrix: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, list[int]]:
     """Layerwise distillation: sum over teacher layers t of MSE(H_t^teacher, W H_{m(t)}^student + b).
 
     student_states / teacher_states: ``hidden_states`` of the models (index 0 = embedding output,
@@ -151,15 +152,20 @@ def layer_distill_loss(student_states: Sequence[torch.Tensor], teacher_states: S
     of compact student states (``CoFiOutput.hidden_index``): the projection's input columns are
     gathered to them, so the loss equals the full-width one. token_mask [B, S] bool (1 = real
     token): the loss and the matching read those tokens only (padding carries no signal; the
-    reference pads every batch to the maximum length and averages over pads too). Returns (loss,
-    matching) with matching [m(t)] as 1-based student layers (0 = unmatched, v4 only).
+    reference pads every batch to the maximum length and averages over pads too). reduce_matrix:
+    applied in place to the [T, L] loss matrix before matching (data parallel: average it over ranks
+    so every rank matches on the global batch). Returns (loss, matching) with matching [m(t)] as
+    1-based student layers (0 = unmatched, v4 only).
     """
     w, b = (projection.weight, projection.bias) if isinstance(projection, nn.Module) else projection
     if student_index is not None:
         w = w.index_select(1, student_index)
-    studs, teach = distill_pairs(student_states, teacher_states, teacher_layers, token_mask)
+    studs, teach = _distill_pairs(student_states, teacher_states, teacher_layers, token_mask)
     projected = [F.linear(s, w, b) for s in studs]  # with gradient; only the matched ones reach the loss
-    match = match_layers(projected_loss_matrix([p.detach() for p in projected], teach), version, alive)
+    lm = projected_loss_matrix([p.detach() for p in projected], teach)
+    if reduce_matrix is not None:
+        reduce_matrix(lm)
+    match = match_layers(lm, version, alive)
     loss = studs[0].new_zeros(())
     for t_state, s in zip(teach, match):
         if s < 0:

@@ -561,21 +561,12 @@ class Trainer:
             tl = self.teacher_layers
             alive = None if layer_exists is None else [bool(a) for a in layer_exists]
             idx = getattr(out, "hidden_index", None)
-            kpm = batch.get("attention_mask")
-            if self.dist.world == 1:
-                terms["layer_loss"], _ = LS.layer_distill_loss(
-                    list(out.hidden_states), list(t_out.hidden_states), proj, teacher_layers=tl,
-                    version=cfg.layer_distill, student_index=idx, alive=alive, token_mask=kpm)
-            else:  # match layers on the GLOBAL batch: average the loss matrix over ranks first
-                w = proj.weight if idx is None else proj.weight.index_select(1, idx)
-                studs, teach = LS.distill_pairs(list(out.hidden_states), list(t_out.hidden_states), tl, kpm)
-                lm = LS.layer_loss_matrix([x.detach() for x in studs], teach, w.detach(), proj.bias.detach())
-                dd.all_reduce_mean_(lm, self.dist)
-                loss = studs[0].new_zeros(())
-                for t_state, m in zip(teach, LS.match_layers(lm, cfg.layer_distill, alive)):
-                    if m >= 0:
-                        loss = loss + F.mse_loss(F.linear(studs[m], w, proj.bias), t_state)
-                terms["layer_loss"] = loss
+            # data parallel: match layers on the GLOBAL batch (loss matrix averaged over ranks)
+            reduce = None if self.dist.world == 1 else (lambda lm: dd.all_reduce_mean_(lm, self.dist))
+            terms["layer_loss"], _ = LS.layer_distill_loss(
+                list(out.hidden_states), list(t_out.hidden_states), proj, teacher_layers=tl,
+                version=cfg.layer_distill, student_index=idx, alive=alive, token_mask=batch.get("attention_mask"),
+                reduce_matrix=reduce)
         if cfg.ce_alpha > 0:
             terms["ce_loss"] = task_loss(self.task.spec, out, batch["labels"])
         return terms
