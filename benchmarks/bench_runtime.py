@@ -4,8 +4,9 @@ Providers, all fp32 on this CPU, timed interleaved in one process (one call of e
 round, median over rounds, so machine noise hits every provider alike):
 - dense:          transformers BertForSequenceClassification, BERT-base config, SDPA attention.
 - compact:        cofi.runtime.CompactModel (fused QKV, cofi ops, sublayers that are gone cost nothing).
-- compact_pad64:  the same with FFN widths zero-padded to multiples of 64 (exact; timed to decide
-                  whether padding pays).
+- compact_pad64:  the same with the hidden size and FFN widths zero-padded to multiples of 64
+                  (``CompactModel.pad_(64)``, exact: padding dims are left out of LayerNorm statistics;
+                  timed to decide whether padding pays).
 - eager_modules:  the same compact weights in plain eager PyTorch modules the way the reference's
                   pruned model runs them (separate Q/K/V nn.Linear, matmul-softmax-matmul attention
                   with an additive mask, nn.LayerNorm, nn.GELU; per-layer ragged sizes).
@@ -237,7 +238,7 @@ def main() -> None:
         models = {}
         for s in [float(x) for x in args.sparsities.split(",")]:
             masks, compact = masks_for_sparsity(dense, s)
-            padded = prune(dense, masks).pad_ffn_(64)
+            padded = prune(dense, masks).pad_(64)
             eager = EagerCompact(compact).eval()
             c = compact.config
             cf = encoder_flops([h if a else 0 for h, a in zip(c.num_heads, c.attention_present)],

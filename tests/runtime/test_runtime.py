@@ -85,6 +85,39 @@ def test_impl_torch_equals_cofi_ops_and_pad_ffn_exact():
     assert c.num_encoder_params() == n  # zero padding units are not counted
 
 
+@pytest.mark.parametrize("arch,task,multiple", [("bert", "cls", 16), ("roberta", "qa", 64), ("bert", "qa", 7)])
+def test_pad_hidden_exact_and_not_counted(tmp_path, arch, task, multiple):
+    c = _compact(arch, task, torch.float64, seed=3)
+    assert c.num_encoder_params() == sum(p.numel() for p in c.layers.parameters())
+    n, d, idx = c.num_encoder_params(), c.config.hidden_size, list(c.config.hidden_index)
+    inp = example_inputs(c, batch=3, seq=11)
+    with torch.no_grad():
+        want = c(*inp, output_hidden_states=True)
+        c.pad_(multiple)
+        got = c(*inp, output_hidden_states=True)
+    cfg = c.config
+    assert cfg.hidden_size % multiple == 0 and cfg.hidden_size - cfg.zero_hidden_dims == d
+    assert cfg.zero_hidden_dims == -d % multiple and cfg.hidden_index == idx
+    assert all(w % multiple == 0 for w, p in zip(cfg.intermediate_sizes, cfg.ffn_present) if p and w)
+    assert c.num_encoder_params() == n and c.sparsity() == pytest.approx(1 - n / cfg.full_encoder_params())
+    for a, b in zip(_outs(want), _outs(got)):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)
+    assert all(h.shape[-1] == d for h in got.hidden_states)
+    for a, b in zip(want.hidden_states, got.hidden_states):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)
+    c.save_pretrained(str(tmp_path / "p"))
+    loaded = CompactModel.from_pretrained(str(tmp_path / "p"))
+    assert loaded.config == cfg
+    with torch.no_grad():
+        for a, b in zip(_outs(want), _outs(loaded.set_impl("torch")(*inp))):
+            torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)
+
+
+def test_pad_hidden_bad_multiple():
+    with pytest.raises(ValueError, match="multiple must be >= 1, got 0"):
+        _compact().pad_hidden_(0)
+
+
 @pytest.mark.parametrize("task", ["cls", "qa"])
 def test_predict_dynamic_padding_matches_single_examples(task):
     c = _compact("bert", task)

@@ -62,8 +62,10 @@ def ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b
 
 
 def layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-               bias: torch.Tensor, eps: float, impl: str = "cofi") -> torch.Tensor:
-    """LayerNorm(x + residual) with affine. x, residual: [..., d]. Returns [..., d]."""
+               bias: torch.Tensor, eps: float, impl: str = "cofi",
+               hidden_z: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm(x + residual) with affine. x, residual: [..., d]. Returns [..., d].
+    hidden_z: None, or [d] 1/0 with 0 at zero padding dims (left out of the statistics, output 0)."""
     if impl == "cofi" and _ln_public is not None:
-        return _ln_public(x, residual, weight, bias, None, eps, backend=_backend())
-    return masked_layer_norm_ref(x, residual, weight, bias, None, eps)
+        return _ln_public(x, residual, weight, bias, hidden_z, eps, backend=_backend())
+    return masked_layer_norm_ref(x, residual, weight, bias, hidden_z, eps)

@@ -24,7 +24,9 @@ class CompactConfig:
     ``hidden_size`` is the reduced residual width; ``hidden_index`` lists which of the original
     ``original_hidden_size`` dims were kept (hidden states of this model are those columns of the
     masked model's hidden states). ``zero_ffn_units[i]`` counts all-zero FFN units appended by width
-    padding (excluded from parameter counts).
+    padding (excluded from parameter counts). ``zero_hidden_dims`` counts all-zero residual dims
+    appended at the end by hidden padding: ``hidden_size`` includes them, ``hidden_index`` does not,
+    and every LayerNorm leaves them out of its statistics (so padding is exact).
     """
 
     model_type: str
@@ -53,6 +55,7 @@ class CompactConfig:
     distill_proj_size: int | None = None  # output width of the layer_transformation, if kept
     zero_ffn_units: list[int] = field(default_factory=list)
     kept_heads: list[list[int]] = field(default_factory=list)  # original head indices, per layer
+    zero_hidden_dims: int = 0
     cofi_format: int = 1
 
     def __post_init__(self) -> None:
@@ -67,15 +70,37 @@ class CompactConfig:
                                  f"got {len(getattr(self, name))}")
         if not self.zero_ffn_units:
             self.zero_ffn_units = [0] * L
-        if len(self.hidden_index) != self.hidden_size:
-            raise ValueError(f"cofi.runtime: hidden_index must have hidden_size={self.hidden_size} "
-                             f"entries, got {len(self.hidden_index)}")
+        if not 0 <= self.zero_hidden_dims < self.hidden_size:
+            raise ValueError(f"cofi.runtime: zero_hidden_dims must be in [0, hidden_size={self.hidden_size}), "
+                             f"got {self.zero_hidden_dims}")
+        if len(self.hidden_index) != self.real_hidden_size:
+            raise ValueError(f"cofi.runtime: hidden_index must have hidden_size - zero_hidden_dims="
+                             f"{self.real_hidden_size} entries, got {len(self.hidden_index)}")
         if self.hidden_size < 1:
             raise ValueError("cofi.runtime: hidden_size must be >= 1 (every hidden dim was pruned)")
 
     @property
     def num_layers(self) -> int:
         return len(self.num_heads)
+
+    @property
+    def real_hidden_size(self) -> int:
+        """Kept residual dims (``hidden_size`` without the zero padding dims)."""
+        return self.hidden_size - self.zero_hidden_dims
+
+    def encoder_params(self) -> int:
+        """Kept encoder parameters counted the paper's way (cofi-reference.md 4.5): every layer's
+        weights, biases and LayerNorms over the real hidden dims and real FFN units; no embeddings,
+        pooler, classifier or distillation projection; zero padding (dims or units) not counted."""
+        d, n = self.real_hidden_size, 0
+        for i in range(self.num_layers):
+            if self.attention_present[i]:
+                w = self.num_heads[i] * self.head_dim
+                n += 4 * w * d + 3 * w + d + 2 * d
+            if self.ffn_present[i]:
+                f = self.intermediate_sizes[i] - self.zero_ffn_units[i]
+                n += 2 * f * d + f + d + 2 * d
+        return n
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

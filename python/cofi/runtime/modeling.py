@@ -41,12 +41,28 @@ def _p(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.zeros(*shape))
 
 
+def _hidden_z(cfg: CompactConfig) -> torch.Tensor | None:
+    """[hidden_size] ones with zeros at the zero padding dims, or None when there are none."""
+    if not cfg.zero_hidden_dims:
+        return None
+    return torch.cat([torch.ones(cfg.real_hidden_size), torch.zeros(cfg.zero_hidden_dims)])
+
+
+def _cat0(t: torch.Tensor, extra: int, dim: int) -> nn.Parameter:
+    """t with ``extra`` zero slices appended along ``dim``."""
+    shape = list(t.shape)
+    shape[dim] = extra
+    return nn.Parameter(torch.cat([t.detach(), t.new_zeros(shape)], dim))
+
+
 class CompactAttention(nn.Module):
     """Self-attention sublayer with ``num_heads`` heads (0 = bias only) + post-LN."""
 
-    def __init__(self, d: int, num_heads: int, head_dim: int, eps: float) -> None:
+    def __init__(self, d: int, num_heads: int, head_dim: int, eps: float,
+                 hidden_z: torch.Tensor | None = None) -> None:
         super().__init__()
         self.num_heads, self.head_dim, self.eps = num_heads, head_dim, eps
+        self.register_buffer("hidden_z", hidden_z, persistent=False)
         w = num_heads * head_dim
         if num_heads > 0:
             self.qkv_weight = _p(3 * w, d)  # rows: [Q heads | K heads | V heads]
@@ -61,22 +77,24 @@ class CompactAttention(nn.Module):
         """x: [B, S, d] -> [B, S, d]."""
         if self.num_heads == 0:
             return _ops.layer_norm(self.out_bias.expand_as(x).contiguous(), x, self.ln_weight,
-                                   self.ln_bias, self.eps, self.impl)
+                                   self.ln_bias, self.eps, self.impl, self.hidden_z)
         B, S, _ = x.shape
         h, D = self.num_heads, self.head_dim
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(B, S, 3, h, D)
         ctx = _ops.attention(qkv, key_padding_mask, self.impl)  # [B, h, S, D]
         ctx = ctx.transpose(1, 2).reshape(B, S, h * D)
         a = F.linear(ctx, self.out_weight, self.out_bias)
-        return _ops.layer_norm(a, x, self.ln_weight, self.ln_bias, self.eps, self.impl)
+        return _ops.layer_norm(a, x, self.ln_weight, self.ln_bias, self.eps, self.impl, self.hidden_z)
 
 
 class CompactFFN(nn.Module):
     """Feed-forward sublayer with ``width`` units (0 = bias only) + post-LN."""
 
-    def __init__(self, d: int, width: int, activation: str, eps: float) -> None:
+    def __init__(self, d: int, width: int, activation: str, eps: float,
+                 hidden_z: torch.Tensor | None = None) -> None:
         super().__init__()
         self.width, self.activation, self.eps = width, activation, eps
+        self.register_buffer("hidden_z", hidden_z, persistent=False)
         if width > 0:
             self.w1 = _p(width, d)
             self.b1 = _p(width)
@@ -92,17 +110,17 @@ class CompactFFN(nn.Module):
             y = self.b2.expand_as(x).contiguous()
         else:
             y = _ops.ffn(x, self.w1, self.b1, self.w2, self.b2, self.activation, self.impl)
-        return _ops.layer_norm(y, x, self.ln_weight, self.ln_bias, self.eps, self.impl)
+        return _ops.layer_norm(y, x, self.ln_weight, self.ln_bias, self.eps, self.impl, self.hidden_z)
 
 
 class CompactLayer(nn.Module):
     def __init__(self, cfg: CompactConfig, i: int) -> None:
         super().__init__()
         d, eps = cfg.hidden_size, cfg.layer_norm_eps
-        self.attention = (CompactAttention(d, cfg.num_heads[i], cfg.head_dim, eps)
+        self.attention = (CompactAttention(d, cfg.num_heads[i], cfg.head_dim, eps, _hidden_z(cfg))
                           if cfg.attention_present[i] else None)
-        self.ffn = (CompactFFN(d, cfg.intermediate_sizes[i], activation_name(cfg.hidden_act), eps)
-                    if cfg.ffn_present[i] else None)
+        self.ffn = (CompactFFN(d, cfg.intermediate_sizes[i], activation_name(cfg.hidden_act), eps,
+                               _hidden_z(cfg)) if cfg.ffn_present[i] else None)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         if self.attention is not None:
@@ -122,6 +140,7 @@ class CompactEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, d)
         self.ln_weight = _p(d)
         self.ln_bias = _p(d)
+        self.register_buffer("hidden_z", _hidden_z(cfg), persistent=False)
         self.impl = "cofi"
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
@@ -136,7 +155,7 @@ class CompactEmbeddings(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         e = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         e = e + self.position_embeddings(pos)
-        return _ops.layer_norm(e, None, self.ln_weight, self.ln_bias, self.eps, self.impl)
+        return _ops.layer_norm(e, None, self.ln_weight, self.ln_bias, self.eps, self.impl, self.hidden_z)
 
 
 class CompactModel(nn.Module):
@@ -202,7 +221,10 @@ class CompactModel(nn.Module):
                 output_hidden_states: bool = False) -> CompactOutput:
         hs = self.encode(input_ids, attention_mask, token_type_ids)
         out = self.head(hs[-1])
-        hidden = tuple(hs) if output_hidden_states else None
+        hidden = None
+        if output_hidden_states:
+            r = self.config.real_hidden_size
+            hidden = tuple(h[..., :r] for h in hs) if self.config.zero_hidden_dims else tuple(hs)
         if self.qa_outputs is not None:
             return CompactOutput(start_logits=out[0], end_logits=out[1], hidden_states=hidden)
         return CompactOutput(logits=out[0], hidden_states=hidden)
@@ -210,10 +232,9 @@ class CompactModel(nn.Module):
     # ------------------------------------------------------------------ structure / counting
     def num_encoder_params(self) -> int:
         """Kept encoder parameters counted the paper's way (all layer weights, biases, LayerNorms;
-        no embeddings, pooler, classifier, distillation projection); zero padding units excluded."""
-        n = sum(p.numel() for p in self.layers.parameters())
-        d = self.config.hidden_size
-        return n - sum(z * (2 * d + 1) for z in self.config.zero_ffn_units)
+        no embeddings, pooler, classifier, distillation projection); zero padding excluded
+        (``CompactConfig.encoder_params``; without padding it equals the layers' parameter count)."""
+        return self.config.encoder_params()
 
     def sparsity(self) -> float:
         """1 - kept encoder params / full encoder params (cofi-reference.md 4.5)."""
@@ -246,6 +267,57 @@ class CompactModel(nn.Module):
             self.config.intermediate_sizes[i] += extra
             self.config.zero_ffn_units[i] += extra
         return self
+
+    def pad_hidden_(self, multiple: int) -> "CompactModel":
+        """Append all-zero residual dims so ``hidden_size`` is a multiple of ``multiple``. Exact: the
+        new dims have zero embedding columns, zero rows in every projection writing the residual and
+        zero columns in every projection reading it, and every LayerNorm leaves them out of its
+        statistics (``hidden_z``) and outputs 0 there. Hidden states returned by ``forward`` drop them.
+        """
+        if multiple < 1:
+            raise ValueError(f"cofi.runtime: pad_hidden_ multiple must be >= 1, got {multiple}")
+        cfg = self.config
+        extra = -cfg.hidden_size % multiple
+        if extra == 0:
+            return self
+        e = self.embeddings
+        with torch.no_grad():
+            for emb in (e.word_embeddings, e.position_embeddings, e.token_type_embeddings):
+                emb.weight = _cat0(emb.weight, extra, 1)
+                emb.embedding_dim += extra
+            lns = [e]
+            for layer in self.layers:
+                a, f = layer.attention, layer.ffn
+                if a is not None:
+                    if a.num_heads:
+                        a.qkv_weight = _cat0(a.qkv_weight, extra, 1)
+                        a.out_weight = _cat0(a.out_weight, extra, 0)
+                    a.out_bias = _cat0(a.out_bias, extra, 0)
+                    lns.append(a)
+                if f is not None:
+                    if f.width:
+                        f.w1 = _cat0(f.w1, extra, 1)
+                        f.w2 = _cat0(f.w2, extra, 0)
+                    f.b2 = _cat0(f.b2, extra, 0)
+                    lns.append(f)
+            for m in lns:
+                m.ln_weight = _cat0(m.ln_weight, extra, 0)
+                m.ln_bias = _cat0(m.ln_bias, extra, 0)
+            for lin in (self.pooler, self.classifier_dense, self.qa_outputs, self.layer_transformation):
+                if lin is not None:
+                    lin.weight = _cat0(lin.weight, extra, 1)
+                    lin.in_features += extra
+        cfg.hidden_size += extra
+        cfg.zero_hidden_dims += extra
+        ref = e.ln_weight
+        z = _hidden_z(cfg).to(device=ref.device, dtype=ref.dtype)
+        for m in lns:
+            m.hidden_z = z
+        return self
+
+    def pad_(self, multiple: int) -> "CompactModel":
+        """``pad_hidden_(multiple)`` then ``pad_ffn_(multiple)``: every GEMM dim a multiple (exact)."""
+        return self.pad_hidden_(multiple).pad_ffn_(multiple)
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str, tokenizer=None) -> None:
