@@ -72,7 +72,7 @@ def _glue_unit(path: str) -> str:
 def _extension():
     with_cuda = _want_cuda()
     debug = os.environ.get("DEBUG") == "1"
-    sources = ["csrc/cofi.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
+    sources = ["csrc/cofi.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp") + glob.glob("csrc/*/*_composite.cpp"))
     cxx = ["-O0", "-g"] if debug else ["-O3", "-march=x86-64-v2" if os.uname().machine == "x86_64" else "-O3"]
     # -fno-trapping-math: lets GCC if-convert the float kernels' compare/select loops (vectorise them);
     # nothing here relies on floating-point exception flags.

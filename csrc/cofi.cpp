@@ -1,5 +1,6 @@
 // The extension cofi._C: one block that declares every native op schema of namespace cofi.
-// Kernels are registered per dispatch key next to their sources (csrc/<op>/<op>_cpu.cpp, *_cuda.cpp).
+// Kernels are registered per dispatch key next to their sources (csrc/<op>/<op>_cpu.cpp, *_cuda.cpp;
+// device-generic compositions over those ops in *_composite.cpp).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -34,4 +35,6 @@ TORCH_LIBRARY(cofi, m) {
   m.def("masked_layer_norm_fwd_native(Tensor x, Tensor? residual, Tensor weight, Tensor bias, Tensor? hidden_z, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("masked_layer_norm_bwd_native(Tensor grad, Tensor x, Tensor? residual, Tensor weight, Tensor bias, Tensor? hidden_z, Tensor mean, Tensor rstd, float eps, bool[] needs) -> Tensor[]");
   // --- end masked_layer_norm ---
+  // --- compact_encoder (runtime; composite over the ops above) ---
+  m.def("compact_encoder_fwd(Tensor x, Tensor? key_padding_mask, Tensor[] params, int[] num_heads, int[] widths, int[] present, int head_dim, int activation, float eps, Tensor? hidden_z, bool all_hidden_states) -> Tensor[]");
 }

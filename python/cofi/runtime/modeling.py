@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _ops
+from . import _fused, _ops
 from .config import CONFIG_NAME, WEIGHTS_NAME, CompactConfig
 
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -164,11 +164,17 @@ class CompactModel(nn.Module):
     ``forward(input_ids [B, S], attention_mask [B, S] (1 = token) | None, token_type_ids | None,
     output_hidden_states=False) -> CompactOutput``. Create with ``cofi.pruning.prune(model, masks)`` or
     ``CompactModel.from_pretrained(dir)``.
+
+    Without gradients the encoder runs as one native call (``cofi::compact_encoder_fwd``, see
+    ``runtime._fused``); ``encoder_path`` ('auto' | 'fused' | 'per_op') forces a path and
+    ``last_encoder_path`` says which one ran.
     """
 
     def __init__(self, config: CompactConfig) -> None:
         super().__init__()
         self.config = config
+        self.encoder_path = "auto"
+        self.last_encoder_path: str | None = None
         self.embeddings = CompactEmbeddings(config)
         self.layers = nn.ModuleList(CompactLayer(config, i) for i in range(config.num_layers))
         d, c = config.hidden_size, config.classifier_size or config.original_hidden_size
@@ -195,16 +201,32 @@ class CompactModel(nn.Module):
                 m.impl = impl
         return self
 
+    def set_encoder_path(self, path: str) -> "CompactModel":
+        """'auto' (fused when it can run, else per-op), 'fused' (raise when it cannot) or 'per_op'."""
+        if path not in _fused.PATHS:
+            raise ValueError(f"cofi.runtime: encoder path must be one of {_fused.PATHS}, got {path!r}")
+        self.encoder_path = path
+        return self
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               token_type_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Hidden states: embedding output then each layer's output, [B, S, hidden_size] each."""
+               token_type_ids: torch.Tensor | None = None, all_hidden_states: bool = True) -> list[torch.Tensor]:
+        """Hidden states: embedding output then each layer's output, [B, S, hidden_size] each
+        (only the last layer's output when ``all_hidden_states`` is False)."""
         kpm = None if attention_mask is None else attention_mask.to(torch.bool)
         x = self.embeddings(input_ids, token_type_ids)
+        if self.encoder_path != "per_op":
+            why = _fused.reasons(self, x)
+            if not why:
+                self.last_encoder_path = "fused"
+                return _fused.encode(self, x, kpm, all_hidden_states)
+            if self.encoder_path == "fused":
+                raise RuntimeError("cofi.runtime: encoder path 'fused' cannot run: " + "; ".join(why))
+        self.last_encoder_path = "per_op"
         hs = [x]
         for layer in self.layers:
             x = layer(x, kpm)
             hs.append(x)
-        return hs
+        return hs if all_hidden_states else [x]
 
     def head(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Task head on the last hidden state x [B, S, d]: (logits,) or (start_logits, end_logits)."""
@@ -219,7 +241,7 @@ class CompactModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None,
                 output_hidden_states: bool = False) -> CompactOutput:
-        hs = self.encode(input_ids, attention_mask, token_type_ids)
+        hs = self.encode(input_ids, attention_mask, token_type_ids, all_hidden_states=output_hidden_states)
         out = self.head(hs[-1])
         hidden = None
         if output_hidden_states:

@@ -1,0 +1,158 @@
+// cofi::compact_encoder_fwd: the compact runtime's whole encoder (every layer of a pruned, ragged
+// BERT/RoBERTa) in one call, for inference. Device-generic (CompositeExplicitAutograd): the GEMMs are
+// at::addmm and the attention / FFN / LayerNorm steps are the cofi native ops, reached through the
+// dispatcher, so the same code runs the CPU kernels and, in a CUDA build, the CUDA ones. It exists
+// to take per-op Python overhead (~0.1 ms per custom-op call) out of small-batch latency; the math
+// is exactly the runtime's per-op path (python/cofi/runtime/modeling.py). No autograd kernel: the
+// runtime calls it only when no gradient is needed.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace cofi {
+namespace {
+
+using at::Tensor;
+using OptT = std::optional<Tensor>;
+
+std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& kpm,
+                                     double scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("cofi::masked_attention_fwd_native", "")
+                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptT&,
+                                                         const OptT&, double, double, const OptT&)>();
+  return op.call(q, k, v, std::nullopt, kpm, scale, 0.0, std::nullopt);
+}
+
+Tensor ffn(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2, int64_t act) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("cofi::masked_ffn_fwd_native", "")
+                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                         const Tensor&, const OptT&, const OptT&, const OptT&,
+                                                         int64_t)>();
+  return std::get<0>(op.call(x, w1, b1, w2, b2, std::nullopt, std::nullopt, std::nullopt, act));
+}
+
+Tensor layer_norm(const Tensor& x, const Tensor& residual, const Tensor& w, const Tensor& b, const OptT& hidden_z,
+                  double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("cofi::masked_layer_norm_fwd_native", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptT&, const Tensor&,
+                                                                 const Tensor&, const OptT&, double)>();
+  return std::get<0>(op.call(x, residual, w, b, hidden_z, eps));
+}
+
+// Reads the flat parameter list in the order CompactModel._encoder_params writes it.
+struct Cursor {
+  const std::vector<Tensor>& p;
+  size_t i = 0;
+  const Tensor& next(const char* what, int64_t layer) {
+    TORCH_CHECK(i < p.size(), "cofi::compact_encoder_fwd: params ran out at layer ", layer, " (", what,
+                "); got ", p.size(), " tensors");
+    return p[i++];
+  }
+};
+
+void check_vec(const Tensor& t, int64_t n, const char* what, int64_t layer) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "cofi::compact_encoder_fwd: layer ", layer, " ", what,
+              " must have shape [", n, "], got ", t.sizes());
+}
+
+void check_mat(const Tensor& t, int64_t r, int64_t c, const char* what, int64_t layer) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == r && t.size(1) == c, "cofi::compact_encoder_fwd: layer ", layer, " ",
+              what, " must have shape [", r, ", ", c, "], got ", t.sizes());
+}
+
+}  // namespace
+
+// x: [B, S, d] (embedding output); key_padding_mask: [B, S] bool (true = token) or None.
+// params, per layer i: if present[i] & 1 (attention): [qkv_w [3w, d], qkv_b [3w], out_w [d, w]] when
+// num_heads[i] > 0, then out_b [d], ln_w [d], ln_b [d]; if present[i] & 2 (FFN): [w1 [F, d], b1 [F],
+// w2 [d, F]] when widths[i] > 0, then b2 [d], ln_w [d], ln_b [d]. (w = num_heads[i] * head_dim.)
+// Returns every layer's output [B, S, d] when all_hidden_states, else the last layer's output alone;
+// never a view of x (a layer with no sublayers left returns a copy).
+std::vector<Tensor> compact_encoder_fwd(const Tensor& x_in, const OptT& key_padding_mask,
+                                        const std::vector<Tensor>& params, at::IntArrayRef num_heads,
+                                        at::IntArrayRef widths, at::IntArrayRef present, int64_t head_dim,
+                                        int64_t activation, double eps, const OptT& hidden_z,
+                                        bool all_hidden_states) {
+  const char* fn = "cofi::compact_encoder_fwd";
+  TORCH_CHECK(x_in.dim() == 3, fn, ": x must be [B, S, d], got ", x_in.sizes());
+  const int64_t L = static_cast<int64_t>(present.size());
+  TORCH_CHECK(static_cast<int64_t>(num_heads.size()) == L && static_cast<int64_t>(widths.size()) == L, fn,
+              ": num_heads, widths and present must have one entry per layer, got ", num_heads.size(), ", ",
+              widths.size(), ", ", present.size());
+  TORCH_CHECK(head_dim > 0, fn, ": head_dim must be > 0, got ", head_dim);
+  const int64_t Bsz = x_in.size(0), S = x_in.size(1), d = x_in.size(2), N = Bsz * S;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  Tensor x = x_in.reshape({N, d}).contiguous();
+  bool fresh = false;  // x was written by this layer (outputs must not alias x_in or each other)
+  auto emit = [&]() {
+    if (!fresh) x = x.clone();
+    return x.view({Bsz, S, d});
+  };
+  std::vector<Tensor> out;
+  Cursor c{params};
+  bool any = false;
+  for (int64_t i = 0; i < L; ++i) {
+    fresh = false;
+    if (present[i] & 1) {
+      const int64_t h = num_heads[i], w = h * head_dim;
+      Tensor a;
+      if (h > 0) {
+        const Tensor& qkv_w = c.next("qkv_weight", i);
+        const Tensor& qkv_b = c.next("qkv_bias", i);
+        const Tensor& out_w = c.next("out_weight", i);
+        check_mat(qkv_w, 3 * w, d, "qkv_weight", i);
+        check_vec(qkv_b, 3 * w, "qkv_bias", i);
+        check_mat(out_w, d, w, "out_weight", i);
+        Tensor qkv = at::addmm(qkv_b, x, qkv_w.t()).view({Bsz, S, 3, h, head_dim});
+        Tensor ctx = std::get<0>(attention(qkv.select(2, 0).transpose(1, 2), qkv.select(2, 1).transpose(1, 2),
+                                           qkv.select(2, 2).transpose(1, 2), key_padding_mask, scale));
+        a = at::addmm(c.next("out_bias", i), ctx.transpose(1, 2).reshape({N, w}), out_w.t());
+      } else {
+        a = c.next("out_bias", i).expand({N, d}).contiguous();
+      }
+      const Tensor& lw = c.next("ln_weight", i);
+      const Tensor& lb = c.next("ln_bias", i);
+      x = layer_norm(a, x, lw, lb, hidden_z, eps);
+      fresh = true;
+    }
+    if (present[i] & 2) {
+      const int64_t f = widths[i];
+      Tensor y;
+      if (f > 0) {
+        const Tensor& w1 = c.next("w1", i);
+        const Tensor& b1 = c.next("b1", i);
+        const Tensor& w2 = c.next("w2", i);
+        check_mat(w1, f, d, "w1", i);
+        check_mat(w2, d, f, "w2", i);
+        y = ffn(x, w1, b1, w2, c.next("b2", i), activation);
+      } else {
+        y = c.next("b2", i).expand({N, d}).contiguous();
+      }
+      const Tensor& lw = c.next("ln_weight", i);
+      const Tensor& lb = c.next("ln_bias", i);
+      x = layer_norm(y, x, lw, lb, hidden_z, eps);
+      fresh = true;
+    }
+    any = any || fresh;
+    if (all_hidden_states) out.push_back(emit());
+  }
+  TORCH_CHECK(c.i == params.size(), fn, ": got ", params.size(), " params, the structure uses ", c.i);
+  if (!all_hidden_states) {
+    fresh = any;
+    out.push_back(emit());
+  }
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(cofi, CompositeExplicitAutograd, m) {
+  m.impl("compact_encoder_fwd", &compact_encoder_fwd);
+}
+
+}  // namespace cofi

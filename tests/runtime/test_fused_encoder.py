@@ -1,0 +1,133 @@
+"""cofi::compact_encoder_fwd (the compact model's encoder in one native call) vs the per-op path."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "pruning"))
+from masked_forward_ref import random_masks, tiny_hf_model  # noqa: E402
+
+import cofi.ops  # noqa: E402
+from cofi import _ext  # noqa: E402
+from cofi.pruning import prune  # noqa: E402
+from cofi.runtime import _fused  # noqa: E402
+from cofi.runtime.export import example_inputs  # noqa: E402
+
+needs_native = pytest.mark.skipif(not _ext.has_kernel("compact_encoder_fwd", "CompositeExplicitAutograd"),
+                                  reason="cofi._C without compact_encoder_fwd")
+
+
+def _compact(arch="bert", task="cls", dtype=torch.float64, seed=1):
+    model = tiny_hf_model(arch, task, dtype, num_labels=3 if task == "cls" else 2)
+    return prune(model, random_masks(model.config, True, seed))
+
+
+def _outs(o):
+    return (o.logits,) if o.logits is not None else (o.start_logits, o.end_logits)
+
+
+def _ragged(dtype=torch.float64):
+    """A structure with every case: full, partial, zero-width (bias-only) and absent sublayers."""
+    model = tiny_hf_model("bert", "cls", dtype, num_labels=3)
+    m = random_masks(model.config, True, 5)
+    L = model.config.num_hidden_layers
+    m["mha"][:] = 1
+    m["ffn"][:] = 1
+    m["head"][0] = 1  # all heads
+    m["head"][1] = 0  # MHA gate alive, every head dead: bias only
+    m["mha"][2] = 0  # attention sublayer gone
+    m["intermediate"][0] = 1
+    m["intermediate"][1] = 0  # FFN bias only (reference issue 36)
+    m["ffn"][L - 1] = 0  # FFN sublayer gone
+    return prune(model, m)
+
+
+@needs_native
+@pytest.mark.parametrize("arch,task,dtype,seed,pad", [
+    ("bert", "cls", torch.float64, 1, None), ("roberta", "qa", torch.float64, 2, None),
+    ("bert", "cls", torch.float32, 3, 16), ("roberta", "cls", torch.float64, 4, 8)])
+def test_fused_equals_per_op(arch, task, dtype, seed, pad):
+    c = _compact(arch, task, dtype, seed)
+    if pad:
+        c.pad_(pad)
+    for batch, seq in ((3, 11), (1, 7)):
+        inp = example_inputs(c, batch=batch, seq=seq)
+        with torch.no_grad():
+            c.set_encoder_path("per_op")
+            want = c(*inp, output_hidden_states=True)
+            assert c.last_encoder_path == "per_op"
+            c.set_encoder_path("auto")
+            got = c(*inp, output_hidden_states=True)
+            assert c.last_encoder_path == "fused" and cofi.ops.last_backend("compact_encoder") == "native"
+            last_only = c(*inp)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        for a, b, b1 in zip(_outs(want), _outs(got), _outs(last_only)):
+            torch.testing.assert_close(b, a, atol=tol, rtol=tol)
+            torch.testing.assert_close(b1, a, atol=tol, rtol=tol)
+        assert len(got.hidden_states) == c.config.num_layers + 1
+        for a, b in zip(want.hidden_states, got.hidden_states):
+            torch.testing.assert_close(b, a, atol=tol, rtol=tol)
+
+
+@needs_native
+def test_fused_every_sublayer_kind():
+    c = _ragged()
+    cfg = c.config
+    assert cfg.num_heads[0] > 0 and cfg.num_heads[1] == 0 and cfg.attention_present[1]
+    assert not cfg.attention_present[2] and cfg.intermediate_sizes[1] == 0 and cfg.ffn_present[1]
+    assert not cfg.ffn_present[-1]
+    inp = example_inputs(c, batch=4, seq=9)
+    with torch.no_grad():
+        want = c.set_encoder_path("per_op")(*inp, output_hidden_states=True)
+        got = c.set_encoder_path("fused")(*inp, output_hidden_states=True)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-12, rtol=1e-12)
+    for a, b in zip(want.hidden_states, got.hidden_states):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-12)
+
+
+@needs_native
+def test_fused_only_without_grad_and_without_forced_backend():
+    c = _compact()
+    inp = example_inputs(c, batch=2, seq=6)
+    out = c(*inp)  # grad enabled, parameters require grad: per-op path with autograd
+    assert c.last_encoder_path == "per_op" and out.logits.requires_grad
+    with torch.no_grad(), cofi.ops.use_backend("reference"):
+        c(*inp)
+        assert c.last_encoder_path == "per_op"
+        assert any("backend 'reference' forced" in w for w in _fused.reasons(c, torch.zeros(2, 6, c.config.hidden_size, dtype=torch.float64)))
+    with torch.inference_mode():
+        c(*inp)
+        assert c.last_encoder_path == "fused"
+    c.set_impl("torch")
+    with torch.no_grad():
+        c(*inp)
+    assert c.last_encoder_path == "per_op"
+    with torch.no_grad(), pytest.raises(RuntimeError, match="encoder path 'fused' cannot run: impl is 'torch'"):
+        c.set_encoder_path("fused")(*inp)
+    with pytest.raises(ValueError, match="encoder path must be one of"):
+        c.set_encoder_path("fast")
+
+
+@needs_native
+def test_fused_op_checks_and_opcheck():
+    c = _compact(dtype=torch.float32)
+    params, heads, widths, present = _fused.flat_params(c)
+    d = c.config.hidden_size
+    x = torch.randn(2, 5, d)
+    kpm = torch.ones(2, 5, dtype=torch.bool)
+    kpm[1, 3:] = False
+    args = (x, kpm, params, heads, widths, present, c.config.head_dim, 0, 1e-12, None, True)
+    torch.library.opcheck(torch.ops.cofi.compact_encoder_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="params ran out at layer"):
+        torch.ops.cofi.compact_encoder_fwd(x, kpm, params[:-1], heads, widths, present, c.config.head_dim, 0, 1e-12, None, False)
+    with pytest.raises(RuntimeError, match=r"x must be \[B, S, d\]"):
+        torch.ops.cofi.compact_encoder_fwd(x[0], None, params, heads, widths, present, c.config.head_dim, 0, 1e-12, None, False)
+    i = next(k for k, p in enumerate(present) if p & 1 and heads[k])
+    bad = list(heads)
+    bad[i] += 1
+    with pytest.raises(RuntimeError, match=f"layer {i} qkv_weight must have shape"):
+        torch.ops.cofi.compact_encoder_fwd(x, None, params, bad, widths, present, c.config.head_dim, 0, 1e-12, None, False)
