@@ -75,11 +75,14 @@ void check_mat(const Tensor& t, int64_t r, int64_t c, const char* what, int64_t 
 // w2 [d, F]] when widths[i] > 0, then b2 [d], ln_w [d], ln_b [d]. (w = num_heads[i] * head_dim.)
 // Returns every layer's output [B, S, d] when all_hidden_states, else the last layer's output alone;
 // never a view of x (a layer with no sublayers left returns a copy).
+// unpad (with a key_padding_mask that has padding): every row-wise step (projections, FFN, LayerNorm)
+// runs on the real tokens only, packed; attention scatters them back into the padded layout its
+// kernel reads. Outputs are 0 at padding positions (otherwise they are computed from the pads).
 std::vector<Tensor> compact_encoder_fwd(const Tensor& x_in, const OptT& key_padding_mask,
                                         const std::vector<Tensor>& params, at::IntArrayRef num_heads,
                                         at::IntArrayRef widths, at::IntArrayRef present, int64_t head_dim,
                                         int64_t activation, double eps, const OptT& hidden_z,
-                                        bool all_hidden_states) {
+                                        bool all_hidden_states, bool unpad) {
   const char* fn = "cofi::compact_encoder_fwd";
   TORCH_CHECK(x_in.dim() == 3, fn, ": x must be [B, S, d], got ", x_in.sizes());
   const int64_t L = static_cast<int64_t>(present.size());
@@ -90,8 +93,24 @@ std::vector<Tensor> compact_encoder_fwd(const Tensor& x_in, const OptT& key_padd
   const int64_t Bsz = x_in.size(0), S = x_in.size(1), d = x_in.size(2), N = Bsz * S;
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
   Tensor x = x_in.reshape({N, d}).contiguous();
+  Tensor idx;  // [R] rows of the real tokens when unpadding, else undefined
+  if (unpad && key_padding_mask) {
+    TORCH_CHECK(key_padding_mask->numel() == N, fn, ": key_padding_mask must be [B, S] = [", Bsz, ", ", S,
+                "], got ", key_padding_mask->sizes());
+    Tensor rows = key_padding_mask->reshape({N}).nonzero().squeeze(1);
+    if (rows.size(0) > 0 && rows.size(0) < N) {
+      idx = rows;
+      x = x.index_select(0, idx);
+    }
+  }
+  const int64_t R = idx.defined() ? idx.size(0) : N;
+  auto padded = [&](const Tensor& packed) {  // [R, c] -> [N, c], zeros at padding rows
+    if (!idx.defined()) return packed;
+    return at::zeros({N, packed.size(1)}, packed.options()).index_copy_(0, idx, packed);
+  };
   bool fresh = false;  // x was written by this layer (outputs must not alias x_in or each other)
   auto emit = [&]() {
+    if (idx.defined()) return padded(x).view({Bsz, S, d});
     if (!fresh) x = x.clone();
     return x.view({Bsz, S, d});
   };
@@ -110,12 +129,13 @@ std::vector<Tensor> compact_encoder_fwd(const Tensor& x_in, const OptT& key_padd
         check_mat(qkv_w, 3 * w, d, "qkv_weight", i);
         check_vec(qkv_b, 3 * w, "qkv_bias", i);
         check_mat(out_w, d, w, "out_weight", i);
-        Tensor qkv = at::addmm(qkv_b, x, qkv_w.t()).view({Bsz, S, 3, h, head_dim});
+        Tensor qkv = padded(at::addmm(qkv_b, x, qkv_w.t())).view({Bsz, S, 3, h, head_dim});
         Tensor ctx = std::get<0>(attention(qkv.select(2, 0).transpose(1, 2), qkv.select(2, 1).transpose(1, 2),
                                            qkv.select(2, 2).transpose(1, 2), key_padding_mask, scale));
-        a = at::addmm(c.next("out_bias", i), ctx.transpose(1, 2).reshape({N, w}), out_w.t());
+        Tensor rows = ctx.transpose(1, 2).reshape({N, w});
+        a = at::addmm(c.next("out_bias", i), idx.defined() ? rows.index_select(0, idx) : rows, out_w.t());
       } else {
-        a = c.next("out_bias", i).expand({N, d}).contiguous();
+        a = c.next("out_bias", i).expand({R, d}).contiguous();
       }
       const Tensor& lw = c.next("ln_weight", i);
       const Tensor& lb = c.next("ln_bias", i);
@@ -133,7 +153,7 @@ std::vector<Tensor> compact_encoder_fwd(const Tensor& x_in, const OptT& key_padd
         check_mat(w2, d, f, "w2", i);
         y = ffn(x, w1, b1, w2, c.next("b2", i), activation);
       } else {
-        y = c.next("b2", i).expand({N, d}).contiguous();
+        y = c.next("b2", i).expand({R, d}).contiguous();
       }
       const Tensor& lw = c.next("ln_weight", i);
       const Tensor& lb = c.next("ln_bias", i);

@@ -119,15 +119,47 @@ def test_fused_op_checks_and_opcheck():
     x = torch.randn(2, 5, d)
     kpm = torch.ones(2, 5, dtype=torch.bool)
     kpm[1, 3:] = False
-    args = (x, kpm, params, heads, widths, present, c.config.head_dim, 0, 1e-12, None, True)
-    torch.library.opcheck(torch.ops.cofi.compact_encoder_fwd.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+    for unpad in (False, True):
+        args = (x, kpm, params, heads, widths, present, c.config.head_dim, 0, 1e-12, None, True, unpad)
+        torch.library.opcheck(torch.ops.cofi.compact_encoder_fwd.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(RuntimeError, match="params ran out at layer"):
-        torch.ops.cofi.compact_encoder_fwd(x, kpm, params[:-1], heads, widths, present, c.config.head_dim, 0, 1e-12, None, False)
+        torch.ops.cofi.compact_encoder_fwd(x, kpm, params[:-1], heads, widths, present, c.config.head_dim, 0, 1e-12, None, False, False)
     with pytest.raises(RuntimeError, match=r"x must be \[B, S, d\]"):
-        torch.ops.cofi.compact_encoder_fwd(x[0], None, params, heads, widths, present, c.config.head_dim, 0, 1e-12, None, False)
+        torch.ops.cofi.compact_encoder_fwd(x[0], None, params, heads, widths, present, c.config.head_dim, 0, 1e-12, None, False, False)
     i = next(k for k, p in enumerate(present) if p & 1 and heads[k])
     bad = list(heads)
     bad[i] += 1
     with pytest.raises(RuntimeError, match=f"layer {i} qkv_weight must have shape"):
-        torch.ops.cofi.compact_encoder_fwd(x, None, params, bad, widths, present, c.config.head_dim, 0, 1e-12, None, False)
+        torch.ops.cofi.compact_encoder_fwd(x, None, params, bad, widths, present, c.config.head_dim, 0, 1e-12, None, False, False)
+
+
+@needs_native
+@pytest.mark.parametrize("arch,task,pad", [("bert", "cls", None), ("roberta", "qa", 16)])
+def test_unpad_same_at_real_tokens_zero_at_padding(arch, task, pad):
+    c = _compact(arch, task, torch.float64, seed=6)
+    if pad:
+        c.pad_(pad)
+    ids, am, tt = example_inputs(c, batch=4, seq=10)
+    am[0, 7:] = 0
+    am[2, 1:] = 0
+    real = am.bool()
+    with torch.no_grad():
+        want = c.set_encoder_path("per_op")(ids, am, tt, output_hidden_states=True)
+        c.set_unpad(True)
+        per_op = c(ids, am, tt, output_hidden_states=True)
+        fused = c.set_encoder_path("fused")(ids, am, tt, output_hidden_states=True)
+        full = c(ids, torch.ones_like(am), tt)  # no padding: nothing to skip
+        c.set_unpad(False)
+        full_ref = c(ids, torch.ones_like(am), tt)
+    for a, b in zip(_outs(full_ref), _outs(full)):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-12)
+    for h_want, h_per_op, h_fused in zip(want.hidden_states[1:], per_op.hidden_states[1:], fused.hidden_states[1:]):
+        torch.testing.assert_close(h_fused[real], h_want[real], atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(h_fused, h_per_op, atol=1e-12, rtol=1e-12)
+        assert h_fused[~real].abs().max() == 0
+    if task == "cls":
+        torch.testing.assert_close(fused.logits, want.logits, atol=1e-12, rtol=1e-12)
+    else:
+        torch.testing.assert_close(fused.start_logits[real], want.start_logits[real], atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(fused.start_logits, per_op.start_logits, atol=1e-12, rtol=1e-12)

@@ -13,6 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
+    p.add_argument("--pad", type=int, default=None,
+                   help="zero-pad hidden size and FFN widths to a multiple of this (exact; often faster)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from .inference import predict
     from .modeling import CompactModel
 
-    model = CompactModel.from_pretrained(args.model_dir)
+    model = CompactModel.from_pretrained(args.model_dir, pad=args.pad)
     spec = get_spec(args.task)
     if spec.kind == "qa":
         raise SystemExit("cofi eval: QA evaluation of compact folders is not wired yet (use the trainer's eval)")
@@ -39,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     metrics = compute_metrics(spec.metrics, preds, np.asarray(enc.labels))
     report = {"task": args.task, "n": len(feats), **metrics,
               "encoder_params": model.num_encoder_params(), "full_encoder_params": model.config.full_encoder_params(),
-              "sparsity": model.sparsity(), "hidden_size": model.config.hidden_size,
+              "sparsity": model.sparsity(), "hidden_size": model.config.real_hidden_size,
+              "padded_hidden_size": model.config.hidden_size,
               "num_heads": model.config.num_heads, "intermediate_sizes": model.config.intermediate_sizes}
     print(json.dumps(report, indent=1))
     return 0

@@ -32,6 +32,17 @@ def predict(model: torch.nn.Module, features: Sequence[Mapping[str, Sequence[int
     if device is None:
         device = next(model.parameters()).device
     lengths = [len(f["input_ids"]) for f in features]
+    if isinstance(model, CompactModel):  # only real positions are read back: skip the padding
+        prev, model.unpad = model.unpad, True
+        try:
+            return _predict(model, features, lengths, batch_size, pad_token_id, device)
+        finally:
+            model.unpad = prev
+    return _predict(model, features, lengths, batch_size, pad_token_id, device)
+
+
+def _predict(model: torch.nn.Module, features: Sequence[Mapping[str, Sequence[int]]], lengths: list[int],
+             batch_size: int, pad_token_id: int, device: str | torch.device) -> dict[str, object]:
     results: dict[int, tuple[torch.Tensor, ...]] = {}
     for idx in length_sorted_batches(lengths, batch_size):
         S = max(lengths[i] for i in idx)

@@ -167,7 +167,9 @@ class CompactModel(nn.Module):
 
     Without gradients the encoder runs as one native call (``cofi::compact_encoder_fwd``, see
     ``runtime._fused``); ``encoder_path`` ('auto' | 'fused' | 'per_op') forces a path and
-    ``last_encoder_path`` says which one ran.
+    ``last_encoder_path`` says which one ran. ``set_unpad(True)``: the layers skip padding tokens
+    (packed rows; attention still sees the padded layout) and every output is 0 at padding
+    positions, on both paths; faster for padded batches, same results at real tokens.
     """
 
     def __init__(self, config: CompactConfig) -> None:
@@ -175,6 +177,7 @@ class CompactModel(nn.Module):
         self.config = config
         self.encoder_path = "auto"
         self.last_encoder_path: str | None = None
+        self.unpad = False
         self.embeddings = CompactEmbeddings(config)
         self.layers = nn.ModuleList(CompactLayer(config, i) for i in range(config.num_layers))
         d, c = config.hidden_size, config.classifier_size or config.original_hidden_size
@@ -208,6 +211,11 @@ class CompactModel(nn.Module):
         self.encoder_path = path
         return self
 
+    def set_unpad(self, unpad: bool = True) -> "CompactModel":
+        """Skip padding tokens in the encoder (outputs 0 at padding positions); see the class doc."""
+        self.unpad = bool(unpad)
+        return self
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None, all_hidden_states: bool = True) -> list[torch.Tensor]:
         """Hidden states: embedding output then each layer's output, [B, S, hidden_size] each
@@ -222,6 +230,13 @@ class CompactModel(nn.Module):
             if self.encoder_path == "fused":
                 raise RuntimeError("cofi.runtime: encoder path 'fused' cannot run: " + "; ".join(why))
         self.last_encoder_path = "per_op"
+        if self.unpad and kpm is not None:  # same outputs as the fused path's unpadding
+            keep = kpm.unsqueeze(-1).to(x.dtype)
+            hs = [x]
+            for layer in self.layers:
+                x = layer(x, kpm)
+                hs.append(x * keep)
+            return hs if all_hidden_states else [hs[-1]]
         hs = [x]
         for layer in self.layers:
             x = layer(x, kpm)
@@ -355,8 +370,10 @@ class CompactModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> "CompactModel":
-        """Load a folder written by ``save_pretrained`` (safetensors only; nothing is unpickled)."""
+                        dtype: torch.dtype | None = None, pad: int | None = None) -> "CompactModel":
+        """Load a folder written by ``save_pretrained`` (safetensors only; nothing is unpickled).
+        ``pad``: then ``pad_(pad)`` (exact; whether it pays depends on the shapes and the machine:
+        benchmarks/bench_runtime.py measures it)."""
         from safetensors.torch import load_file
 
         cfg = CompactConfig.load(directory)
@@ -366,6 +383,8 @@ class CompactModel(nn.Module):
         model = cls(cfg).to(sd["embeddings.ln_weight"].dtype)
         model.load_state_dict(sd, strict=True)
         model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+        if pad:
+            model.pad_(pad)
         return model.eval()
 
 
