@@ -57,6 +57,8 @@ def main() -> int:
     ap.add_argument("--compact-epochs", type=float, default=1.0)
     ap.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pad", type=int, default=None,
+                    help="time the compact models after CompactModel.pad_(PAD) (exact; e.g. 64)")
     ap.add_argument("--jobs", type=int, default=1, help="pruning runs at once (threads are split between them)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -89,11 +91,11 @@ def main() -> int:
                     "--compact-epochs", str(args.compact_epochs),
                     *common, "--num-threads", threads, log=out / f"prune_{s}.log")
             wait(procs, wall, t0)
-    table(out, wall, args.threads)
+    table(out, wall, args.threads, args.pad)
     return 0
 
 
-def table(out: Path, wall: dict, threads: int) -> None:
+def table(out: Path, wall: dict, threads: int, pad: int | None = None) -> None:
     import torch
 
     from cofi.pipeline import latency
@@ -108,7 +110,7 @@ def table(out: Path, wall: dict, threads: int) -> None:
     for s in SPARSITIES:
         d = out / f"prune_{s}"
         if (d / "results.json").exists():
-            compacts[s] = CompactModel.from_pretrained(str(d / "compact")).eval()
+            compacts[s] = CompactModel.from_pretrained(str(d / "compact"), pad=pad).eval()
     lat = {}
     for b in (32, 1):
         ids = torch.randint(1000, teacher.config.vocab_size, (b, 128), generator=torch.Generator().manual_seed(0))
@@ -130,7 +132,8 @@ def table(out: Path, wall: dict, threads: int) -> None:
                      "teacher_ms_b1": lat[1][s][0] * 1e3, "compact_ms_b1": lat[1][s][1] * 1e3,
                      "paper_bert_base": PAPER.get(s)})
     res = {"teacher_dev_acc": t_res["best_metric"], "rows": rows, "stage_wall_s": wall, "threads": threads,
-           "torch": torch.__version__}
+           "torch": torch.__version__, "compact_pad": pad,
+           "compact_encoder_path": {str(s): m.last_encoder_path for s, m in compacts.items()}}
     dst = ROOT / "benchmarks" / "results" / "cpu" / "sst2_table.json"
     dst.parent.mkdir(parents=True, exist_ok=True)
     from cofi.pipeline import plots

@@ -70,14 +70,14 @@ class CompactConfig:
                                  f"got {len(getattr(self, name))}")
         if not self.zero_ffn_units:
             self.zero_ffn_units = [0] * L
+        if self.hidden_size < 1:
+            raise ValueError("cofi.runtime: hidden_size must be >= 1 (every hidden dim was pruned)")
         if not 0 <= self.zero_hidden_dims < self.hidden_size:
             raise ValueError(f"cofi.runtime: zero_hidden_dims must be in [0, hidden_size={self.hidden_size}), "
                              f"got {self.zero_hidden_dims}")
         if len(self.hidden_index) != self.real_hidden_size:
             raise ValueError(f"cofi.runtime: hidden_index must have hidden_size - zero_hidden_dims="
                              f"{self.real_hidden_size} entries, got {len(self.hidden_index)}")
-        if self.hidden_size < 1:
-            raise ValueError("cofi.runtime: hidden_size must be >= 1 (every hidden dim was pruned)")
 
     @property
     def num_layers(self) -> int:

@@ -167,9 +167,9 @@ class CompactModel(nn.Module):
 
     Without gradients the encoder runs as one native call (``cofi::compact_encoder_fwd``, see
     ``runtime._fused``); ``encoder_path`` ('auto' | 'fused' | 'per_op') forces a path and
-    ``last_encoder_path`` says which one ran. ``set_unpad(True)``: the layers skip padding tokens
-    (packed rows; attention still sees the padded layout) and every output is 0 at padding
-    positions, on both paths; faster for padded batches, same results at real tokens.
+    ``last_encoder_path`` says which one ran. ``set_unpad(True)``: the fused path runs the layers on the real
+    tokens only (packed rows; attention still sees the padded layout), faster for padded batches,
+    and both paths then return 0 at padding positions (same results at real tokens).
     """
 
     def __init__(self, config: CompactConfig) -> None:
