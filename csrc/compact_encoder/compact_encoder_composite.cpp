@@ -46,7 +46,12 @@ Tensor layer_norm(const Tensor& x, const Tensor& residual, const Tensor& w, cons
   return std::get<0>(op.call(x, residual, w, b, hidden_z, eps));
 }
 
-// Reads the flat parameter list in the order CompactModel._encoder_params writes it.
+void check_vec(const Tensor& t, int64_t n, const char* what, int64_t layer) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "cofi::compact_encoder_fwd: layer ", layer, " ", what,
+              " must have shape [", n, "], got ", t.sizes());
+}
+
+// Reads the flat parameter list in the order runtime/_fused.py flat_params writes it.
 struct Cursor {
   const std::vector<Tensor>& p;
   size_t i = 0;
@@ -55,12 +60,12 @@ struct Cursor {
                 "); got ", p.size(), " tensors");
     return p[i++];
   }
+  const Tensor& vec(const char* what, int64_t layer, int64_t n) {
+    const Tensor& t = next(what, layer);
+    check_vec(t, n, what, layer);
+    return t;
+  }
 };
-
-void check_vec(const Tensor& t, int64_t n, const char* what, int64_t layer) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "cofi::compact_encoder_fwd: layer ", layer, " ", what,
-              " must have shape [", n, "], got ", t.sizes());
-}
 
 void check_mat(const Tensor& t, int64_t r, int64_t c, const char* what, int64_t layer) {
   TORCH_CHECK(t.dim() == 2 && t.size(0) == r && t.size(1) == c, "cofi::compact_encoder_fwd: layer ", layer, " ",
@@ -124,21 +129,20 @@ std::vector<Tensor> compact_encoder_fwd(const Tensor& x_in, const OptT& key_padd
       Tensor a;
       if (h > 0) {
         const Tensor& qkv_w = c.next("qkv_weight", i);
-        const Tensor& qkv_b = c.next("qkv_bias", i);
-        const Tensor& out_w = c.next("out_weight", i);
         check_mat(qkv_w, 3 * w, d, "qkv_weight", i);
-        check_vec(qkv_b, 3 * w, "qkv_bias", i);
+        const Tensor& qkv_b = c.vec("qkv_bias", i, 3 * w);
+        const Tensor& out_w = c.next("out_weight", i);
         check_mat(out_w, d, w, "out_weight", i);
         Tensor qkv = padded(at::addmm(qkv_b, x, qkv_w.t())).view({Bsz, S, 3, h, head_dim});
         Tensor ctx = std::get<0>(attention(qkv.select(2, 0).transpose(1, 2), qkv.select(2, 1).transpose(1, 2),
                                            qkv.select(2, 2).transpose(1, 2), key_padding_mask, scale));
         Tensor rows = ctx.transpose(1, 2).reshape({N, w});
-        a = at::addmm(c.next("out_bias", i), idx.defined() ? rows.index_select(0, idx) : rows, out_w.t());
+        a = at::addmm(c.vec("out_bias", i, d), idx.defined() ? rows.index_select(0, idx) : rows, out_w.t());
       } else {
-        a = c.next("out_bias", i).expand({R, d}).contiguous();
+        a = c.vec("out_bias", i, d).expand({R, d}).contiguous();
       }
-      const Tensor& lw = c.next("ln_weight", i);
-      const Tensor& lb = c.next("ln_bias", i);
+      const Tensor& lw = c.vec("ln_weight", i, d);
+      const Tensor& lb = c.vec("ln_bias", i, d);
       x = layer_norm(a, x, lw, lb, hidden_z, eps);
       fresh = true;
     }
@@ -147,16 +151,16 @@ std::vector<Tensor> compact_encoder_fwd(const Tensor& x_in, const OptT& key_padd
       Tensor y;
       if (f > 0) {
         const Tensor& w1 = c.next("w1", i);
-        const Tensor& b1 = c.next("b1", i);
-        const Tensor& w2 = c.next("w2", i);
         check_mat(w1, f, d, "w1", i);
+        const Tensor& b1 = c.vec("b1", i, f);
+        const Tensor& w2 = c.next("w2", i);
         check_mat(w2, d, f, "w2", i);
-        y = ffn(x, w1, b1, w2, c.next("b2", i), activation);
+        y = ffn(x, w1, b1, w2, c.vec("b2", i, d), activation);
       } else {
-        y = c.next("b2", i).expand({R, d}).contiguous();
+        y = c.vec("b2", i, d).expand({R, d}).contiguous();
       }
-      const Tensor& lw = c.next("ln_weight", i);
-      const Tensor& lb = c.next("ln_bias", i);
+      const Tensor& lw = c.vec("ln_weight", i, d);
+      const Tensor& lb = c.vec("ln_bias", i, d);
       x = layer_norm(y, x, lw, lb, hidden_z, eps);
       fresh = true;
     }
