@@ -36,5 +36,5 @@ TORCH_LIBRARY(cofi, m) {
   m.def("masked_layer_norm_bwd_native(Tensor grad, Tensor x, Tensor? residual, Tensor weight, Tensor bias, Tensor? hidden_z, Tensor mean, Tensor rstd, float eps, bool[] needs) -> Tensor[]");
   // --- end masked_layer_norm ---
   // --- compact_encoder (runtime; composite over the ops above) ---
-  m.def("compact_encoder_fwd(Tensor x, Tensor? key_padding_mask, Tensor[] params, int[] num_heads, int[] widths, int[] present, int head_dim, int activation, float eps, Tensor? hidden_z, bool all_hidden_states, bool unpad) -> Tensor[]");
+  m.def("compact_encoder_fwd(Tensor x, Tensor? key_padding_mask, Tensor[] params, int[] num_heads, int[] widths, int[] present, int head_dim, int activation, float eps, Tensor? hidden_z, bool all_hidden_states, bool unpad, bool cls_only) -> Tensor[]");
 }

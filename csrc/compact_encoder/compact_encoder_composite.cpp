@@ -83,11 +83,14 @@ void check_mat(const Tensor& t, int64_t r, int64_t c, const char* what, int64_t 
 // unpad (with a key_padding_mask that has padding): every row-wise step (projections, FFN, LayerNorm)
 // runs on the real tokens only, packed; attention scatters them back into the padded layout its
 // kernel reads. Outputs are 0 at padding positions (otherwise they are computed from the pads).
+// cls_only (not with all_hidden_states): the output is the position-0 row alone, [B, 1, d]. After the
+// attention of the last layer that has heads, every step is row-wise, so from there on only the
+// position-0 rows are computed (in CoFi's structures the upper layers are mostly attention-free).
 std::vector<Tensor> compact_encoder_fwd(const Tensor& x_in, const OptT& key_padding_mask,
                                         const std::vector<Tensor>& params, at::IntArrayRef num_heads,
                                         at::IntArrayRef widths, at::IntArrayRef present, int64_t head_dim,
                                         int64_t activation, double eps, const OptT& hidden_z,
-                                        bool all_hidden_states, bool unpad) {
+                                        bool all_hidden_states, bool unpad, bool cls_only) {
   const char* fn = "cofi::compact_encoder_fwd";
   TORCH_CHECK(x_in.dim() == 3, fn, ": x must be [B, S, d], got ", x_in.sizes());
   const int64_t L = static_cast<int64_t>(present.size());
@@ -108,13 +111,30 @@ std::vector<Tensor> compact_encoder_fwd(const Tensor& x_in, const OptT& key_padd
       x = x.index_select(0, idx);
     }
   }
-  const int64_t R = idx.defined() ? idx.size(0) : N;
   auto padded = [&](const Tensor& packed) {  // [R, c] -> [N, c], zeros at padding rows
     if (!idx.defined()) return packed;
     return at::zeros({N, packed.size(1)}, packed.options()).index_copy_(0, idx, packed);
   };
-  bool fresh = false;  // x was written by this layer (outputs must not alias x_in or each other)
+  auto cls_rows = [&](const Tensor& t) {  // [R or N, c] -> [B, c], the position-0 rows
+    return padded(t).view({Bsz, S, t.size(1)}).select(1, 0).clone(at::MemoryFormat::Contiguous);
+  };
+  TORCH_CHECK(!(cls_only && all_hidden_states), fn, ": cls_only returns the position-0 rows alone; it cannot "
+              "be combined with all_hidden_states");
+  int64_t last_attention = -1;  // from after its attention on, only the position-0 rows are computed
+  for (int64_t i = 0; cls_only && i < L; ++i)
+    if ((present[i] & 1) && num_heads[i] > 0) last_attention = i;
+  bool cls = false;
+  if (cls_only && last_attention < 0) {
+    x = cls_rows(x);
+    cls = true;
+  }
+  bool fresh = cls;  // x was written by this layer (outputs must not alias x_in or each other)
   auto emit = [&]() {
+    if (cls) {
+      // with unpadding, a padded position 0 must give 0 like every other padded position
+      if (idx.defined()) x = x * key_padding_mask->select(1, 0).unsqueeze(1).to(x.scalar_type());
+      return x.view({Bsz, 1, d});
+    }
     if (idx.defined()) return padded(x).view({Bsz, S, d});
     if (!fresh) x = x.clone();
     return x.view({Bsz, S, d});
@@ -136,10 +156,17 @@ std::vector<Tensor> compact_encoder_fwd(const Tensor& x_in, const OptT& key_padd
         Tensor qkv = padded(at::addmm(qkv_b, x, qkv_w.t())).view({Bsz, S, 3, h, head_dim});
         Tensor ctx = std::get<0>(attention(qkv.select(2, 0).transpose(1, 2), qkv.select(2, 1).transpose(1, 2),
                                            qkv.select(2, 2).transpose(1, 2), key_padding_mask, scale));
-        Tensor rows = ctx.transpose(1, 2).reshape({N, w});
-        a = at::addmm(c.vec("out_bias", i, d), idx.defined() ? rows.index_select(0, idx) : rows, out_w.t());
+        const Tensor& out_b = c.vec("out_bias", i, d);
+        if (i == last_attention) {
+          x = cls_rows(x);
+          cls = true;
+          a = at::addmm(out_b, ctx.select(2, 0).reshape({Bsz, w}), out_w.t());
+        } else {
+          Tensor rows = ctx.transpose(1, 2).reshape({N, w});
+          a = at::addmm(out_b, idx.defined() ? rows.index_select(0, idx) : rows, out_w.t());
+        }
       } else {
-        a = c.vec("out_bias", i, d).expand({R, d}).contiguous();
+        a = c.vec("out_bias", i, d).expand({x.size(0), d}).contiguous();
       }
       const Tensor& lw = c.vec("ln_weight", i, d);
       const Tensor& lb = c.vec("ln_bias", i, d);
@@ -157,7 +184,7 @@ std::vector<Tensor> compact_encoder_fwd(const Tensor& x_in, const OptT& key_padd
         check_mat(w2, d, f, "w2", i);
         y = ffn(x, w1, b1, w2, c.vec("b2", i, d), activation);
       } else {
-        y = c.vec("b2", i, d).expand({R, d}).contiguous();
+        y = c.vec("b2", i, d).expand({x.size(0), d}).contiguous();
       }
       const Tensor& lw = c.vec("ln_weight", i, d);
       const Tensor& lb = c.vec("ln_bias", i, d);

@@ -119,19 +119,23 @@ def test_fused_op_checks_and_opcheck():
     x = torch.randn(2, 5, d)
     kpm = torch.ones(2, 5, dtype=torch.bool)
     kpm[1, 3:] = False
-    for unpad in (False, True):
-        args = (x, kpm, params, heads, widths, present, c.config.head_dim, 0, 1e-12, None, True, unpad)
+    for all_hidden, unpad, cls_only in ((True, False, False), (True, True, False), (False, False, True),
+                                        (False, True, True)):
+        args = (x, kpm, params, heads, widths, present, c.config.head_dim, 0, 1e-12, None, all_hidden, unpad,
+                cls_only)
         torch.library.opcheck(torch.ops.cofi.compact_encoder_fwd.default, args,
                               test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="cls_only returns the position-0 rows alone"):
+        torch.ops.cofi.compact_encoder_fwd(*args[:10], True, False, True)
     with pytest.raises(RuntimeError, match="params ran out at layer"):
-        torch.ops.cofi.compact_encoder_fwd(x, kpm, params[:-1], heads, widths, present, c.config.head_dim, 0, 1e-12, None, False, False)
+        torch.ops.cofi.compact_encoder_fwd(x, kpm, params[:-1], heads, widths, present, c.config.head_dim, 0, 1e-12, None, False, False, False)
     with pytest.raises(RuntimeError, match=r"x must be \[B, S, d\]"):
-        torch.ops.cofi.compact_encoder_fwd(x[0], None, params, heads, widths, present, c.config.head_dim, 0, 1e-12, None, False, False)
+        torch.ops.cofi.compact_encoder_fwd(x[0], None, params, heads, widths, present, c.config.head_dim, 0, 1e-12, None, False, False, False)
     i = next(k for k, p in enumerate(present) if p & 1 and heads[k])
     bad = list(heads)
     bad[i] += 1
     with pytest.raises(RuntimeError, match=f"layer {i} qkv_weight must have shape"):
-        torch.ops.cofi.compact_encoder_fwd(x, None, params, bad, widths, present, c.config.head_dim, 0, 1e-12, None, False, False)
+        torch.ops.cofi.compact_encoder_fwd(x, None, params, bad, widths, present, c.config.head_dim, 0, 1e-12, None, False, False, False)
 
 
 @needs_native
@@ -163,3 +167,41 @@ def test_unpad_same_at_real_tokens_zero_at_padding(arch, task, pad):
     else:
         torch.testing.assert_close(fused.start_logits[real], want.start_logits[real], atol=1e-12, rtol=1e-12)
         torch.testing.assert_close(fused.start_logits, per_op.start_logits, atol=1e-12, rtol=1e-12)
+
+
+def _structure(kind: str, dtype=torch.float64):
+    """'tail': attention only in layer 0 (FFN-only layers after it, as CoFi's high-sparsity
+    structures); 'none': no attention at all; 'last': heads in the last layer."""
+    model = tiny_hf_model("bert", "cls", dtype, num_labels=3)
+    m = random_masks(model.config, True, 7, kill=("hidden",))
+    L = model.config.num_hidden_layers
+    if kind in ("tail", "none"):
+        m["mha"][1:] = 0
+        if kind == "none":
+            m["mha"][0] = 0
+        m["ffn"][L - 2] = 1
+        m["intermediate"][L - 2] = 0  # a bias-only FFN in the tail
+    else:
+        m["head"][L - 1, 0] = 1
+    return prune(model, m)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["tail", "none", "last"])
+@pytest.mark.parametrize("unpad", [False, True])
+def test_cls_tail_same_logits(kind, unpad):
+    c = _structure(kind).set_unpad(unpad)
+    ids, am, tt = example_inputs(c, batch=5, seq=9)
+    am[1, 5:] = 0
+    am[3, 0] = 0  # a padded position 0 (left padding): its output is 0 under unpadding
+    with torch.no_grad():
+        want = c.set_encoder_path("per_op")(ids, am, tt).logits
+        c.set_encoder_path("auto")
+        got = c(ids, am, tt).logits
+        hs = c.encode(ids, am, tt, all_hidden_states=False, cls_only=True)[-1]
+        full = c.set_cls_tail(False)(ids, am, tt).logits
+    assert c.last_encoder_path == "fused" and hs.shape == (5, 1, c.config.hidden_size)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(full, want, atol=1e-12, rtol=1e-12)
+    if unpad:
+        assert hs[3].abs().max() == 0

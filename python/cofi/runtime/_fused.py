@@ -72,9 +72,10 @@ def flat_params(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[int], 
 
 
 def encode(model: torch.nn.Module, x: torch.Tensor, key_padding_mask: torch.Tensor | None,
-           all_hidden_states: bool) -> list[torch.Tensor]:
-    """x: [B, S, d] embedding output -> [x, layer outputs...] (all_hidden_states) or [last output].
-    With ``model.unpad`` the layers run on the real tokens only and outputs are 0 at padding."""
+           all_hidden_states: bool, cls_only: bool = False) -> list[torch.Tensor]:
+    """x: [B, S, d] embedding output -> [x, layer outputs...] (all_hidden_states), [last output], or
+    with ``cls_only`` [last output at position 0, [B, 1, d]]. With ``model.unpad`` the layers run on
+    the real tokens only and outputs are 0 at padding."""
     from .modeling import activation_name
 
     params, heads, widths, present = flat_params(model)
@@ -83,7 +84,7 @@ def encode(model: torch.nn.Module, x: torch.Tensor, key_padding_mask: torch.Tens
     out = torch.ops.cofi.compact_encoder_fwd(
         x, kpm, params, heads, widths, present, model.config.head_dim,
         ACT_CODES[activation_name(model.config.hidden_act)], float(model.config.layer_norm_eps), hz,
-        all_hidden_states, bool(model.unpad))
+        all_hidden_states, bool(model.unpad), cls_only)
     B.record("compact_encoder", "native", x.device)
     return [x, *out] if all_hidden_states else list(out)
 
@@ -92,7 +93,9 @@ if _ext.native_loaded():
     try:
         @torch.library.register_fake(f"cofi::{OP}")
         def _(x, key_padding_mask, params, num_heads, widths, present, head_dim, activation, eps, hidden_z,
-              all_hidden_states, unpad):
+              all_hidden_states, unpad, cls_only):
+            if cls_only:
+                return [x.new_empty((x.shape[0], 1, x.shape[2]))]
             n = len(present) if all_hidden_states else 1
             return [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(n)]
     except RuntimeError:  # pragma: no cover - extension built before this op's schema existed

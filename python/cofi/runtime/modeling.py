@@ -169,7 +169,10 @@ class CompactModel(nn.Module):
     ``runtime._fused``); ``encoder_path`` ('auto' | 'fused' | 'per_op') forces a path and
     ``last_encoder_path`` says which one ran. ``set_unpad(True)``: the fused path runs the layers on the real
     tokens only (packed rows; attention still sees the padded layout), faster for padded batches,
-    and both paths then return 0 at padding positions (same results at real tokens).
+    and both paths then return 0 at padding positions (same results at real tokens). For sequence
+    classification without ``output_hidden_states``, the fused path computes only the position-0
+    (CLS) rows after the last attention (``cls_tail``, on by default; exact: every later step is
+    row-wise; ``set_cls_tail(False)`` computes every row).
     """
 
     def __init__(self, config: CompactConfig) -> None:
@@ -178,6 +181,7 @@ class CompactModel(nn.Module):
         self.encoder_path = "auto"
         self.last_encoder_path: str | None = None
         self.unpad = False
+        self.cls_tail = True
         self.embeddings = CompactEmbeddings(config)
         self.layers = nn.ModuleList(CompactLayer(config, i) for i in range(config.num_layers))
         d, c = config.hidden_size, config.classifier_size or config.original_hidden_size
@@ -216,17 +220,24 @@ class CompactModel(nn.Module):
         self.unpad = bool(unpad)
         return self
 
+    def set_cls_tail(self, on: bool = True) -> "CompactModel":
+        """Compute only the CLS rows after the last attention when only logits are needed."""
+        self.cls_tail = bool(on)
+        return self
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               token_type_ids: torch.Tensor | None = None, all_hidden_states: bool = True) -> list[torch.Tensor]:
+               token_type_ids: torch.Tensor | None = None, all_hidden_states: bool = True,
+               cls_only: bool = False) -> list[torch.Tensor]:
         """Hidden states: embedding output then each layer's output, [B, S, hidden_size] each
-        (only the last layer's output when ``all_hidden_states`` is False)."""
+        (only the last layer's output when ``all_hidden_states`` is False; with ``cls_only`` the
+        fused path may return it for position 0 alone, [B, 1, hidden_size])."""
         kpm = None if attention_mask is None else attention_mask.to(torch.bool)
         x = self.embeddings(input_ids, token_type_ids)
         if self.encoder_path != "per_op":
             why = _fused.reasons(self, x)
             if not why:
                 self.last_encoder_path = "fused"
-                return _fused.encode(self, x, kpm, all_hidden_states)
+                return _fused.encode(self, x, kpm, all_hidden_states, cls_only and not all_hidden_states)
             if self.encoder_path == "fused":
                 raise RuntimeError("cofi.runtime: encoder path 'fused' cannot run: " + "; ".join(why))
         self.last_encoder_path = "per_op"
@@ -256,7 +267,9 @@ class CompactModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None,
                 output_hidden_states: bool = False) -> CompactOutput:
-        hs = self.encode(input_ids, attention_mask, token_type_ids, all_hidden_states=output_hidden_states)
+        cls_only = self.cls_tail and self.qa_outputs is None and not output_hidden_states
+        hs = self.encode(input_ids, attention_mask, token_type_ids, all_hidden_states=output_hidden_states,
+                         cls_only=cls_only)
         out = self.head(hs[-1])
         hidden = None
         if output_hidden_states:
