@@ -141,6 +141,12 @@ std::vector<Tensor> compact_encoder_fwd(const Tensor& x_in, const OptT& key_padd
   };
   std::vector<Tensor> out;
   Cursor c{params};
+  auto add_norm = [&](const Tensor& branch, int64_t i) {  // x = LayerNorm(branch + x), the sublayer's own LN
+    const Tensor& lw = c.vec("ln_weight", i, d);
+    const Tensor& lb = c.vec("ln_bias", i, d);
+    x = layer_norm(branch, x, lw, lb, hidden_z, eps);
+    fresh = true;
+  };
   bool any = false;
   for (int64_t i = 0; i < L; ++i) {
     fresh = false;
@@ -168,10 +174,7 @@ std::vector<Tensor> compact_encoder_fwd(const Tensor& x_in, const OptT& key_padd
       } else {
         a = c.vec("out_bias", i, d).expand({x.size(0), d}).contiguous();
       }
-      const Tensor& lw = c.vec("ln_weight", i, d);
-      const Tensor& lb = c.vec("ln_bias", i, d);
-      x = layer_norm(a, x, lw, lb, hidden_z, eps);
-      fresh = true;
+      add_norm(a, i);
     }
     if (present[i] & 2) {
       const int64_t f = widths[i];
@@ -186,10 +189,7 @@ std::vector<Tensor> compact_encoder_fwd(const Tensor& x_in, const OptT& key_padd
       } else {
         y = c.vec("b2", i, d).expand({x.size(0), d}).contiguous();
       }
-      const Tensor& lw = c.vec("ln_weight", i, d);
-      const Tensor& lb = c.vec("ln_bias", i, d);
-      x = layer_norm(y, x, lw, lb, hidden_z, eps);
-      fresh = true;
+      add_norm(y, i);
     }
     any = any || fresh;
     if (all_hidden_states) out.push_back(emit());

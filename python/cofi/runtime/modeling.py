@@ -241,18 +241,13 @@ class CompactModel(nn.Module):
             if self.encoder_path == "fused":
                 raise RuntimeError("cofi.runtime: encoder path 'fused' cannot run: " + "; ".join(why))
         self.last_encoder_path = "per_op"
-        if self.unpad and kpm is not None:  # same outputs as the fused path's unpadding
-            keep = kpm.unsqueeze(-1).to(x.dtype)
-            hs = [x]
-            for layer in self.layers:
-                x = layer(x, kpm)
-                hs.append(x * keep)
-            return hs if all_hidden_states else [hs[-1]]
+        # with unpad, the same outputs as the fused path: 0 at padding positions
+        keep = kpm.unsqueeze(-1).to(x.dtype) if self.unpad and kpm is not None else None
         hs = [x]
         for layer in self.layers:
             x = layer(x, kpm)
-            hs.append(x)
-        return hs if all_hidden_states else [x]
+            hs.append(x if keep is None else x * keep)
+        return hs if all_hidden_states else [hs[-1]]
 
     def head(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Task head on the last hidden state x [B, S, d]: (logits,) or (start_logits, end_logits)."""
