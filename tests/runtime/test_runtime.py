@@ -113,9 +113,13 @@ def test_pad_hidden_exact_and_not_counted(tmp_path, arch, task, multiple):
             torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)
 
 
-def test_pad_hidden_bad_multiple():
-    with pytest.raises(ValueError, match="multiple must be >= 1, got 0"):
+def test_pad_bad_multiple():
+    with pytest.raises(ValueError, match="pad_hidden_ multiple must be an int >= 1, got 0"):
         _compact().pad_hidden_(0)
+    with pytest.raises(ValueError, match="pad_ffn_ multiple must be an int >= 1, got 0"):
+        _compact().pad_ffn_(0)
+    with pytest.raises(ValueError, match="pad_hidden_ multiple must be an int >= 1, got -8"):
+        _compact().pad_(-8)
 
 
 @pytest.mark.parametrize("task", ["cls", "qa"])

@@ -48,6 +48,11 @@ def _hidden_z(cfg: CompactConfig) -> torch.Tensor | None:
     return torch.cat([torch.ones(cfg.real_hidden_size), torch.zeros(cfg.zero_hidden_dims)])
 
 
+def _check_multiple(method: str, multiple: int) -> None:
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"cofi.runtime: {method} multiple must be an int >= 1, got {multiple!r}")
+
+
 def _cat0(t: torch.Tensor, extra: int, dim: int) -> nn.Parameter:
     """t with ``extra`` zero slices appended along ``dim``."""
     shape = list(t.shape)
@@ -299,6 +304,7 @@ class CompactModel(nn.Module):
     def pad_ffn_(self, multiple: int) -> "CompactModel":
         """Append all-zero FFN units so every FFN width is a multiple of ``multiple`` (exact: a unit
         with zero input row and zero bias gives act(0) = 0 and has a zero output column)."""
+        _check_multiple("pad_ffn_", multiple)
         for i, layer in enumerate(self.layers):
             ffn = layer.ffn
             if ffn is None or ffn.width == 0 or ffn.width % multiple == 0:
@@ -319,8 +325,7 @@ class CompactModel(nn.Module):
         zero columns in every projection reading it, and every LayerNorm leaves them out of its
         statistics (``hidden_z``) and outputs 0 there. Hidden states returned by ``forward`` drop them.
         """
-        if multiple < 1:
-            raise ValueError(f"cofi.runtime: pad_hidden_ multiple must be >= 1, got {multiple}")
+        _check_multiple("pad_hidden_", multiple)
         cfg = self.config
         extra = -cfg.hidden_size % multiple
         if extra == 0:
