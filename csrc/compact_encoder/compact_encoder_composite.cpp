@@ -1,9 +1,9 @@
 // cofi::compact_encoder_fwd: the compact runtime's whole encoder (every layer of a pruned, ragged
 // BERT/RoBERTa) in one call, for inference. Device-generic (CompositeExplicitAutograd): the GEMMs are
-// at::addmm and the attention / FFN / LayerNorm steps are the cofi native ops, reached through the
+// at::addmm (on CPU split over output columns when there are few rows, csrc/cpu_linear.h) and the attention / FFN / LayerNorm steps are the cofi native ops, reached through the
 // dispatcher, so the same code runs the CPU kernels and, in a CUDA build, the CUDA ones. It exists
 // to take per-op Python overhead (~0.1 ms per custom-op call) out of small-batch latency; the math
-// is exactly the runtime's per-op path (python/cofi/runtime/modeling.py). No autograd kernel: the
+// is the runtime's per-op path (python/cofi/runtime/modeling.py), equal to rounding. No autograd kernel: the
 // runtime calls it only when no gradient is needed.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -12,6 +12,8 @@
 #include <cmath>
 #include <tuple>
 #include <vector>
+
+#include "../cpu_linear.h"
 
 namespace cofi {
 namespace {
@@ -159,17 +161,17 @@ std::vector<Tensor> compact_encoder_fwd(const Tensor& x_in, const OptT& key_padd
         const Tensor& qkv_b = c.vec("qkv_bias", i, 3 * w);
         const Tensor& out_w = c.next("out_weight", i);
         check_mat(out_w, d, w, "out_weight", i);
-        Tensor qkv = padded(at::addmm(qkv_b, x, qkv_w.t())).view({Bsz, S, 3, h, head_dim});
+        Tensor qkv = padded(cpu::linear(x, qkv_w, qkv_b)).view({Bsz, S, 3, h, head_dim});
         Tensor ctx = std::get<0>(attention(qkv.select(2, 0).transpose(1, 2), qkv.select(2, 1).transpose(1, 2),
                                            qkv.select(2, 2).transpose(1, 2), key_padding_mask, scale));
         const Tensor& out_b = c.vec("out_bias", i, d);
         if (i == last_attention) {
           x = cls_rows(x);
           cls = true;
-          a = at::addmm(out_b, ctx.select(2, 0).reshape({Bsz, w}), out_w.t());
+          a = cpu::linear(ctx.select(2, 0).reshape({Bsz, w}), out_w, out_b);
         } else {
           Tensor rows = ctx.transpose(1, 2).reshape({N, w});
-          a = at::addmm(out_b, idx.defined() ? rows.index_select(0, idx) : rows, out_w.t());
+          a = cpu::linear(idx.defined() ? rows.index_select(0, idx) : rows, out_w, out_b);
         }
       } else {
         a = c.vec("out_bias", i, d).expand({x.size(0), d}).contiguous();

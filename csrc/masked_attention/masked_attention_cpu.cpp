@@ -1,6 +1,7 @@
 // CPU kernels of cofi::masked_attention_{fwd,bwd}_native (see python/cofi/ops/masked_attention.py).
 //
-// One task per (batch, live head), run with at::parallel_for. Per task, flash-attention style:
+// One task per (batch, live head) -- per query block too in the forward when there are few -- run
+// with at::parallel_for. Per task, flash-attention style:
 // query blocks x key blocks, scores of one block in a thread-local buffer, online softmax in the
 // forward (running max / sum per row), only the per-row log-sum-exp kept for the backward, which
 // recomputes the probabilities block by block. The block products are BLAS gemms (MKL's
@@ -332,12 +333,19 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   std::vector<uint32_t> qmix(S);
   for (int64_t i = 0; i < S; ++i) qmix[i] = mix32(static_cast<uint32_t>(i));
 
-  at::parallel_for(0, g.B * nl, 1, [&](int64_t begin, int64_t end) {
+  // Few (batch, head) pairs (batch-1 inference of a pruned layer: 1-9 heads on 2+ threads) leave
+  // threads idle, so then each query block is its own task (rows are independent in the forward).
+  const int64_t nqb = (S + kBQ - 1) / kBQ;
+  const int64_t qsplit = g.B * nl < 4 * at::get_num_threads() ? nqb : 1;
+  at::parallel_for(0, g.B * nl * qsplit, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> sbuf(static_cast<size_t>(kBQ) * kBK), mrow(kBQ), lrow(kBQ), dbuf(drop.on ? kBK : 0);
     std::vector<T> kc, vc;
     std::vector<uint32_t> kmix(S);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / nl, h = live[t % nl];
+      const int64_t bh = t / qsplit, b = bh / nl, h = live[bh % nl];
+      // this task's query rows: [q_begin, q_end)
+      const int64_t q_begin = qsplit == 1 ? 0 : (t % qsplit) * kBQ;
+      const int64_t q_end = qsplit == 1 ? S : std::min(S, q_begin + kBQ);
       const T* Q = qp + b * g.qs[0] + h * g.qs[1];
       const T* K = kp + b * g.ks[0] + h * g.ks[1];
       const T* V = vp + b * g.vs[0] + h * g.vs[1];
@@ -362,12 +370,12 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
       const T zh = zp ? zp[h] : T(1);
       const uint32_t dbase = drop.on ? drop.base(b * g.H + h) : 0;
       if (nk == 0) {  // every key masked: zeros, lse = +inf
-        std::fill(O, O + S * D, T(0));
-        std::fill(L, L + S, inf);
+        std::fill(O + q_begin * D, O + q_end * D, T(0));
+        std::fill(L + q_begin, L + q_end, inf);
         continue;
       }
-      for (int64_t i0 = 0; i0 < S; i0 += kBQ) {
-        const int m = static_cast<int>(std::min<int64_t>(kBQ, S - i0));
+      for (int64_t i0 = q_begin; i0 < q_end; i0 += kBQ) {
+        const int m = static_cast<int>(std::min<int64_t>(kBQ, q_end - i0));
         T* Oi = O + i0 * D;
         std::fill(mrow.begin(), mrow.end(), -inf);
         std::fill(lrow.begin(), lrow.end(), T(0));

@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../cpu_linear.h"
 #include "../fast_math.h"
 
 namespace cofi {
@@ -325,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor> masked_ffn_fwd_cpu(const at::Tensor& x_, cons
   const at::Tensor x = x_.contiguous();
   Live l = gather(w1, b1, w2, int_z, live);
   const int64_t N = x.size(0), L = l.w1.size(0);
-  at::Tensor h = at::mm(x, l.w1.t());  // [N, L], bias added in the epilogue
+  at::Tensor h = cpu::linear(x, l.w1, at::Tensor());  // [N, L], bias added in the epilogue
   at::Tensor a = at::empty_like(h);
   at::Tensor s = gate_scale(l, mlp_z, L, x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "masked_ffn_fwd_cpu", [&] {
@@ -333,7 +334,7 @@ std::tuple<at::Tensor, at::Tensor> masked_ffn_fwd_cpu(const at::Tensor& x_, cons
                            s.data_ptr<scalar_t>(), N, L, act);
   });
   at::Tensor b2m = mlp_z ? b2 * mlp_z->reshape({}) : b2;
-  at::Tensor y = L > 0 ? at::addmm(b2m, a, l.w2.t()) : b2m.expand({N, b2.size(0)}).contiguous();
+  at::Tensor y = L > 0 ? cpu::linear(a, l.w2, b2m) : b2m.expand({N, b2.size(0)}).contiguous();
   return {y, h};
 }
 

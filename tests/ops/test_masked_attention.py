@@ -158,6 +158,25 @@ class TestMaskedAttentionBackends:
         assert_all_close(run("native", q, k, v, z, mask, 0.1), run("reference", q, k, v, z, mask, 0.1),
                          torch.float64, "native/S600")
 
+    def test_native_query_block_tasks(self):
+        """Few (batch, head) pairs: the forward runs each query block as its own task (S = 150: two
+        full blocks and a ragged one), with padding, a fully masked batch row and dropout."""
+        if "native" not in KERNELS:
+            pytest.skip("native not built")
+        g = gen(7)
+        q, k, v = (torch.randn(2, 2, 150, 8, generator=g, dtype=torch.float64) for _ in range(3))
+        mask = torch.rand(2, 150, generator=g) > 0.3
+        mask[1] = False
+        z = torch.tensor([0.7, 1.0], dtype=torch.float64)
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)  # split when batch x live heads < 4 x threads
+        try:
+            for p in (0.0, 0.2):
+                assert_all_close(run("native", q, k, v, z, mask, p), run("reference", q, k, v, z, mask, p),
+                                 torch.float64, f"native/S150/p{p}")
+        finally:
+            torch.set_num_threads(before)
+
     @pytest.mark.parametrize("backend", ["reference"] + KERNELS)
     def test_packed_qkv_views_no_copy(self, backend):
         g = gen(6)

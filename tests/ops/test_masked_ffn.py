@@ -215,6 +215,30 @@ class TestMaskedFfnRouting:
             ops.masked_ffn(x, w1, b1, w2, b2, z, m, backend="native")
 
 
+@pytest.mark.parametrize("rows", [128, 1030])  # column-split GEMMs (<= 1024 rows) and BLAS's own split
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_cpu_gemm_split(rows, threads):
+    """csrc/cpu_linear.h: with few rows and >= 64 output columns per thread, each thread computes its
+    own block of output columns (widths 300 and 160: one and two blocks per thread, a ragged last
+    block). Forward and gradients match the float64 reference whatever the thread count."""
+    if "native" not in available():
+        pytest.skip("native not built")
+    ins = make((rows,), 160, 300, torch.float64, "mixed", 0.7, seed=3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = ops.masked_ffn(*ins, backend="native")
+        g = torch.randn_like(y)
+        got = grads(y, ins, g)
+    finally:
+        torch.set_num_threads(before)
+    ref_ins = [t.detach().requires_grad_() if t is not None else None for t in ins]
+    yr = masked_ffn_ref(*ref_ins)
+    torch.testing.assert_close(y, yr, **tol(OP, "fwd", torch.float64))
+    for a, b in zip(got, grads(yr, ref_ins, g)):
+        torch.testing.assert_close(a, b, **tol(OP, "bwd", torch.float64))
+
+
 @pytest.mark.cuda
 class TestMaskedFfnGpu:
     @pytest.mark.parametrize("backend", ["native", "triton"])
