@@ -243,7 +243,7 @@ def main() -> None:
     S = 128
     batches = [int(b) for b in args.batches.split(",")] if args.batches else ([8, 1] if args.quick else [32, 1])
     rounds = args.rounds or (3 if args.quick else 7)
-    # batch-1 calls are ~50x cheaper and noisier (machine jitter is a larger share): 5x the rounds
+    # batch-1 calls are ~50x cheaper and noisier (machine jitter is a larger share): 10x the rounds
     d, H, D, Fi, L = cfg.hidden_size, cfg.num_attention_heads, 64, cfg.intermediate_size, cfg.num_hidden_layers
     dense_flops = encoder_flops([H] * L, [Fi] * L, d, D, S)
     rows = []
@@ -286,7 +286,7 @@ def main() -> None:
                        "compact_per_op": lambda: per_op(ids, am, tt),
                        "compact_skip": lambda: skip(ids, am, tt),
                        "eager_modules": lambda: eager(ids, am, tt)}
-                t = time_interleaved(fns, rounds * (5 if B == 1 else 1))
+                t = time_interleaved(fns, rounds * (10 if B == 1 else 1))
                 best_compact = min(t["compact"]["p50_ms"], t["compact_pad64"]["p50_ms"])
                 row = {"batch": B, "seq": S, "target_sparsity": s, "real_sparsity": compact.sparsity(),
                        "hidden_size": compact.config.hidden_size, "num_heads": compact.config.num_heads,

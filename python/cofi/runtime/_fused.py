@@ -71,6 +71,16 @@ def flat_params(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[int], 
     return params, heads, widths, present
 
 
+def embedding_norm(model: torch.nn.Module, e: torch.Tensor) -> torch.Tensor:
+    """The embedding LayerNorm of e [B, S, d] by the native kernel, called directly: the public op's
+    Python custom-op dispatch (~0.15 ms) is 1 % of a 95 %-sparse model at batch 1. Same kernel and
+    arguments as ``CompactEmbeddings.norm`` picks on this path (``reasons`` checked it can run)."""
+    emb = model.embeddings
+    y = torch.ops.cofi.masked_layer_norm_fwd_native(e.reshape(-1, e.shape[-1]), None, emb.ln_weight, emb.ln_bias,
+                                                    emb.hidden_z, float(emb.eps))[0]
+    return y.view(e.shape)
+
+
 def encode(model: torch.nn.Module, x: torch.Tensor, key_padding_mask: torch.Tensor | None,
            all_hidden_states: bool, cls_only: bool = False) -> list[torch.Tensor]:
     """x: [B, S, d] embedding output -> [x, layer outputs...] (all_hidden_states), [last output], or

@@ -149,7 +149,15 @@ class CompactEmbeddings(nn.Module):
         self.impl = "cofi"
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
-        """input_ids: [B, S] -> [B, S, d]."""
+        """input_ids: [B, S] -> [B, S, d]: LayerNorm of ``lookup``."""
+        return self.norm(self.lookup(input_ids, token_type_ids))
+
+    def norm(self, e: torch.Tensor) -> torch.Tensor:
+        """The embedding LayerNorm (hidden_z-aware) of e [B, S, d]."""
+        return _ops.layer_norm(e, None, self.ln_weight, self.ln_bias, self.eps, self.impl, self.hidden_z)
+
+    def lookup(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        """Word + token type + position embeddings before the LayerNorm: [B, S] -> [B, S, d]."""
         S = input_ids.shape[1]
         if self.model_type == "roberta":  # positions count non-pad tokens, offset by padding_idx
             keep = input_ids.ne(self.pad).to(torch.long)
@@ -159,8 +167,7 @@ class CompactEmbeddings(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         e = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-        e = e + self.position_embeddings(pos)
-        return _ops.layer_norm(e, None, self.ln_weight, self.ln_bias, self.eps, self.impl, self.hidden_z)
+        return e + self.position_embeddings(pos)
 
 
 class CompactModel(nn.Module):
@@ -237,15 +244,17 @@ class CompactModel(nn.Module):
         (only the last layer's output when ``all_hidden_states`` is False; with ``cls_only`` the
         fused path may return it for position 0 alone, [B, 1, hidden_size])."""
         kpm = None if attention_mask is None else attention_mask.to(torch.bool)
-        x = self.embeddings(input_ids, token_type_ids)
+        e = self.embeddings.lookup(input_ids, token_type_ids)
         if self.encoder_path != "per_op":
-            why = _fused.reasons(self, x)
+            why = _fused.reasons(self, e)
             if not why:
                 self.last_encoder_path = "fused"
+                x = _fused.embedding_norm(self, e)
                 return _fused.encode(self, x, kpm, all_hidden_states, cls_only and not all_hidden_states)
             if self.encoder_path == "fused":
                 raise RuntimeError("cofi.runtime: encoder path 'fused' cannot run: " + "; ".join(why))
         self.last_encoder_path = "per_op"
+        x = self.embeddings.norm(e)
         # with unpad, the same outputs as the fused path: 0 at padding positions
         keep = kpm.unsqueeze(-1).to(x.dtype) if self.unpad and kpm is not None else None
         hs = [x]
