@@ -11,6 +11,8 @@ device and dtype. ``CompactModel.encoder_path`` forces one path; ``last_encoder_
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _ext
@@ -24,11 +26,19 @@ PATHS = ("auto", "fused", "per_op")
 OP = "compact_encoder_fwd"
 
 
-def _native_reasons(x: torch.Tensor, head_dim: int) -> list[str]:
+@functools.lru_cache(maxsize=64)
+def _native_reasons_for(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, ...]:
+    """Depends only on the build, device, dtype and head dim: cached (checking it every call costs
+    ~0.1 ms with cold caches, 1 % of a 95 %-sparse model at batch 1)."""
     if not _ext.has_kernel(OP, "CompositeExplicitAutograd"):
-        return [f"cofi::{OP} not in this build of cofi._C (rebuild the extension)"]
+        return (f"cofi::{OP} not in this build of cofi._C (rebuild the extension)",)
+    x = torch.empty((0, 0), device=device, dtype=dtype)
     probe = x.new_empty((0, 0, 0, head_dim))
-    return _attention_reasons(probe) + _ffn_reasons(x) + _layer_norm_reasons(x)
+    return tuple(_attention_reasons(probe) + _ffn_reasons(x) + _layer_norm_reasons(x))
+
+
+def _native_reasons(x: torch.Tensor, head_dim: int) -> list[str]:
+    return list(_native_reasons_for(x.device, x.dtype, head_dim))
 
 
 def reasons(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
