@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -67,6 +68,27 @@ def measure(fn: Callable[[], object], min_run_time: float = 1.0, device: str = "
         return 1e3 * times[min(len(times) - 1, int(round(p * (len(times) - 1))))]
 
     return {"p20_ms": q(0.2), "p50_ms": q(0.5), "p80_ms": q(0.8), "runs": len(times) * m.number_per_run}
+
+
+def time_interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict[str, dict[str, float]]:
+    """One call of each provider per round, in order; p10/p50/p90 in ms over rounds. Machine noise
+    (bursts of other load) then hits every provider alike, which blocked timing of one provider after
+    another does not guarantee."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    samples = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            samples[k].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for k, v in samples.items():
+        v = sorted(v)
+        q = statistics.quantiles(v, n=10) if len(v) >= 2 else [v[0]] * 9
+        out[k] = {"p50_ms": statistics.median(v), "p10_ms": q[0], "p90_ms": q[-1], "n": len(v)}
+    return out
 
 
 def check_close(name: str, got: object, want: object, atol: float, rtol: float) -> str | None:

@@ -5,7 +5,7 @@ round, median over rounds, so machine noise hits every provider alike):
 - dense:          transformers BertForSequenceClassification, BERT-base config, SDPA attention.
 - compact:        cofi.runtime.CompactModel (fused QKV, cofi ops, sublayers that are gone cost nothing;
                   the whole encoder in one native call, cofi::compact_encoder_fwd).
-- compact_skip:   compact_pad64 that also skips work whose result is not used: padding tokens
+- compact_skip:   compact_padded that also skips work whose result is not used: padding tokens
                   (``set_unpad(True)``; the batch-32 inputs have 12.5 % padding, batch 1 has none) and,
                   after the last attention, every row but the CLS row the classifier reads
                   (``cls_tail``, the runtime's default for classification). Less work than every other
@@ -14,9 +14,10 @@ round, median over rounds, so machine noise hits every provider alike):
                   ``set_cls_tail(False)``.
 - compact_per_op: the same model on the per-op path (one cofi custom op per attention / FFN /
                   LayerNorm step from Python): what the fused encoder call saves.
-- compact_pad64:  the same with the hidden size and FFN widths zero-padded to multiples of 64
-                  (``CompactModel.pad_(64)``, exact: padding dims are left out of LayerNorm statistics;
-                  timed to decide whether padding pays).
+- compact_padded: the same with the hidden size and FFN widths zero-padded to multiples of ``--pad``
+                  (default 16; ``CompactModel.pad_(16)``, exact: padding dims are left out of LayerNorm
+                  statistics; timed to decide whether padding pays: MKL's sgemm here runs ~1.5x slower
+                  when N is not a multiple of 8-16, e.g. 739, and K = 736 is as fast as 768).
 - eager_modules:  the same compact weights in plain eager PyTorch modules the way the reference's
                   pruned model runs them (separate Q/K/V nn.Linear, matmul-softmax-matmul attention
                   with an additive mask, nn.LayerNorm, nn.GELU; per-layer ragged sizes).
@@ -33,17 +34,14 @@ are then folded by cofi.pruning.prune into the compact model (so the bench also 
 FLOP bound: dense encoder FLOPs / compact encoder FLOPs (matmuls + attention scores/context;
 embeddings and head excluded: that is the best a dense engine can do), counted on the unpadded
 structure (padding adds FLOPs and is still measured against this bound). Efficiency = speedup /
-bound. "best" = the faster of compact and compact_pad64 in that row (the runtime's padding choice).
+bound. "best" = the faster of compact and compact_padded in that row (the runtime's padding choice).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -51,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import env_tags  # noqa: E402
+from _harness import env_tags, time_interleaved  # noqa: E402
 
 from cofi.pruning import prune  # noqa: E402
 from cofi.runtime import CompactModel  # noqa: E402
@@ -207,24 +205,6 @@ def encoder_flops(num_heads, widths, d, D, S) -> int:
     return f
 
 
-def time_interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict[str, dict[str, float]]:
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    samples = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            samples[k].append((time.perf_counter() - t0) * 1e3)
-    out = {}
-    for k, v in samples.items():
-        v = sorted(v)
-        q = statistics.quantiles(v, n=10) if len(v) >= 2 else [v[0]] * 9
-        out[k] = {"p50_ms": statistics.median(v), "p10_ms": q[0], "p90_ms": q[-1], "n": len(v)}
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds, batch 8 instead of 32")
@@ -233,6 +213,7 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.6,0.8,0.95")
     ap.add_argument("--batches", default=None, help="comma list (default 32,1; --quick 8,1)")
     ap.add_argument("--out", default=str(RESULTS / "runtime.json"))
+    ap.add_argument("--pad", type=int, default=16, help="padding multiple of the padded providers")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -252,9 +233,9 @@ def main() -> None:
         for s in [float(x) for x in args.sparsities.split(",")]:
             masks, compact = masks_for_sparsity(dense, s)
             compact.set_cls_tail(False)
-            padded = prune(dense, masks).pad_(64).set_cls_tail(False)
+            padded = prune(dense, masks).pad_(args.pad).set_cls_tail(False)
             per_op = prune(dense, masks).set_encoder_path("per_op")
-            skip = prune(dense, masks).pad_(64).set_unpad(True).set_cls_tail(True)
+            skip = prune(dense, masks).pad_(args.pad).set_unpad(True).set_cls_tail(True)
             eager = EagerCompact(compact).eval()
             c = compact.config
             cf = encoder_flops([h if a else 0 for h, a in zip(c.num_heads, c.attention_present)],
@@ -282,18 +263,18 @@ def main() -> None:
                 assert paths == ("fused", "fused", "per_op", "fused"), paths
                 fns = {"dense": lambda: dense(input_ids=ids, attention_mask=am, token_type_ids=tt),
                        "compact": lambda: compact(ids, am, tt),
-                       "compact_pad64": lambda: padded(ids, am, tt),
+                       "compact_padded": lambda: padded(ids, am, tt),
                        "compact_per_op": lambda: per_op(ids, am, tt),
                        "compact_skip": lambda: skip(ids, am, tt),
                        "eager_modules": lambda: eager(ids, am, tt)}
                 t = time_interleaved(fns, rounds * (10 if B == 1 else 1))
-                best_compact = min(t["compact"]["p50_ms"], t["compact_pad64"]["p50_ms"])
+                best_compact = min(t["compact"]["p50_ms"], t["compact_padded"]["p50_ms"])
                 row = {"batch": B, "seq": S, "target_sparsity": s, "real_sparsity": compact.sparsity(),
                        "hidden_size": compact.config.hidden_size, "num_heads": compact.config.num_heads,
                        "intermediate_sizes": compact.config.intermediate_sizes,
                        "flop_ratio": dense_flops / cf, "times": t,
                        "speedup": t["dense"]["p50_ms"] / t["compact"]["p50_ms"],
-                       "speedup_pad64": t["dense"]["p50_ms"] / t["compact_pad64"]["p50_ms"],
+                       "speedup_padded": t["dense"]["p50_ms"] / t["compact_padded"]["p50_ms"],
                        "speedup_best": t["dense"]["p50_ms"] / best_compact,
                        "eager_speedup": t["dense"]["p50_ms"] / t["eager_modules"]["p50_ms"],
                        "vs_eager": t["eager_modules"]["p50_ms"] / t["compact"]["p50_ms"],
@@ -302,15 +283,15 @@ def main() -> None:
                        "padding_fraction": 1 - float(am.float().mean()),
                        "speedup_skip": t["dense"]["p50_ms"] / t["compact_skip"]["p50_ms"],
                        "vs_eager_skip": t["eager_modules"]["p50_ms"] / t["compact_skip"]["p50_ms"],
-                       "best_is_padded": t["compact_pad64"]["p50_ms"] < t["compact"]["p50_ms"],
+                       "best_is_padded": t["compact_padded"]["p50_ms"] < t["compact"]["p50_ms"],
                        "dense_gflops_s": dense_flops * B * S / t["dense"]["p50_ms"] / 1e6}
                 row["flop_efficiency"] = row["speedup"] / row["flop_ratio"]
                 row["flop_efficiency_best"] = row["speedup_best"] / row["flop_ratio"]
                 rows.append(row)
                 print(f"B={B:2d} s={s:.2f} dense {t['dense']['p50_ms']:8.1f} ms  compact {t['compact']['p50_ms']:7.2f} "
-                      f"pad64 {t['compact_pad64']['p50_ms']:7.2f} per-op {t['compact_per_op']['p50_ms']:7.2f} "
-                      f"eager {t['eager_modules']['p50_ms']:7.2f} | speedup {row['speedup']:5.2f}x (pad64 "
-                      f"{row['speedup_pad64']:5.2f}x) FLOP bound {row['flop_ratio']:5.2f}x eff "
+                      f"pad{args.pad} {t['compact_padded']['p50_ms']:7.2f} per-op {t['compact_per_op']['p50_ms']:7.2f} "
+                      f"eager {t['eager_modules']['p50_ms']:7.2f} | speedup {row['speedup']:5.2f}x (pad{args.pad} "
+                      f"{row['speedup_padded']:5.2f}x) FLOP bound {row['flop_ratio']:5.2f}x eff "
                       f"{row['flop_efficiency']:.2f} (best {row['flop_efficiency_best']:.2f}) vs eager "
                       f"{row['vs_eager']:.2f}x (best {row['vs_eager_best']:.2f}x) fused/per-op {row['fused_vs_per_op']:.2f}x | "
                       f"skip {t['compact_skip']['p50_ms']:7.2f} ms {row['speedup_skip']:5.2f}x, vs eager {row['vs_eager_skip']:.2f}x",
@@ -319,7 +300,7 @@ def main() -> None:
     import cofi.ops
 
     result = {"bench": "runtime", "env": env_tags("cpu"), "quick": args.quick, "rounds": rounds,
-              "rounds_batch1": rounds * 5,
+              "rounds_batch1": rounds * 10, "pad_multiple": args.pad,
               "dense_model": "transformers BertForSequenceClassification, BERT-base config, sdpa, fp32",
               "public_ops": _ops.public_ops_available(),
               "backends_ran": {op: cofi.ops.last_backend(op) for op in ("compact_encoder", "masked_attention", "masked_ffn", "masked_layer_norm")},

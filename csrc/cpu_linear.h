@@ -3,28 +3,38 @@
 // With a [M, K] x [K, N] GEMM and small M (batch-1 inference: M = 128 tokens), MKL's own threading
 // splits the rows, so every thread packs the whole weight; at M <= 256 on this 2-core Zen 3 that
 // left 10-40 % of the GEMM time on the table. Here each thread instead runs a single-threaded GEMM
-// on its own slice of w's rows (a block of output columns), which packs each weight element once. Large M keeps BLAS's threading (it wins there). Measured and
-// explained in benchmarks/README.md ("compact runtime"). Same BLAS kernel per element: results equal
-// the plain at::addmm to rounding (bitwise at the sizes measured).
+// on its own slice of w's rows (a block of output columns), which packs each weight element once.
+// Large M keeps BLAS's threading (it wins there). Measured in benchmarks/README.md (cpu_linear,
+// runtime). Same BLAS kernel per element: results equal the plain at::addmm to rounding (bitwise at
+// the sizes measured).
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 namespace cofi {
 namespace cpu {
 
 // Rows up to which the column split is used; above it BLAS's row split is as fast or faster.
-constexpr int64_t kColumnSplitMaxRows = 1024;
+constexpr int64_t kColumnSplitMaxRows = 512;
+
+// COFI_GEMM_SPLIT=0 turns the split off (A/B timing in benchmarks/bench_cpu_linear.py; read per call
+// so a process can toggle it).
+inline bool column_split_enabled() {
+  const char* v = std::getenv("COFI_GEMM_SPLIT");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
 
 // x: [M, K]; w: [N, K] (a weight, row-major); b: [N] or undefined. Returns [M, N] contiguous.
 inline at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   const int64_t M = x.size(0), N = w.size(0);
   const int64_t threads = at::get_num_threads();
   if (!x.is_cpu() || threads < 2 || N < 64 * threads || M > kColumnSplitMaxRows || M == 0 ||
-      at::in_parallel_region()) {
+      at::in_parallel_region() || !column_split_enabled()) {
     return b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
   }
   // One slice per thread for narrow outputs, two per thread (evens out uneven cores) from 512
