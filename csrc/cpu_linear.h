@@ -20,7 +20,7 @@ namespace cofi {
 namespace cpu {
 
 // Rows up to which the column split is used; above it BLAS's row split is as fast or faster.
-constexpr int64_t kColumnSplitMaxRows = 512;
+constexpr int64_t kColumnSplitMaxRows = 256;
 
 // COFI_GEMM_SPLIT=0 turns the split off (A/B timing in benchmarks/bench_cpu_linear.py; read per call
 // so a process can toggle it).

@@ -215,7 +215,7 @@ class TestMaskedFfnRouting:
             ops.masked_ffn(x, w1, b1, w2, b2, z, m, backend="native")
 
 
-@pytest.mark.parametrize("rows", [128, 600])  # column-split GEMMs (<= 512 rows) and BLAS's own split
+@pytest.mark.parametrize("rows", [128, 600])  # column-split GEMMs (<= 256 rows) and BLAS's own split
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_native_cpu_gemm_split(rows, threads, monkeypatch):
     """csrc/cpu_linear.h: with few rows and >= 64 output columns per thread, each thread computes its
