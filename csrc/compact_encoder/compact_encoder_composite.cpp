@@ -1,10 +1,11 @@
 // cofi::compact_encoder_fwd: the compact runtime's whole encoder (every layer of a pruned, ragged
 // BERT/RoBERTa) in one call, for inference. Device-generic (CompositeExplicitAutograd): the GEMMs are
-// at::addmm (on CPU split over output columns when there are few rows, csrc/cpu_linear.h) and the attention / FFN / LayerNorm steps are the cofi native ops, reached through the
-// dispatcher, so the same code runs the CPU kernels and, in a CUDA build, the CUDA ones. It exists
-// to take per-op Python overhead (~0.1 ms per custom-op call) out of small-batch latency; the math
-// is the runtime's per-op path (python/cofi/runtime/modeling.py), equal to rounding. No autograd kernel: the
-// runtime calls it only when no gradient is needed.
+// at::addmm (on CPU split over output columns when there are few rows, csrc/cpu_linear.h) and the
+// attention / FFN / LayerNorm steps are the cofi native ops, reached through the dispatcher, so the
+// same code runs the CPU kernels and, in a CUDA build, the CUDA ones. It exists to take per-op Python
+// overhead (~0.1 ms per custom-op call) out of small-batch latency; the math is the runtime's per-op
+// path (python/cofi/runtime/modeling.py), equal to rounding. No autograd kernel: the runtime calls it
+// only when no gradient is needed.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
