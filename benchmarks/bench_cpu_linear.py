@@ -36,6 +36,10 @@ SHAPES = [(768, 3072), (768, 1056), (736, 752), (736, 739)]  # (hidden d, FFN wi
 ROWS = (16, 64, 128, 256, 512, 2048)  # 512, 2048: above the threshold (same code in split and blas)
 
 
+def eager_ffn(x, w1, b1, w2, b2) -> torch.Tensor:
+    return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+
 def split_ffn(x, w1, b1, w2, b2, on: bool) -> torch.Tensor:
     """The native forward kernel called directly (what the compact runtime's fused encoder calls;
     the public op adds ~0.1-0.2 ms of Python custom-op dispatch, which would blur small shapes)."""
@@ -60,13 +64,13 @@ def main() -> None:
             w2, b2 = torch.randn(d, f, generator=g) * 0.03, torch.randn(d, generator=g) * 0.1
             for n in rows_list:
                 x = torch.randn(n, d, generator=g)
-                want = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+                want = eager_ffn(x, w1, b1, w2, b2)
                 for on in (True, False):
                     err = H.check_close("split" if on else "blas", split_ffn(x, w1, b1, w2, b2, on), want, 1e-4, 1e-4)
                     assert err is None, err
                 fns = {"split": lambda: split_ffn(x, w1, b1, w2, b2, True),
                        "blas": lambda: split_ffn(x, w1, b1, w2, b2, False),
-                       "eager": lambda: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)}
+                       "eager": lambda: eager_ffn(x, w1, b1, w2, b2)}
                 rounds = args.rounds or max(5, min(200, (40 if args.quick else 80) * 128 // n))
                 t = H.time_interleaved(fns, rounds)
                 gflop = 4 * n * d * f / 1e9

@@ -37,10 +37,6 @@ def _native_reasons_for(device: torch.device, dtype: torch.dtype, head_dim: int)
     return tuple(_attention_reasons(probe) + _ffn_reasons(x) + _layer_norm_reasons(x))
 
 
-def _native_reasons(x: torch.Tensor, head_dim: int) -> list[str]:
-    return list(_native_reasons_for(x.device, x.dtype, head_dim))
-
-
 def reasons(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
     """Why the fused encoder cannot run ``model`` on the embedding output ``x`` (empty = it can)."""
     why = []
@@ -54,7 +50,7 @@ def reasons(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
     chosen = B.choice(None)
     if chosen not in ("auto", "native"):
         why.append(f"backend {chosen!r} forced (use_backend / COFI_BACKEND)")
-    return why + _native_reasons(x, model.config.head_dim)
+    return why + list(_native_reasons_for(x.device, x.dtype, model.config.head_dim))
 
 
 def flat_params(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[int], list[int], list[int]]:
