@@ -11,10 +11,12 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <tuple>
 #include <vector>
 
 #include "../cpu_linear.h"
+#include "../cpu_workspace.h"
 
 namespace cofi {
 namespace {
@@ -103,6 +105,8 @@ std::vector<Tensor> compact_encoder_fwd(const Tensor& x_in, const OptT& key_padd
   TORCH_CHECK(head_dim > 0, fn, ": head_dim must be > 0, got ", head_dim);
   const int64_t Bsz = x_in.size(0), S = x_in.size(1), d = x_in.size(2), N = Bsz * S;
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  std::optional<cpu::WorkspaceScope> workspace;  // intermediates reuse earlier calls' memory
+  if (x_in.is_cpu()) workspace.emplace();
   Tensor x = x_in.reshape({N, d}).contiguous();
   Tensor idx;  // [R] rows of the real tokens when unpadding, else undefined
   if (unpad && key_padding_mask) {
@@ -205,8 +209,28 @@ std::vector<Tensor> compact_encoder_fwd(const Tensor& x_in, const OptT& key_padd
   return out;
 }
 
+std::vector<int64_t> cpu_workspace_stats() {
+  const auto s = cpu::Workspace::get().stats();
+  return {s.begin(), s.end()};
+}
+
+int64_t cpu_workspace_release() { return cpu::Workspace::get().release(); }
+
+// Python's cofi.runtime.workspace.scope(): turns the calling thread's workspace on (when enabled and
+// installable); returns the previous state, which cpu_workspace_exit restores.
+bool cpu_workspace_enter() { return cpu::Workspace::enter(); }
+
+void cpu_workspace_exit(bool previous) { cpu::Workspace::exit(previous); }
+
 TORCH_LIBRARY_IMPL(cofi, CompositeExplicitAutograd, m) {
   m.impl("compact_encoder_fwd", &compact_encoder_fwd);
+}
+
+TORCH_LIBRARY_IMPL(cofi, CompositeImplicitAutograd, m) {
+  m.impl("cpu_workspace_stats", &cpu_workspace_stats);
+  m.impl("cpu_workspace_release", &cpu_workspace_release);
+  m.impl("cpu_workspace_enter", &cpu_workspace_enter);
+  m.impl("cpu_workspace_exit", &cpu_workspace_exit);
 }
 
 }  // namespace cofi

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _fused, _ops
+from . import _fused, _ops, workspace
 from .config import CONFIG_NAME, WEIGHTS_NAME, CompactConfig
 
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -243,6 +243,13 @@ class CompactModel(nn.Module):
         """Hidden states: embedding output then each layer's output, [B, S, hidden_size] each
         (only the last layer's output when ``all_hidden_states`` is False; with ``cls_only`` the
         fused path may return it for position 0 alone, [B, 1, hidden_size])."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return self._encode(input_ids, attention_mask, token_type_ids, all_hidden_states, cls_only)
+        with workspace.scope(input_ids.device):  # inference: reuse earlier calls' memory
+            return self._encode(input_ids, attention_mask, token_type_ids, all_hidden_states, cls_only)
+
+    def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                token_type_ids: torch.Tensor | None, all_hidden_states: bool, cls_only: bool) -> list[torch.Tensor]:
         kpm = None if attention_mask is None else attention_mask.to(torch.bool)
         e = self.embeddings.lookup(input_ids, token_type_ids)
         if self.encoder_path != "per_op":
