@@ -17,39 +17,16 @@
 
 #include "../cpu_linear.h"
 #include "../cpu_workspace.h"
+#include "native_ops.h"
 
 namespace cofi {
 namespace {
 
 using at::Tensor;
 using OptT = std::optional<Tensor>;
-
-std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& kpm,
-                                     double scale) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("cofi::masked_attention_fwd_native", "")
-                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptT&,
-                                                         const OptT&, double, double, const OptT&)>();
-  return op.call(q, k, v, std::nullopt, kpm, scale, 0.0, std::nullopt);
-}
-
-Tensor ffn(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2, int64_t act) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("cofi::masked_ffn_fwd_native", "")
-                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                                         const Tensor&, const OptT&, const OptT&, const OptT&,
-                                                         int64_t)>();
-  return std::get<0>(op.call(x, w1, b1, w2, b2, std::nullopt, std::nullopt, std::nullopt, act));
-}
-
-Tensor layer_norm(const Tensor& x, const Tensor& residual, const Tensor& w, const Tensor& b, const OptT& hidden_z,
-                  double eps) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("cofi::masked_layer_norm_fwd_native", "")
-                       .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptT&, const Tensor&,
-                                                                 const Tensor&, const OptT&, double)>();
-  return std::get<0>(op.call(x, residual, w, b, hidden_z, eps));
-}
+using native::attention;
+using native::ffn;
+using native::layer_norm;
 
 void check_vec(const Tensor& t, int64_t n, const char* what, int64_t layer) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "cofi::compact_encoder_fwd: layer ", layer, " ", what,

@@ -97,7 +97,7 @@ def test_fused_only_without_grad_and_without_forced_backend():
     with torch.no_grad(), cofi.ops.use_backend("reference"):
         c(*inp)
         assert c.last_encoder_path == "per_op"
-        assert any("backend 'reference' forced" in w for w in _fused.reasons(c, torch.zeros(2, 6, c.config.hidden_size, dtype=torch.float64)))
+        assert any("backend 'reference' forced" in w for w in _fused.reasons(c))
     with torch.inference_mode():
         c(*inp)
         assert c.last_encoder_path == "fused"
@@ -205,3 +205,52 @@ def test_cls_tail_same_logits(kind, unpad):
     torch.testing.assert_close(full, want, atol=1e-12, rtol=1e-12)
     if unpad:
         assert hs[3].abs().max() == 0
+
+
+@needs_native
+@pytest.mark.parametrize("arch,types,pad", [("bert", True, None), ("bert", False, 16), ("roberta", False, None)])
+def test_fused_embeddings_equal_module_and_opcheck(arch, types, pad):
+    """cofi::compact_embeddings_fwd vs CompactEmbeddings.forward (lookup + the public LayerNorm op), in
+    float64 with hidden dims pruned, RoBERTa positions from padding, token types given or not."""
+    c = _compact(arch, "cls", torch.float64, seed=6)
+    if pad:
+        c.pad_(pad)
+    assert c.embeddings.hidden_z is not None or pad is None
+    ids, _, tt = example_inputs(c, batch=3, seq=10)
+    if types and c.config.type_vocab_size > 1:
+        tt[:, 5:] = 1
+    tt = tt if types else None
+    with torch.no_grad():
+        want = c.embeddings(ids, tt)
+        got = _fused.embed(c, ids, tt)
+    assert got.shape == want.shape and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+    emb = c.embeddings
+    pos = emb.position_ids(ids) if arch == "roberta" else None
+    args = (ids, tt, pos, emb.word_embeddings.weight.detach(), emb.position_embeddings.weight.detach(),
+            emb.token_type_embeddings.weight.detach(), emb.ln_weight.detach(), emb.ln_bias.detach(), emb.hidden_z,
+            float(emb.eps))
+    torch.library.opcheck(torch.ops.cofi.compact_embeddings_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_native
+def test_fused_embeddings_bad_input():
+    c = _compact("bert", "cls", torch.float32)
+    emb = c.embeddings
+    w, p, t = (m.weight.detach() for m in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings))
+    ln = (emb.ln_weight.detach(), emb.ln_bias.detach(), None, 1e-12)
+    ids = torch.randint(0, 90, (2, 7))
+    op = torch.ops.cofi.compact_embeddings_fwd
+    with pytest.raises(RuntimeError, match=r"input_ids must be \[B, S\], got \[14\]"):
+        op(ids.reshape(-1), None, None, w, p, t, *ln)
+    with pytest.raises(RuntimeError, match=r"token_type_ids must have the shape of input_ids \[2, 7\], got \[2, 6\]"):
+        op(ids, ids[:, :6], None, w, p, t, *ln)
+    with pytest.raises(RuntimeError, match="input_ids must be an integer tensor, got Float"):
+        op(ids.float(), None, None, w, p, t, *ln)
+    with pytest.raises(RuntimeError, match="position_embeddings must match word_embeddings' dtype"):
+        op(ids, None, None, w, p.double(), t, *ln)
+    with pytest.raises(RuntimeError, match=r"sequence length 70 exceeds the 64 position embeddings"):
+        op(torch.zeros(1, 70, dtype=torch.long), None, None, w, p, t, *ln)
+    with pytest.raises(IndexError, match="out of range"):
+        op(ids + 1000, None, None, w, p, t, *ln)

@@ -1,9 +1,11 @@
-"""The compact model's encoder in one native call (``cofi::compact_encoder_fwd``, inference only).
+"""The compact model's embeddings and encoder in two native calls (``cofi::compact_embeddings_fwd``,
+``cofi::compact_encoder_fwd``; inference only).
 
 The per-op path (``CompactLayer.forward``) makes ~4 custom-op calls per layer, each ~0.1 ms of
-Python dispatch: at batch 1 that is a third of a 95 %-sparse BERT-base's latency. The fused op runs
-the same native kernels (attention, FFN, LayerNorm) and the same ``addmm`` projections from C++, so
-its outputs are the per-op path's to rounding. It is used when all of these hold (``reasons`` lists
+Python dispatch: at batch 1 that is a third of a 95 %-sparse BERT-base's latency; the embedding
+step alone is ~6 more calls (~0.5 ms). The fused ops run the same native kernels (attention, FFN,
+LayerNorm) and the same ``addmm`` projections from C++, so their outputs are the per-op path's to
+rounding. It is used when all of these hold (``reasons`` lists
 the ones that do not): impl ``'cofi'``; no gradient needed; not being traced by torch.compile /
 torch.export (they trace the per-op path, whose ops have fake kernels); the backend choice
 (``use_backend`` / ``COFI_BACKEND``) is ``auto`` or ``native``; the native kernels can run the input's
@@ -24,33 +26,37 @@ from ..ops.masked_layer_norm import _native_reasons as _layer_norm_reasons
 
 PATHS = ("auto", "fused", "per_op")
 OP = "compact_encoder_fwd"
+EMBED_OP = "compact_embeddings_fwd"
 
 
 @functools.lru_cache(maxsize=64)
 def _native_reasons_for(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, ...]:
     """Depends only on the build, device, dtype and head dim: cached (checking it every call costs
     ~0.1 ms with cold caches, 1 % of a 95 %-sparse model at batch 1)."""
-    if not _ext.has_kernel(OP, "CompositeExplicitAutograd"):
-        return (f"cofi::{OP} not in this build of cofi._C (rebuild the extension)",)
+    for op in (OP, EMBED_OP):
+        if not _ext.has_kernel(op, "CompositeExplicitAutograd"):
+            return (f"cofi::{op} not in this build of cofi._C (rebuild the extension)",)
     x = torch.empty((0, 0), device=device, dtype=dtype)
     probe = x.new_empty((0, 0, 0, head_dim))
     return tuple(_attention_reasons(probe) + _ffn_reasons(x) + _layer_norm_reasons(x))
 
 
-def reasons(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
-    """Why the fused encoder cannot run ``model`` on the embedding output ``x`` (empty = it can)."""
+def reasons(model: torch.nn.Module) -> list[str]:
+    """Why the fused path cannot run ``model`` now (empty = it can)."""
     why = []
     if model.embeddings.impl != "cofi":
         why.append(f"impl is {model.embeddings.impl!r}, not 'cofi'")
     if torch.compiler.is_compiling():
         why.append("being traced by torch.compile / torch.export")
         return why
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in model.layers.parameters())):
+    if torch.is_grad_enabled() and any(p.requires_grad for m in (model.embeddings, model.layers)
+                                       for p in m.parameters()):
         why.append("a gradient is needed (no autograd kernel; run under torch.no_grad / inference_mode)")
     chosen = B.choice(None)
     if chosen not in ("auto", "native"):
         why.append(f"backend {chosen!r} forced (use_backend / COFI_BACKEND)")
-    return why + list(_native_reasons_for(x.device, x.dtype, model.config.head_dim))
+    w = model.embeddings.word_embeddings.weight
+    return why + list(_native_reasons_for(w.device, w.dtype, model.config.head_dim))
 
 
 def flat_params(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[int], list[int], list[int]]:
@@ -77,14 +83,14 @@ def flat_params(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[int], 
     return params, heads, widths, present
 
 
-def embedding_norm(model: torch.nn.Module, e: torch.Tensor) -> torch.Tensor:
-    """The embedding LayerNorm of e [B, S, d] by the native kernel, called directly: the public op's
-    Python custom-op dispatch (~0.15 ms) is 1 % of a 95 %-sparse model at batch 1. Same kernel and
-    arguments as ``CompactEmbeddings.norm`` picks on this path (``reasons`` checked it can run)."""
+def embed(model: torch.nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    """input_ids [B, S] -> the embedding output [B, S, d] in one native call (``CompactEmbeddings``'
+    lookup and LayerNorm, same order of sums and the same LayerNorm kernel)."""
     emb = model.embeddings
-    y = torch.ops.cofi.masked_layer_norm_fwd_native(e.reshape(-1, e.shape[-1]), None, emb.ln_weight, emb.ln_bias,
-                                                    emb.hidden_z, float(emb.eps))[0]
-    return y.view(e.shape)
+    pos = emb.position_ids(input_ids) if emb.model_type == "roberta" else None
+    return torch.ops.cofi.compact_embeddings_fwd(
+        input_ids, token_type_ids, pos, emb.word_embeddings.weight, emb.position_embeddings.weight,
+        emb.token_type_embeddings.weight, emb.ln_weight, emb.ln_bias, emb.hidden_z, float(emb.eps))
 
 
 def encode(model: torch.nn.Module, x: torch.Tensor, key_padding_mask: torch.Tensor | None,
@@ -114,5 +120,10 @@ if _ext.native_loaded():
                 return [x.new_empty((x.shape[0], 1, x.shape[2]))]
             n = len(present) if all_hidden_states else 1
             return [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(n)]
+
+        @torch.library.register_fake(f"cofi::{EMBED_OP}")
+        def _(input_ids, token_type_ids, position_ids, word, position, token_type, ln_weight, ln_bias, hidden_z,
+              eps):
+            return word.new_empty((*input_ids.shape, word.shape[1]))
     except RuntimeError:  # pragma: no cover - extension built before this op's schema existed
         pass

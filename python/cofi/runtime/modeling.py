@@ -156,14 +156,16 @@ class CompactEmbeddings(nn.Module):
         """The embedding LayerNorm (hidden_z-aware) of e [B, S, d]."""
         return _ops.layer_norm(e, None, self.ln_weight, self.ln_bias, self.eps, self.impl, self.hidden_z)
 
+    def position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, S] (RoBERTa: positions count non-pad tokens, offset by padding_idx) or [1, S] (BERT)."""
+        if self.model_type == "roberta":
+            keep = input_ids.ne(self.pad).to(torch.long)
+            return torch.cumsum(keep, dim=1) * keep + self.pad
+        return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+
     def lookup(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         """Word + token type + position embeddings before the LayerNorm: [B, S] -> [B, S, d]."""
-        S = input_ids.shape[1]
-        if self.model_type == "roberta":  # positions count non-pad tokens, offset by padding_idx
-            keep = input_ids.ne(self.pad).to(torch.long)
-            pos = torch.cumsum(keep, dim=1) * keep + self.pad
-        else:
-            pos = torch.arange(S, device=input_ids.device).unsqueeze(0)
+        pos = self.position_ids(input_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         e = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
@@ -243,25 +245,25 @@ class CompactModel(nn.Module):
         """Hidden states: embedding output then each layer's output, [B, S, hidden_size] each
         (only the last layer's output when ``all_hidden_states`` is False; with ``cls_only`` the
         fused path may return it for position 0 alone, [B, 1, hidden_size])."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return self._encode(input_ids, attention_mask, token_type_ids, all_hidden_states, cls_only)
-        with workspace.scope(input_ids.device):  # inference: reuse earlier calls' memory
-            return self._encode(input_ids, attention_mask, token_type_ids, all_hidden_states, cls_only)
-
-    def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                token_type_ids: torch.Tensor | None, all_hidden_states: bool, cls_only: bool) -> list[torch.Tensor]:
         kpm = None if attention_mask is None else attention_mask.to(torch.bool)
-        e = self.embeddings.lookup(input_ids, token_type_ids)
         if self.encoder_path != "per_op":
-            why = _fused.reasons(self, e)
-            if not why:
+            why = _fused.reasons(self)
+            if not why:  # the native calls use the CPU workspace themselves
                 self.last_encoder_path = "fused"
-                x = _fused.embedding_norm(self, e)
+                x = _fused.embed(self, input_ids, token_type_ids)
                 return _fused.encode(self, x, kpm, all_hidden_states, cls_only and not all_hidden_states)
             if self.encoder_path == "fused":
                 raise RuntimeError("cofi.runtime: encoder path 'fused' cannot run: " + "; ".join(why))
         self.last_encoder_path = "per_op"
-        x = self.embeddings.norm(e)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return self._per_op(input_ids, kpm, token_type_ids, all_hidden_states)
+        with workspace.scope(input_ids.device):  # inference: reuse earlier calls' memory
+            return self._per_op(input_ids, kpm, token_type_ids, all_hidden_states)
+
+    def _per_op(self, input_ids: torch.Tensor, kpm: torch.Tensor | None, token_type_ids: torch.Tensor | None,
+                all_hidden_states: bool) -> list[torch.Tensor]:
+        """The encoder one public cofi op per step (autograd, torch.compile / export, any backend)."""
+        x = self.embeddings(input_ids, token_type_ids)
         # with unpad, the same outputs as the fused path: 0 at padding positions
         keep = kpm.unsqueeze(-1).to(x.dtype) if self.unpad and kpm is not None else None
         hs = [x]
