@@ -18,6 +18,9 @@ round, median over rounds, so machine noise hits every provider alike):
                   (default 16; ``CompactModel.pad_(16)``, exact: padding dims are left out of LayerNorm
                   statistics; timed to decide whether padding pays: MKL's sgemm here runs ~1.5x slower
                   when N is not a multiple of 8-16, e.g. 739, and K = 736 is as fast as 768).
+- compact_padded_no_workspace: compact_padded with the CPU workspace off (``COFI_WORKSPACE=0`` around the
+                  call): every call then allocates its intermediates afresh, and glibc hands the large ones
+                  back to the OS, so each call page-faults on them again (what the workspace saves).
 - eager_modules:  the same compact weights in plain eager PyTorch modules the way the reference's
                   pruned model runs them (separate Q/K/V nn.Linear, matmul-softmax-matmul attention
                   with an additive mask, nn.LayerNorm, nn.GELU; per-layer ragged sizes).
@@ -41,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -196,6 +200,18 @@ class EagerCompact(nn.Module):
 
 
 # ----------------------------------------------------------------------------- FLOPs / timing
+def without_workspace(model: CompactModel, *inputs: torch.Tensor):
+    before = os.environ.get("COFI_WORKSPACE")
+    os.environ["COFI_WORKSPACE"] = "0"  # read per call by the native ops
+    try:
+        return model(*inputs)
+    finally:
+        if before is None:
+            del os.environ["COFI_WORKSPACE"]
+        else:
+            os.environ["COFI_WORKSPACE"] = before
+
+
 def encoder_flops(num_heads, widths, d, D, S) -> int:
     """Per token: 2*(3wd + wd) projections, 2*2*S*w attention scores+context, 2*2*F*d FFN."""
     f = 0
@@ -266,6 +282,7 @@ def main() -> None:
                        "compact_padded": lambda: padded(ids, am, tt),
                        "compact_per_op": lambda: per_op(ids, am, tt),
                        "compact_skip": lambda: skip(ids, am, tt),
+                       "compact_padded_no_workspace": lambda: without_workspace(padded, ids, am, tt),
                        "eager_modules": lambda: eager(ids, am, tt)}
                 t = time_interleaved(fns, rounds * (10 if B == 1 else 1))
                 best_compact = min(t["compact"]["p50_ms"], t["compact_padded"]["p50_ms"])
@@ -283,6 +300,7 @@ def main() -> None:
                        "padding_fraction": 1 - float(am.float().mean()),
                        "speedup_skip": t["dense"]["p50_ms"] / t["compact_skip"]["p50_ms"],
                        "vs_eager_skip": t["eager_modules"]["p50_ms"] / t["compact_skip"]["p50_ms"],
+                       "workspace_gain": t["compact_padded_no_workspace"]["p50_ms"] / t["compact_padded"]["p50_ms"],
                        "best_is_padded": t["compact_padded"]["p50_ms"] < t["compact"]["p50_ms"],
                        "dense_gflops_s": dense_flops * B * S / t["dense"]["p50_ms"] / 1e6}
                 row["flop_efficiency"] = row["speedup"] / row["flop_ratio"]
@@ -294,7 +312,8 @@ def main() -> None:
                       f"{row['speedup_padded']:5.2f}x) FLOP bound {row['flop_ratio']:5.2f}x eff "
                       f"{row['flop_efficiency']:.2f} (best {row['flop_efficiency_best']:.2f}) vs eager "
                       f"{row['vs_eager']:.2f}x (best {row['vs_eager_best']:.2f}x) fused/per-op {row['fused_vs_per_op']:.2f}x | "
-                      f"skip {t['compact_skip']['p50_ms']:7.2f} ms {row['speedup_skip']:5.2f}x, vs eager {row['vs_eager_skip']:.2f}x",
+                      f"skip {t['compact_skip']['p50_ms']:7.2f} ms {row['speedup_skip']:5.2f}x, vs eager {row['vs_eager_skip']:.2f}x | "
+                      f"workspace gain {row['workspace_gain']:.2f}x",
                       flush=True)
     from cofi.runtime import _ops
     import cofi.ops
