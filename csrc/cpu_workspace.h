@@ -9,7 +9,7 @@
 // process-wide list of blocks freed earlier (best fit within 1/8 of the size), so a repeated call
 // reuses the same memory and takes no faults.
 //
-// Mechanism: the first scope installs Allocator below as the CPU allocator. Outside a scope (and
+// Mechanism: the first scope installs Workspace (below) as the CPU allocator. Outside a scope (and
 // on threads not in one, e.g. parallel_for workers) it forwards to the allocator it replaced, so
 // nothing else changes; a block it served returns to the list when its tensor dies, on any thread.
 // At most cap bytes stay cached (COFI_WORKSPACE_MB, default 1024); release() frees them.
@@ -18,7 +18,6 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
-#include <c10/util/Exception.h>
 
 #include <array>
 #include <cstdint>
@@ -145,9 +144,14 @@ class Workspace final : public c10::Allocator {
         return;
       }
     }
+    // (a deleter must not throw; without a raw deleter the replaced allocator's raw_allocate could
+    // not have made p either, so that branch is only a guard)
     c10::DeleterFnPtr d = w.prev_->raw_deleter();
-    TORCH_CHECK(d != nullptr, "cofi workspace: the replaced CPU allocator has no raw deleter");
-    d(p);
+    if (d != nullptr) {
+      d(p);
+    } else {
+      c10::free_cpu(p);
+    }
   }
 
   c10::Allocator* prev_ = nullptr;

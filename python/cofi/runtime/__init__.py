@@ -1,4 +1,6 @@
-"""cofi.runtime: the compact (ragged) pruned model, save/load, export and batch inference."""
+"""cofi.runtime: the compact (ragged) pruned model, save/load, export and batch inference.
+(``cofi.runtime.workspace``: the CPU memory cache inference runs in.)"""
+from . import workspace
 from .config import CompactConfig
 from .inference import predict
 from .modeling import (
@@ -19,4 +21,5 @@ __all__ = [
     "CompactRobertaForQuestionAnswering",
     "CompactRobertaForSequenceClassification",
     "predict",
+    "workspace",
 ]
