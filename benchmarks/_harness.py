@@ -70,18 +70,24 @@ def measure(fn: Callable[[], object], min_run_time: float = 1.0, device: str = "
     return {"p20_ms": q(0.2), "p50_ms": q(0.5), "p80_ms": q(0.8), "runs": len(times) * m.number_per_run}
 
 
-def time_interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict[str, dict[str, float]]:
+def time_interleaved(fns: dict, rounds: int, warmup: int = 2, once: tuple[str, ...] = (),
+                     sub_rounds: int = 1) -> dict[str, dict[str, float]]:
     """One call of each provider per round, in order; p10/p50/p90 in ms over rounds. Machine noise
     (bursts of other load) then hits every provider alike, which blocked timing of one provider after
-    another does not guarantee."""
+    another does not guarantee. With ``sub_rounds`` > 1, each round calls the providers named in
+    ``once`` (an expensive baseline) once and then the others ``sub_rounds`` times over, still one
+    call of each in turn (so no provider runs twice in a row with warm caches): cheap providers get
+    ``rounds * sub_rounds`` samples for the price of ``rounds`` baseline calls."""
     for _ in range(warmup):
         for f in fns.values():
             f()
     samples = {k: [] for k in fns}
+    cheap = [k for k in fns if k not in once]
     for _ in range(rounds):
-        for k, f in fns.items():
+        order = [k for k in fns if k in once] + cheap * max(1, sub_rounds)
+        for k in order:
             t0 = time.perf_counter()
-            f()
+            fns[k]()
             samples[k].append((time.perf_counter() - t0) * 1e3)
     out = {}
     for k, v in samples.items():

@@ -6,13 +6,14 @@
 // 4 KiB page: 10-16 k faults, 40-60 ms of system time, per ~350 ms call of a 95 %-sparse BERT-base
 // at 32 x 128 on the 2-core CPU here (worse when other code, e.g. a dense model, churned the heap
 // in between). Inside a WorkspaceScope, CPU allocations of at least kMinBytes are served from a
-// process-wide list of blocks freed earlier (best fit within 1/8 of the size), so a repeated call
+// process-wide cache of blocks freed earlier (best fit within 1/8 of the size), so a repeated call
 // reuses the same memory and takes no faults.
 //
 // Mechanism: the first scope installs Workspace (below) as the CPU allocator. Outside a scope (and
 // on threads not in one, e.g. parallel_for workers) it forwards to the allocator it replaced, so
-// nothing else changes; a block it served returns to the list when its tensor dies, on any thread.
-// At most cap bytes stay cached (COFI_WORKSPACE_MB, default 1024); release() frees them.
+// nothing else changes; a block it served returns to the cache when its tensor dies, on any thread.
+// At most cap bytes stay cached (COFI_WORKSPACE_MB, default 1024; least recently freed blocks are
+// dropped first); release() frees them all.
 // COFI_WORKSPACE=0 turns the scope off (read per call: A/B timing).
 #pragma once
 #include <c10/core/Allocator.h>
@@ -23,6 +24,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <list>
 #include <map>
 #include <mutex>
 #include <unordered_map>
@@ -55,9 +57,10 @@ class Workspace final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = free_.lower_bound(n);
       if (it != free_.end() && it->first - n <= n / 8) {
-        p = it->second;
+        p = it->second->ptr;
         in_use_[p] = it->first;
         cached_ -= it->first;
+        lru_.erase(it->second);
         free_.erase(it);
         ++hits_;
       }
@@ -81,10 +84,11 @@ class Workspace final : public c10::Allocator {
   int64_t release() {
     std::lock_guard<std::mutex> lock(mu_);
     int64_t freed = 0;
-    for (auto& [size, p] : free_) {
-      c10::free_cpu(p);
-      freed += static_cast<int64_t>(size);
+    for (const Block& b : lru_) {
+      c10::free_cpu(b.ptr);
+      freed += static_cast<int64_t>(b.size);
     }
+    lru_.clear();
     free_.clear();
     cached_ = 0;
     return freed;
@@ -125,8 +129,9 @@ class Workspace final : public c10::Allocator {
     return (mb != nullptr ? static_cast<size_t>(std::strtoull(mb, nullptr, 10)) : size_t{1024}) << 20;
   }
 
-  // Frees a block this allocator served (back to the list, or to the OS past the cap); anything
-  // else reached through raw_deleter belongs to the replaced allocator.
+  // Frees a block this allocator served: back to the cache, which then drops its least recently
+  // freed blocks past the cap (blocks of sizes the current work no longer asks for, e.g. another
+  // model's, go first). Anything else reached through raw_deleter belongs to the replaced allocator.
   static void deleter(void* p) {
     Workspace& w = get();
     {
@@ -135,11 +140,16 @@ class Workspace final : public c10::Allocator {
       if (it != w.in_use_.end()) {
         const size_t n = it->second;
         w.in_use_.erase(it);
-        if (w.cached_ + n <= cap_bytes()) {
-          w.free_.emplace(n, p);
-          w.cached_ += n;
-        } else {
-          c10::free_cpu(p);
+        w.lru_.push_front(Block{p, n, {}});
+        w.lru_.front().slot = w.free_.emplace(n, w.lru_.begin());
+        w.cached_ += n;
+        const size_t cap = cap_bytes();
+        while (w.cached_ > cap) {
+          const Block& old = w.lru_.back();
+          c10::free_cpu(old.ptr);
+          w.cached_ -= old.size;
+          w.free_.erase(old.slot);
+          w.lru_.pop_back();
         }
         return;
       }
@@ -154,10 +164,20 @@ class Workspace final : public c10::Allocator {
     }
   }
 
+  struct Block;
+  using Lru = std::list<Block>;
+  using BySize = std::multimap<size_t, Lru::iterator>;
+  struct Block {
+    void* ptr;
+    size_t size;
+    BySize::iterator slot;  // its entry in free_
+  };
+
   c10::Allocator* prev_ = nullptr;
   std::once_flag installed_;
   std::mutex mu_;
-  std::multimap<size_t, void*> free_;
+  Lru lru_;       // cached blocks, most recently freed first
+  BySize free_;   // the same blocks by size (best fit)
   std::unordered_map<void*, size_t> in_use_;
   size_t cached_ = 0;
   int64_t hits_ = 0, misses_ = 0;

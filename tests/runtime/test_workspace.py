@@ -112,6 +112,25 @@ def test_cap_release_and_off_switch(env):
     del t
 
 
+@needs_workspace
+def test_past_the_cap_the_least_recently_freed_blocks_go(env):
+    workspace.release()
+    env.setenv("COFI_WORKSPACE_MB", "1")
+    with workspace.scope():
+        old = torch.empty(512 * 1024 // 4)  # 512 KiB
+        new = torch.empty(768 * 1024 // 4)  # 768 KiB
+    del old
+    assert workspace.stats().cached_bytes == 512 * 1024
+    del new  # 1.25 MiB cached > 1 MiB: the older block is dropped, the one just freed stays
+    assert workspace.stats().cached_bytes == 768 * 1024
+    s = workspace.stats()
+    with workspace.scope():
+        again = torch.empty(768 * 1024 // 4)
+    assert workspace.stats().hits == s.hits + 1 and workspace.stats().cached_bytes == 0
+    del again
+    workspace.release()
+
+
 def test_scope_is_a_no_op_off_cpu_and_nests():
     with workspace.scope("meta"):
         assert torch.empty(BIG, device="meta").device.type == "meta"
