@@ -60,7 +60,7 @@ def test_inference_reuses_blocks_and_results_match(env, path):
 
 @needs_workspace
 def test_scope_only_serves_its_thread_and_blocks_return_from_any_thread(env):
-    n = 4 * BIG // 4
+    n = BIG  # elements: 256 KiB of float32
     s0 = workspace.stats()
     outside = torch.empty(n)
     assert workspace.stats().misses == s0.misses and workspace.stats().hits == s0.hits

@@ -5,11 +5,11 @@ The per-op path (``CompactLayer.forward``) makes ~4 custom-op calls per layer, e
 Python dispatch: at batch 1 that is a third of a 95 %-sparse BERT-base's latency; the embedding
 step alone is ~6 more calls (~0.5 ms). The fused ops run the same native kernels (attention, FFN,
 LayerNorm) and the same ``addmm`` projections from C++, so their outputs are the per-op path's to
-rounding. It is used when all of these hold (``reasons`` lists
-the ones that do not): impl ``'cofi'``; no gradient needed; not being traced by torch.compile /
-torch.export (they trace the per-op path, whose ops have fake kernels); the backend choice
-(``use_backend`` / ``COFI_BACKEND``) is ``auto`` or ``native``; the native kernels can run the input's
-device and dtype. ``CompactModel.encoder_path`` forces one path; ``last_encoder_path`` says which ran.
+rounding. They are used when all of these hold (``reasons`` lists the ones that do not): impl
+``'cofi'``; no gradient needed; not being traced by torch.compile / torch.export (they trace the
+per-op path, whose ops have fake kernels); the backend choice (``use_backend`` / ``COFI_BACKEND``) is
+``auto`` or ``native``; the native kernels can run the model's device and dtype.
+``CompactModel.encoder_path`` forces one path; ``last_encoder_path`` says which ran.
 """
 from __future__ import annotations
 
