@@ -8,13 +8,14 @@ benchmarks/results/<device>/<op>.json (list of rows) and are merged on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.utils.benchmark as tb
@@ -70,22 +71,44 @@ def measure(fn: Callable[[], object], min_run_time: float = 1.0, device: str = "
     return {"p20_ms": q(0.2), "p50_ms": q(0.5), "p80_ms": q(0.8), "runs": len(times) * m.number_per_run}
 
 
+@contextlib.contextmanager
+def env_var(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable for the body (the native ops read their switches, e.g.
+    COFI_WORKSPACE, COFI_GEMM_SPLIT, per call), then restore what was there."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
 def time_interleaved(fns: dict, rounds: int, warmup: int = 2, once: tuple[str, ...] = (),
-                     sub_rounds: int = 1) -> dict[str, dict[str, float]]:
+                     max_sub_rounds: int = 1) -> dict[str, dict[str, float]]:
     """One call of each provider per round, in order; p10/p50/p90 in ms over rounds. Machine noise
     (bursts of other load) then hits every provider alike, which blocked timing of one provider after
-    another does not guarantee. With ``sub_rounds`` > 1, each round calls the providers named in
-    ``once`` (an expensive baseline) once and then the others ``sub_rounds`` times over, still one
-    call of each in turn (so no provider runs twice in a row with warm caches): cheap providers get
-    ``rounds * sub_rounds`` samples for the price of ``rounds`` baseline calls."""
+    another does not guarantee. With ``max_sub_rounds`` > 1, each round calls the providers named in
+    ``once`` (an expensive baseline) once and then the others k times over, still one call of each in
+    turn (so no provider runs twice in a row with warm caches), k = the baseline's time over the
+    others' in the last warmup round, clamped to [1, max_sub_rounds]: cheap providers get k times the
+    samples for about the price of the baseline calls. Each provider's ``n`` says how many it got."""
+    spent = {}
     for _ in range(warmup):
-        for f in fns.values():
+        for k, f in fns.items():
+            t0 = time.perf_counter()
             f()
-    samples = {k: [] for k in fns}
+            spent[k] = time.perf_counter() - t0
     cheap = [k for k in fns if k not in once]
+    sub = 1
+    if max_sub_rounds > 1 and once and cheap:
+        ratio = sum(spent[k] for k in once) / max(sum(spent[k] for k in cheap), 1e-9)
+        sub = max(1, min(max_sub_rounds, round(ratio)))
+    samples = {k: [] for k in fns}
     for _ in range(rounds):
-        order = [k for k in fns if k in once] + cheap * max(1, sub_rounds)
-        for k in order:
+        for k in [k for k in fns if k in once] + cheap * sub:
             t0 = time.perf_counter()
             fns[k]()
             samples[k].append((time.perf_counter() - t0) * 1e3)

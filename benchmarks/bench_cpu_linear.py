@@ -20,7 +20,6 @@ rows' ratios are the noise floor of the run. fp32, no gradient.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -43,11 +42,8 @@ def eager_ffn(x, w1, b1, w2, b2) -> torch.Tensor:
 def split_ffn(x, w1, b1, w2, b2, on: bool) -> torch.Tensor:
     """The native forward kernel called directly (what the compact runtime's fused encoder calls;
     the public op adds ~0.1-0.2 ms of Python custom-op dispatch, which would blur small shapes)."""
-    os.environ["COFI_GEMM_SPLIT"] = "1" if on else "0"
-    try:
+    with H.env_var("COFI_GEMM_SPLIT", "1" if on else "0"):
         return torch.ops.cofi.masked_ffn_fwd_native(x, w1, b1, w2, b2, None, None, None, ACT_CODES["gelu"])[0]
-    finally:
-        os.environ.pop("COFI_GEMM_SPLIT", None)
 
 
 def main() -> None:

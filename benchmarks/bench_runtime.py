@@ -3,7 +3,7 @@
 Providers, all fp32 on this CPU, timed interleaved in one process (one call of each provider per
 round, median over rounds, so machine noise hits every provider alike; where the compact providers
 are cheap beside the dense model, each round runs them 2-5 times over, in turn, so they get that many
-more samples for about the time of one dense call: ``_harness.time_interleaved(sub_rounds=)``):
+more samples for about the time of one dense call: ``_harness.time_interleaved(max_sub_rounds=)``):
 - dense:          transformers BertForSequenceClassification, BERT-base config, SDPA attention.
 - compact:        cofi.runtime.CompactModel (fused QKV, cofi ops, sublayers that are gone cost nothing;
                   the whole encoder in one native call, cofi::compact_encoder_fwd).
@@ -46,9 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -56,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import env_tags, time_interleaved  # noqa: E402
+from _harness import env_tags, env_var, time_interleaved  # noqa: E402
 
 from cofi.pruning import prune  # noqa: E402
 from cofi.runtime import CompactModel  # noqa: E402
@@ -204,15 +202,8 @@ class EagerCompact(nn.Module):
 
 # ----------------------------------------------------------------------------- FLOPs / timing
 def without_workspace(model: CompactModel, *inputs: torch.Tensor):
-    before = os.environ.get("COFI_WORKSPACE")
-    os.environ["COFI_WORKSPACE"] = "0"  # read per call by the native ops
-    try:
+    with env_var("COFI_WORKSPACE", "0"):
         return model(*inputs)
-    finally:
-        if before is None:
-            del os.environ["COFI_WORKSPACE"]
-        else:
-            os.environ["COFI_WORKSPACE"] = before
 
 
 def encoder_flops(num_heads, widths, d, D, S) -> int:
@@ -290,15 +281,8 @@ def main() -> None:
                 # the compact providers are up to ~30x cheaper than the dense model: give them more
                 # samples (sub-rounds) for about the time of the dense calls, since one provider's
                 # median over few calls moves with machine noise (+-10 % at 95 % between runs)
-                t0 = time.perf_counter()
-                fns["dense"]()
-                dense_s = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                for k, f in fns.items():
-                    if k != "dense":
-                        f()
-                sub = max(1, min(5, round(dense_s / (time.perf_counter() - t0))))
-                t = time_interleaved(fns, rounds * (10 if B == 1 else 1), once=("dense",), sub_rounds=sub)
+                t = time_interleaved(fns, rounds * (10 if B == 1 else 1), once=("dense",), max_sub_rounds=5)
+                sub = t["compact"]["n"] // t["dense"]["n"]
                 best_compact = min(t["compact"]["p50_ms"], t["compact_padded"]["p50_ms"])
                 row = {"batch": B, "seq": S, "target_sparsity": s, "sub_rounds": sub, "real_sparsity": compact.sparsity(),
                        "hidden_size": compact.config.hidden_size, "num_heads": compact.config.num_heads,

@@ -13,8 +13,8 @@
 #include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
+
+#include "env_flag.h"
 
 namespace cofi {
 namespace cpu {
@@ -24,10 +24,7 @@ constexpr int64_t kColumnSplitMaxRows = 256;
 
 // COFI_GEMM_SPLIT=0 turns the split off (A/B timing in benchmarks/bench_cpu_linear.py; read per call
 // so a process can toggle it).
-inline bool column_split_enabled() {
-  const char* v = std::getenv("COFI_GEMM_SPLIT");
-  return v == nullptr || std::strcmp(v, "0") != 0;
-}
+inline bool column_split_enabled() { return env_flag_on("COFI_GEMM_SPLIT"); }
 
 // x: [M, K]; w: [N, K] (a weight, row-major); b: [N] or undefined. Returns [M, N] contiguous.
 inline at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {

@@ -23,11 +23,12 @@
 #include <array>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <list>
 #include <map>
 #include <mutex>
 #include <unordered_map>
+
+#include "env_flag.h"
 
 namespace cofi {
 namespace cpu {
@@ -102,10 +103,7 @@ class Workspace final : public c10::Allocator {
     return {static_cast<int64_t>(cached_), used, hits_, misses_};
   }
 
-  static bool enabled() {
-    const char* v = std::getenv("COFI_WORKSPACE");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }
+  static bool enabled() { return env_flag_on("COFI_WORKSPACE"); }
 
   // Turns the calling thread's workspace on (when enabled and installable); returns the previous
   // state for exit().
@@ -183,10 +181,11 @@ class Workspace final : public c10::Allocator {
   int64_t hits_ = 0, misses_ = 0;
 };
 
-// Serves this thread's CPU allocations from the Workspace while alive (when enabled and installable).
+// Serves this thread's CPU allocations from the Workspace while alive (when `on`, e.g. the call's
+// tensors are on the CPU, and the workspace is enabled and installable).
 class WorkspaceScope {
  public:
-  WorkspaceScope() : prev_(Workspace::enter()) {}
+  explicit WorkspaceScope(bool on = true) : prev_(on ? Workspace::enter() : Workspace::active()) {}
   ~WorkspaceScope() { Workspace::exit(prev_); }
   WorkspaceScope(const WorkspaceScope&) = delete;
   WorkspaceScope& operator=(const WorkspaceScope&) = delete;

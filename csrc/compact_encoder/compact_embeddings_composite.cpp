@@ -49,8 +49,7 @@ Tensor compact_embeddings_fwd(const Tensor& input_ids, const OptT& token_type_id
   check_table(token_type, "token_type_embeddings", d, word);
   TORCH_CHECK(position_ids || S <= position.size(0), fn, ": sequence length ", S, " exceeds the ",
               position.size(0), " position embeddings");
-  std::optional<cpu::WorkspaceScope> workspace;
-  if (word.is_cpu()) workspace.emplace();
+  const cpu::WorkspaceScope workspace(word.is_cpu());
   // index_select checks every index is in range (a clear error, never a read out of bounds)
   Tensor e = word.index_select(0, input_ids.reshape({-1}));
   if (token_type_ids) {

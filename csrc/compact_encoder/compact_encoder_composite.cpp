@@ -82,8 +82,7 @@ std::vector<Tensor> compact_encoder_fwd(const Tensor& x_in, const OptT& key_padd
   TORCH_CHECK(head_dim > 0, fn, ": head_dim must be > 0, got ", head_dim);
   const int64_t Bsz = x_in.size(0), S = x_in.size(1), d = x_in.size(2), N = Bsz * S;
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
-  std::optional<cpu::WorkspaceScope> workspace;  // intermediates reuse earlier calls' memory
-  if (x_in.is_cpu()) workspace.emplace();
+  const cpu::WorkspaceScope workspace(x_in.is_cpu());  // intermediates reuse earlier calls' memory
   Tensor x = x_in.reshape({N, d}).contiguous();
   Tensor idx;  // [R] rows of the real tokens when unpadding, else undefined
   if (unpad && key_padding_mask) {

@@ -5,6 +5,7 @@ that are gone cost nothing. Inference model: no dropout.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -255,9 +256,9 @@ class CompactModel(nn.Module):
             if self.encoder_path == "fused":
                 raise RuntimeError("cofi.runtime: encoder path 'fused' cannot run: " + "; ".join(why))
         self.last_encoder_path = "per_op"
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return self._per_op(input_ids, kpm, token_type_ids, all_hidden_states)
-        with workspace.scope(input_ids.device):  # inference: reuse earlier calls' memory
+        # inference reuses earlier calls' memory; with autograd, saved tensors would pin cached blocks
+        scope = contextlib.nullcontext() if torch.is_grad_enabled() else workspace.scope(input_ids.device)
+        with scope:
             return self._per_op(input_ids, kpm, token_type_ids, all_hidden_states)
 
     def _per_op(self, input_ids: torch.Tensor, kpm: torch.Tensor | None, token_type_ids: torch.Tensor | None,

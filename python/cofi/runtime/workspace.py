@@ -32,8 +32,10 @@ def available() -> bool:
 @contextlib.contextmanager
 def scope(device: torch.device | str = "cpu") -> Iterator[None]:
     """Serve this thread's large CPU allocations from the workspace while inside (a no-op for
-    other devices or without the native extension)."""
-    if torch.device(device).type != "cpu" or not available():
+    other devices, without the native extension, and while torch.compile / export or the JIT
+    tracer traces the body: allocation is not theirs to record)."""
+    if (torch.device(device).type != "cpu" or not available() or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()):
         yield
         return
     previous = torch.ops.cofi.cpu_workspace_enter()
