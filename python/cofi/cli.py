@@ -35,7 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         mod.add_arguments(p)
         modules[name] = mod
     args = parser.parse_args(argv)
-    return int(modules[args.command].run(args) or 0)
+    from .errors import UserError
+
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except UserError as e:
+        # a user mistake: one line, no traceback (anything else is a bug and keeps its traceback)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

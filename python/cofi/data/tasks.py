@@ -28,6 +28,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import UserError
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -68,7 +70,7 @@ RT_SEED = 20220329
 RT_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
 
 
-class TaskError(ValueError):
+class TaskError(UserError):
     """A task cannot be loaded (unknown name, missing file, bad columns)."""
 
 

@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 _NAME = re.compile(r"^ckpt-(\d+)-(\d{8})\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     pass
 
 

@@ -15,8 +15,10 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from ..errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A run configuration is invalid; the message names the field, the value and what is allowed."""
 
 

@@ -7,8 +7,10 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 
-class ModelLoadError(ValueError):
+
+class ModelLoadError(UserError):
     pass
 
 
