@@ -2,8 +2,8 @@
 
 C++ CPU kernels are always built. CUDA kernels are built when torch is a CUDA build and a CUDA
 toolchain is found (CUDA_HOME), or when forced with COFI_CUDA=1; COFI_CUDA=0 forces a CPU-only
-build. TORCH_CUDA_ARCH_LIST is honoured (default "9.0" when no GPU is visible, so torch's arch probe
-never runs on GPU-less build machines). DEBUG=1 builds without optimisation; MAX_JOBS caps ninja.
+build. TORCH_CUDA_ARCH_LIST is honoured; unset, it is the visible GPUs' architectures, or without a
+visible GPU sm_80/86/89/90 + PTX (``PORTABLE_ARCHS``). DEBUG=1 builds without optimisation; MAX_JOBS caps ninja.
 Install with `pip install --no-build-isolation .` so the build uses the torch already installed.
 """
 from __future__ import annotations
@@ -58,6 +58,23 @@ def _cuda_library_includes() -> list[str]:
     return found
 
 
+# Without a visible GPU: Ampere (A100, A10), Ada (L4, L40), Hopper, and PTX for newer GPUs to JIT.
+PORTABLE_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+
+
+def _default_arch_list() -> str:
+    """The visible GPUs' own architectures; without one, PORTABLE_ARCHS (never a single arch, so a
+    wheel built on a GPU-less machine still runs on an A100 or an L4)."""
+    try:
+        n = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - a broken driver is "no GPU visible"
+        n = 0
+    if n == 0:
+        return PORTABLE_ARCHS
+    caps = sorted({torch.cuda.get_device_capability(i) for i in range(n)})
+    return ";".join(f"{a}.{b}" for a, b in caps)
+
+
 def _glue_unit(path: str) -> str:
     """<op>_cuda.cu and its glue <op>_cuda.cpp would both compile to <op>_cuda.o; the glue is built
     through a one-line generated unit with a distinct name (its own includes resolve as usual)."""
@@ -80,7 +97,7 @@ def _extension():
     extra = {"cxx": cxx}
     macros = []
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch_list())
         sources += sorted(glob.glob("csrc/*/*_cuda.cu")) + [_glue_unit(p) for p in sorted(glob.glob("csrc/*/*_cuda.cpp"))]
         extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3"]) + ["--use_fast_math"]
         macros.append(("COFI_WITH_CUDA", "1"))
