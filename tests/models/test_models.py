@@ -206,3 +206,41 @@ def test_skipped_sublayers_are_identity():
             hs = model(*_batch(), masks=m, mode=mode, output_hidden_states=True).hidden_states
             for h in hs[1:]:
                 torch.testing.assert_close(h, hs[0])
+
+
+@pytest.mark.parametrize("cls", [CoFiBertForSequenceClassification, CoFiRobertaForQuestionAnswering],
+                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dead", ["hidden", "heads", "ffn_units", "everything"])
+def test_compact_equals_dense_when_a_group_keeps_nothing(cls, dead):
+    """A sampled mask that keeps no hidden dim (all layers), no head or no FFN unit of a layer:
+    compact mode gives dense mode's loss and gradients (it crashed on zero live hidden dims)."""
+    torch.manual_seed(0)
+    model = cls(_config(cls, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).double().eval()
+    teacher = cls(_config(cls)).double().eval()
+    ms = _maskset(model, 0)
+    with torch.no_grad():
+        if dead in ("hidden", "everything"):
+            ms.log_alpha_hidden[:] = -30
+        if dead in ("heads", "everything"):
+            ms.log_alpha_head[:] = -30
+        if dead in ("ffn_units", "everything"):
+            ms.log_alpha_intermediate[:] = -30
+    proj = identity_projection(d, dtype=torch.float64)
+    batch = _batch(roberta=cls.base_name == "roberta")
+    with torch.no_grad():
+        t = teacher(*batch, output_hidden_states=True)
+    t_out = (_logits(t), t.hidden_states)
+    noise = torch.rand(ms.num_masks, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = _step(model, ms, noise, batch, "dense", CompactPolicy(), t_out, proj)
+    for policy in (CompactPolicy(), ALWAYS_GATHER):
+        got = _step(model, ms, noise, batch, "compact", policy, t_out, proj)
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
+        assert got[4] == ref[4]
+        torch.testing.assert_close(got[2], ref[2], rtol=1e-9, atol=1e-11)
+        for n in ref[1]:
+            torch.testing.assert_close(got[1][n], ref[1][n], rtol=1e-9, atol=1e-11, msg=lambda m: f"{n}: {m}")
+        if dead in ("hidden", "everything"):
+            assert got[5].plan.width == 0
+        full = got[5].full_hidden_states(d)
+        for a, b in zip(full, ref[5].hidden_states):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

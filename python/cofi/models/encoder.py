@@ -163,6 +163,13 @@ class CoFiEncoder(nn.Module):
         p_hid = cfg.hidden_dropout_prob if self.training else 0.0
         p_att = cfg.attention_probs_dropout_prob if self.training else 0.0
         kpm = attention_mask.to(torch.bool) if attention_mask is not None else None
+        if hk is not None and hk.numel() == 0:
+            # No live hidden dim: every LayerNorm output is multiplied by hidden_z = 0, so the
+            # embedding output and every layer output are 0 whatever the sublayers compute (dense
+            # mode gets the same zeros); at width 0 they are empty.
+            B, S = input_ids.shape
+            x = self.embeddings.word_embeddings.weight.new_zeros(B, S, 0)
+            return x, ((x,) * (cfg.num_hidden_layers + 1) if output_hidden_states else None), plan
 
         e = self.embeddings.sum(input_ids, token_type_ids)
         emb_ln = self.embeddings.LayerNorm
