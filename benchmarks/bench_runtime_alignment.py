@@ -33,7 +33,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sparsity", type=float, default=0.6)
+    ap.add_argument("--quick", action="store_true", help="one round, results not written (make bench)")
     args = ap.parse_args()
+    if args.quick:
+        args.rounds = 1
     import transformers as tf
 
     torch.set_num_threads(2)
@@ -71,6 +74,9 @@ def main() -> None:
            "torch": torch.__version__, "threads": torch.get_num_threads()}
     for k, v in med.items():
         print(f"{k:22s} {v * 1e3:8.1f} ms  speedup {med['dense'] / v:.2f}x")
+    if args.quick:
+        print(json.dumps(res, indent=2))
+        return
     out = Path(__file__).parent / "results" / "cpu" / "runtime_alignment.json"
     out.write_text(json.dumps(res, indent=2))
     print("wrote", out)
