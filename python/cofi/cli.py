@@ -8,6 +8,31 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument mistakes end in one line, like every other user mistake (``--help`` shows usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def int_at_least(low: int, what: str = "an integer"):
+    """argparse ``type=``: an int >= ``low``; the error says what was given and what is allowed."""
+
+    def conv(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what} >= {low}, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be {what} >= {low}, got {v}")
+        return v
+
+    conv.__name__ = f"int >= {low}"
+    return conv
+
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -21,7 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cofi", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="cofi", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, (mod_name, help_) in COMMANDS.items():

@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "pruning"))
 from masked_forward_ref import random_masks, tiny_hf_model  # noqa: E402
 
+from cofi.errors import UserError  # noqa: E402
 from cofi.pruning import prune  # noqa: E402
 from cofi.runtime import CompactModel, predict  # noqa: E402
 from cofi.runtime.export import example_inputs, export_onnx, export_program  # noqa: E402
@@ -30,8 +31,7 @@ def _tokenizer(tmp_path):
     from transformers import BertTokenizerFast
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(92)]
-    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    return BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
 
 
 @pytest.mark.parametrize("arch,task,dtype", [("bert", "cls", torch.float32), ("roberta", "qa", torch.float64)])
@@ -65,7 +65,7 @@ def test_save_load_roundtrip_never_unpickles(tmp_path, monkeypatch, arch, task, 
 def test_from_pretrained_missing_weights(tmp_path):
     c = _compact()
     c.config.save(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(UserError, match="no model.safetensors"):
         CompactModel.from_pretrained(str(tmp_path))
 
 

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .tasks import TaskError, TaskSpec
+from .tasks import TaskSpec, labels_from
 
 
 @dataclass
@@ -62,35 +62,16 @@ class Encoded:
         return Encoded(self.input_ids[:n], tt, lab, self.pad_id, {})
 
 
-def _labels(spec: TaskSpec, values: list, label_map: dict | None) -> tuple[np.ndarray, dict | None]:
-    if spec.kind == "regression":
-        return np.asarray(values, dtype=np.float32), None
-    if label_map is None and values and not isinstance(values[0], (int, np.integer)):
-        try:
-            vals = [int(v) for v in values]
-            return np.asarray(vals, dtype=np.int64), None
-        except (TypeError, ValueError):
-            label_map = {v: i for i, v in enumerate(sorted(set(map(str, values))))}
-    if label_map is not None:
-        try:
-            vals = [label_map[str(v)] for v in values]
-        except KeyError as e:
-            raise TaskError(f"cofi.data: label {e.args[0]!r} not seen in the training data") from None
-        return np.asarray(vals, dtype=np.int64), label_map
-    arr = np.asarray(values, dtype=np.int64)
-    if len(arr) and (arr.min() < 0 or arr.max() >= spec.num_labels):
-        raise TaskError(f"cofi.data: labels of task {spec.name!r} must lie in [0, {spec.num_labels}), "
-                        f"got range [{arr.min()}, {arr.max()}] (set num_labels)")
-    return arr, None
-
-
 def encode_classification(spec: TaskSpec, ds, tokenizer, max_length: int,
                           label_map: dict | None = None) -> Encoded:
-    """Tokenise single sentences or pairs (truncation to ``max_length``, no padding)."""
+    """Tokenise single sentences or pairs (truncation to ``max_length``, no padding).
+
+    Labels as :func:`cofi.data.tasks.labels_from` reads them (exactly as written, or refused);
+    ``label_map``: the training data's name -> id map when the labels are names."""
     cols = [list(map(str, ds[c])) for c in spec.text_fields]
     enc = tokenizer(*cols, truncation=True, max_length=max_length, padding=False)
     tt = enc.get("token_type_ids")
-    labels, label_map = _labels(spec, list(ds[spec.label_field]), label_map)
+    labels, label_map = labels_from(spec, ds[spec.label_field], label_map)
     out = Encoded(list(enc["input_ids"]), list(tt) if tt is not None else None, labels,
                   tokenizer.pad_token_id or 0)
     out.extra["label_map"] = label_map

@@ -15,15 +15,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..errors import UserError
     from .export import export_onnx, export_program
     from .modeling import CompactModel
 
     model = CompactModel.from_pretrained(args.model_dir)
+    out = args.out or os.path.join(args.model_dir, "model.onnx" if args.format == "onnx" else "model.pt2")
+    if os.path.isdir(out):
+        raise UserError(f"cofi export: --out {out} is a folder; give a file name (e.g. {os.path.join(out, 'model.onnx')})")
+    parent = os.path.dirname(os.path.abspath(out))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise UserError(f"cofi export: --out {out}: {parent} is a file, not a folder")
+    os.makedirs(parent, exist_ok=True)
     if args.format == "onnx":
-        out = args.out or os.path.join(args.model_dir, "model.onnx")
         export_onnx(model, out, check=not args.no_check)
     else:
-        out = args.out or os.path.join(args.model_dir, "model.pt2")
         torch.export.save(export_program(model, check=not args.no_check), out)
     print(f"cofi export: wrote {out}" + ("" if args.no_check else " (checked against PyTorch)"))
     return 0

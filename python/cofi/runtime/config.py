@@ -3,14 +3,40 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from ..errors import UserError
 
 TASKS = ("sequence_classification", "question_answering")
 MODEL_TYPES = ("bert", "roberta")
 CONFIG_NAME = "config.json"
+# HF hidden_act name -> the cofi op's activation name
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
+               "relu": "relu"}
 WEIGHTS_NAME = "model.safetensors"
+
+
+class ModelFolderError(UserError):
+    """A compact model folder is missing, unreadable or inconsistent (config.json, model.safetensors).
+
+    ``detail``: the problem without the location (callers that know the file add it)."""
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail or message
+
+
+def _int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _bool(v: object) -> bool:
+    return isinstance(v, bool)
 
 
 @dataclass
@@ -59,25 +85,95 @@ class CompactConfig:
     cofi_format: int = 1
 
     def __post_init__(self) -> None:
-        L = len(self.num_heads)
+        if not self.zero_ffn_units and isinstance(self.num_heads, list):
+            self.zero_ffn_units = [0] * len(self.num_heads)
+        problem = self.problem()
+        if problem:
+            raise ModelFolderError(f"cofi.runtime: compact config: {problem}", detail=problem)
+
+    def problem(self) -> str | None:
+        """The first thing wrong with this config (types, ranges, per-layer consistency), or None."""
+        for name in ("model_type", "task", "hidden_act"):
+            if not isinstance(getattr(self, name), str):
+                return f"{name} must be a string, got {getattr(self, name)!r}"
         if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"cofi.runtime: model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+            return f"model_type must be one of {', '.join(MODEL_TYPES)}, got {self.model_type!r}"
         if self.task not in TASKS:
-            raise ValueError(f"cofi.runtime: task must be one of {TASKS}, got {self.task!r}")
-        for name in ("attention_present", "intermediate_sizes", "ffn_present"):
+            return f"task must be one of {', '.join(TASKS)}, got {self.task!r}"
+        if self.hidden_act not in ACTIVATIONS:
+            return f"hidden_act must be one of {', '.join(sorted(ACTIVATIONS))}, got {self.hidden_act!r}"
+        for name in ("vocab_size", "max_position_embeddings", "type_vocab_size", "hidden_size",
+                     "original_hidden_size", "head_dim", "original_num_heads", "original_intermediate_size",
+                     "num_labels", "cofi_format"):
+            if not _int(getattr(self, name)) or getattr(self, name) < 1:
+                return f"{name} must be an integer >= 1, got {getattr(self, name)!r}"
+        if self.cofi_format != 1:
+            return f"cofi_format {self.cofi_format} is not known to this cofi (1); update cofi"
+        for name in ("pad_token_id", "zero_hidden_dims"):
+            if not _int(getattr(self, name)) or getattr(self, name) < 0:
+                return f"{name} must be an integer >= 0, got {getattr(self, name)!r}"
+        if self.pad_token_id >= self.vocab_size:
+            return f"pad_token_id must be < vocab_size={self.vocab_size}, got {self.pad_token_id}"
+        if self.model_type == "roberta" and self.max_position_embeddings <= self.pad_token_id + 1:
+            return (f"max_position_embeddings must exceed pad_token_id + 1={self.pad_token_id + 1} (RoBERTa "
+                    f"positions start after the padding index), got {self.max_position_embeddings}")
+        for name in ("classifier_size", "distill_proj_size"):
+            v = getattr(self, name)
+            if v is not None and (not _int(v) or v < 1):
+                return f"{name} must be an integer >= 1 or null, got {v!r}"
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps > 0):
+            return f"layer_norm_eps must be a positive number, got {eps!r}"
+        if self.problem_type is not None and not isinstance(self.problem_type, str):
+            return f"problem_type must be a string or null, got {self.problem_type!r}"
+        if not isinstance(self.id2label, dict) or not isinstance(self.label2id, dict):
+            return "id2label and label2id must be JSON objects"
+        # per-layer lists
+        lists = {"num_heads": _int, "attention_present": _bool, "intermediate_sizes": _int, "ffn_present": _bool,
+                 "zero_ffn_units": _int}
+        for name, ok in lists.items():
+            v = getattr(self, name)
+            kind = "integers" if ok is _int else "true/false values"
+            if not isinstance(v, list) or not all(ok(x) for x in v):
+                return f"{name} must be a list of {kind} (one per layer), got {v!r}"
+        L = len(self.num_heads)
+        if L < 1:
+            return "num_heads must list at least one layer"
+        for name in lists:
             if len(getattr(self, name)) != L:
-                raise ValueError(f"cofi.runtime: {name} must have {L} entries (one per layer), "
-                                 f"got {len(getattr(self, name))}")
-        if not self.zero_ffn_units:
-            self.zero_ffn_units = [0] * L
-        if self.hidden_size < 1:
-            raise ValueError("cofi.runtime: hidden_size must be >= 1 (every hidden dim was pruned)")
-        if not 0 <= self.zero_hidden_dims < self.hidden_size:
-            raise ValueError(f"cofi.runtime: zero_hidden_dims must be in [0, hidden_size={self.hidden_size}), "
-                             f"got {self.zero_hidden_dims}")
-        if len(self.hidden_index) != self.real_hidden_size:
-            raise ValueError(f"cofi.runtime: hidden_index must have hidden_size - zero_hidden_dims="
-                             f"{self.real_hidden_size} entries, got {len(self.hidden_index)}")
+                return (f"{name} must have {L} entries (one per layer, as num_heads), "
+                        f"got {len(getattr(self, name))}")
+        for i in range(L):
+            h, w, z = self.num_heads[i], self.intermediate_sizes[i], self.zero_ffn_units[i]
+            if not 0 <= h <= self.original_num_heads:
+                return f"num_heads[{i}] must be in [0, original_num_heads={self.original_num_heads}], got {h}"
+            if not 0 <= z <= w:
+                return f"zero_ffn_units[{i}] must be in [0, intermediate_sizes[{i}]={w}], got {z}"
+            if w < 0 or w - z > self.original_intermediate_size:
+                return (f"intermediate_sizes[{i}] - zero_ffn_units[{i}] must be in [0, original_intermediate_size="
+                        f"{self.original_intermediate_size}], got {w - z}")
+        if self.zero_hidden_dims >= self.hidden_size:
+            return f"zero_hidden_dims must be < hidden_size={self.hidden_size}, got {self.zero_hidden_dims}"
+        real = self.real_hidden_size
+        if real > self.original_hidden_size:
+            return (f"hidden_size - zero_hidden_dims={real} must be <= original_hidden_size="
+                    f"{self.original_hidden_size}")
+        idx = self.hidden_index
+        if not isinstance(idx, list) or not all(_int(x) and 0 <= x < self.original_hidden_size for x in idx):
+            return f"hidden_index must list kept dims in [0, original_hidden_size={self.original_hidden_size})"
+        if len(idx) != real:
+            return f"hidden_index must have hidden_size - zero_hidden_dims={real} entries, got {len(idx)}"
+        if len(set(idx)) != len(idx):
+            return "hidden_index lists a dim twice"
+        kh = self.kept_heads
+        if not isinstance(kh, list) or kh and len(kh) != L:
+            return f"kept_heads must be empty or have {L} entries (one per layer)"
+        for i, heads in enumerate(kh):
+            if not isinstance(heads, list) or len(heads) != self.num_heads[i] or len(set(heads)) != len(heads) \
+                    or not all(_int(x) and 0 <= x < self.original_num_heads for x in heads):
+                return (f"kept_heads[{i}] must list num_heads[{i}]={self.num_heads[i]} distinct heads in "
+                        f"[0, original_num_heads={self.original_num_heads})")
+        return None
 
     @property
     def num_layers(self) -> int:
@@ -109,7 +205,14 @@ class CompactConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CompactConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
+        """From a config.json object; unknown keys are ignored, missing required keys refused."""
+        fs = dataclasses.fields(cls)
+        need = [f.name for f in fs if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [n for n in need if n not in d]
+        if missing:
+            detail = f"lacks key(s) {', '.join(missing)}"
+            raise ModelFolderError(f"cofi.runtime: compact config {detail}", detail=detail)
+        names = {f.name for f in fs}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def save(self, directory: str) -> None:
@@ -117,9 +220,35 @@ class CompactConfig:
             json.dump(self.to_dict(), f, indent=2)
 
     @classmethod
-    def load(cls, directory: str) -> "CompactConfig":
-        with open(os.path.join(directory, CONFIG_NAME)) as f:
-            return cls.from_dict(json.load(f))
+    def load(cls, directory: str | os.PathLike) -> "CompactConfig":
+        """Read and check ``directory/config.json``; every problem is one :class:`ModelFolderError`
+        naming the folder (or file) and what is wrong."""
+        d = Path(directory)
+        hint = "give a folder written by CompactModel.save_pretrained (cofi prune writes <output_dir>/compact)"
+        if not d.exists():
+            raise ModelFolderError(f"cofi.runtime: model folder {d} not found; {hint}")
+        if not d.is_dir():
+            raise ModelFolderError(f"cofi.runtime: {d} is a file, not a model folder; {hint}")
+        f = d / CONFIG_NAME
+        if not f.is_file():
+            what = "is empty" if not any(d.iterdir()) else f"has no {CONFIG_NAME}"
+            raise ModelFolderError(f"cofi.runtime: model folder {d} {what}; {hint}")
+        try:
+            obj = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ModelFolderError(f"cofi.runtime: {f} is not valid JSON ({e}); the file is damaged") from None
+        if not isinstance(obj, dict):
+            raise ModelFolderError(f"cofi.runtime: {f} must hold a JSON object, got {type(obj).__name__}")
+        if "num_heads" not in obj and "cofi_format" not in obj:
+            if (d / "masks.safetensors").exists():
+                raise ModelFolderError(f"cofi.runtime: {d} is a pruning checkpoint (full model + masks), not a "
+                                       f"compact model folder; use the run's compact/ folder")
+            raise ModelFolderError(f"cofi.runtime: {d} is not a compact model folder (its {CONFIG_NAME} has no "
+                                   f"num_heads; model_type {obj.get('model_type')!r}); {hint}")
+        try:
+            return cls.from_dict(obj)
+        except ModelFolderError as e:
+            raise ModelFolderError(f"cofi.runtime: {f}: {e.detail}", detail=e.detail) from None
 
     # ---- parameter counting the paper's way (cofi-reference.md 4.5) ----
     def full_encoder_params(self) -> int:

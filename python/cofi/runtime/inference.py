@@ -5,7 +5,12 @@ from typing import Mapping, Sequence
 
 import torch
 
+from ..errors import UserError
 from .modeling import CompactModel
+
+
+class NonFiniteOutputError(UserError):
+    """The model gave NaN/inf outputs: no prediction or metric may be made from them."""
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -19,12 +24,14 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
 @torch.inference_mode()
 def predict(model: torch.nn.Module, features: Sequence[Mapping[str, Sequence[int]]],
             batch_size: int = 32, pad_token_id: int | None = None,
-            device: str | torch.device | None = None) -> dict[str, object]:
+            device: str | torch.device | None = None, allow_nonfinite: bool = False) -> dict[str, object]:
     """Run ``model`` over tokenized ``features`` (each a mapping with ``input_ids`` and optionally
     ``token_type_ids``; lengths may differ), in the original order.
 
     Returns ``{"logits": [N, C] tensor}`` for classification or ``{"start_logits": [...],
     "end_logits": [...]}`` (lists of 1-D tensors, one per example, unpadded) for QA.
+    NaN/inf outputs raise :class:`NonFiniteOutputError` (naming the first example) unless
+    ``allow_nonfinite``.
     """
     if pad_token_id is None:
         cfg = getattr(model, "config", None)
@@ -35,10 +42,28 @@ def predict(model: torch.nn.Module, features: Sequence[Mapping[str, Sequence[int
     if isinstance(model, CompactModel):  # only real positions are read back: skip the padding
         prev, model.unpad = model.unpad, True
         try:
-            return _predict(model, features, lengths, batch_size, pad_token_id, device)
+            out = _predict(model, features, lengths, batch_size, pad_token_id, device)
         finally:
             model.unpad = prev
-    return _predict(model, features, lengths, batch_size, pad_token_id, device)
+    else:
+        out = _predict(model, features, lengths, batch_size, pad_token_id, device)
+    if not allow_nonfinite:
+        _check_finite(out)
+    return out
+
+
+def _check_finite(out: dict[str, object]) -> None:
+    if "logits" in out:
+        per_example = [bool(torch.isfinite(row).all()) for row in out["logits"]]
+    else:
+        per_example = [bool(torch.isfinite(s).all() and torch.isfinite(e).all())
+                       for s, e in zip(out["start_logits"], out["end_logits"])]
+    if not all(per_example):
+        first = per_example.index(False)
+        raise NonFiniteOutputError(
+            f"cofi.runtime.predict: the model gave NaN/inf outputs for {per_example.count(False)} of "
+            f"{len(per_example)} examples (first: example {first}); its weights overflow on these inputs, "
+            "so nothing is predicted from them")
 
 
 def _predict(model: torch.nn.Module, features: Sequence[Mapping[str, Sequence[int]]], lengths: list[int],

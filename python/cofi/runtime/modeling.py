@@ -6,18 +6,20 @@ that are gone cost nothing. Inference model: no dropout.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import _fused, _ops, workspace
-from .config import CONFIG_NAME, WEIGHTS_NAME, CompactConfig
+from .config import ACTIVATIONS as _ACTIVATIONS
+from .config import CONFIG_NAME, WEIGHTS_NAME, CompactConfig, ModelFolderError
 
-_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-                "gelu_tanh": "gelu_tanh", "relu": "relu"}
+CHECKSUM_KEY = "cofi_sha256"  # safetensors metadata: tensors_checksum of the saved weights
 
 
 def activation_name(hf_act: str) -> str:
@@ -389,35 +391,103 @@ class CompactModel(nn.Module):
         return self.pad_hidden_(multiple).pad_ffn_(multiple)
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, directory: str, tokenizer=None) -> None:
-        """Write model.safetensors + config.json (+ the tokenizer's files when given)."""
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> None:
+        """Write model.safetensors (with a checksum of the tensors in its metadata) + config.json,
+        and the tokenizer's files when ``tokenizer`` is given: without them the folder can only be
+        evaluated with an explicit tokenizer (``cofi eval --tokenizer``)."""
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
         sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(sd, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "cofi": "compact"})
+        meta = {"format": "pt", "cofi": "compact", CHECKSUM_KEY: tensors_checksum(sd)}
+        save_file(sd, os.path.join(directory, WEIGHTS_NAME), metadata=meta)
         self.config.save(directory)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str, device: str | torch.device = "cpu",
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None, pad: int | None = None) -> "CompactModel":
         """Load a folder written by ``save_pretrained`` (safetensors only; nothing is unpickled).
         ``pad``: then ``pad_(pad)`` (exact; whether it pays depends on the shapes and the machine:
-        benchmarks/bench_runtime.py measures it)."""
+        benchmarks/bench_runtime.py measures it).
+
+        The config is checked (``CompactConfig.load``) and so is every tensor against it: names,
+        shapes, floating dtypes and finite values; any problem is one :class:`ModelFolderError`."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         cfg = CompactConfig.load(directory)
-        if not os.path.exists(os.path.join(directory, WEIGHTS_NAME)):
-            raise FileNotFoundError(f"cofi.runtime: {directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
-        sd = load_file(os.path.join(directory, WEIGHTS_NAME), device=str(device))
-        model = cls(cfg).to(sd["embeddings.ln_weight"].dtype)
+        path = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise ModelFolderError(f"cofi.runtime: {directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+        try:
+            sd = load_file(path)
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:  # noqa: BLE001 - safetensors' errors for a damaged file vary
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ModelFolderError(f"cofi.runtime: {path} is not a readable safetensors file ({first}); "
+                                   "the file is damaged or truncated") from None
+        model = cls(cfg)
+        problem = state_dict_problem(model.state_dict(), sd)
+        if not problem and CHECKSUM_KEY in meta and meta[CHECKSUM_KEY] != tensors_checksum(sd):
+            problem = ("the tensors do not match the checksum saved with them: the file was changed or damaged "
+                       "after CompactModel.save_pretrained wrote it")
+        if problem:
+            raise ModelFolderError(f"cofi.runtime: {path}: {problem}")
+        model = model.to(sd["embeddings.ln_weight"].dtype)
         model.load_state_dict(sd, strict=True)
         model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-        if pad:
+        if pad is not None:
             model.pad_(pad)
         return model.eval()
+
+
+def tensors_checksum(sd: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (sorted by name; CPU tensors)."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().contiguous()
+        h.update(f"{k}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def nonfinite_tensor(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, int] | None:
+    """(name, count) of the first floating tensor with NaN or inf values, or None."""
+    for name, t in named:
+        if t.is_floating_point() or t.is_complex():
+            bad = int(t.numel() - torch.isfinite(t).sum())
+            if bad:
+                return name, bad
+    return None
+
+
+def state_dict_problem(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> str | None:
+    """What keeps ``got`` (loaded weights) from being ``want``'s (a model's state dict) weights:
+    missing or unexpected tensors, other shapes (the config and the weights disagree), non-floating
+    dtypes, NaN/inf values; None when it fits."""
+    missing = [k for k in want if k not in got]
+    if missing:
+        return (f"{len(missing)} tensor(s) the config needs are missing (e.g. {missing[0]!r}); "
+                "the weights do not belong to this config.json")
+    extra = [k for k in got if k not in want]
+    if extra:
+        return (f"{len(extra)} tensor(s) the config does not know (e.g. {extra[0]!r}); "
+                "the weights do not belong to this config.json")
+    for k, w in want.items():
+        t = got[k]
+        if tuple(t.shape) != tuple(w.shape):
+            return (f"tensor {k!r} has shape {list(t.shape)} but config.json implies {list(w.shape)}; "
+                    "the weights do not belong to this config.json")
+        if not t.is_floating_point():
+            return f"tensor {k!r} has dtype {t.dtype}, not a floating dtype; the file is damaged"
+    bad = nonfinite_tensor(got.items())
+    if bad:
+        return (f"tensor {bad[0]!r} has {bad[1]} NaN/inf value(s): the weights are broken "
+                "(a diverged run or a damaged file); refusing to load them")
+    return None
 
 
 # Names from the models/pruning contract; one class serves all four (the config says which).

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .config import ConfigError, add_config_arguments, resolve
+from .config import add_config_arguments, resolve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -12,15 +11,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import TaskError
-    from .modeling import ModelLoadError
+    """User mistakes raise :class:`cofi.errors.UserError`; ``cofi.cli.main`` prints them as one line."""
     from .trainer import Trainer
 
-    try:
-        cfg = resolve(args, "finetune")
-        res = Trainer(cfg, "finetune", resume=args.resume).run()
-    except (ConfigError, TaskError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = resolve(args, "finetune")
+    res = Trainer(cfg, "finetune", resume=args.resume).run()
     print(f"finetune done: best {res['best_metric']} -> {res['best_dir']}")
     return 0

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from .config import ConfigError, add_config_arguments, resolve
+from .config import add_config_arguments, resolve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,17 +14,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import TaskError
-    from .modeling import ModelLoadError
+    """User mistakes raise :class:`cofi.errors.UserError`; ``cofi.cli.main`` prints them as one line."""
     from .trainer import Trainer
 
-    try:
-        cfg = resolve(args, "prune")
-        t = Trainer(cfg, "prune", resume=args.resume)
-        res = t.run()
-    except (ConfigError, TaskError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = resolve(args, "prune")
+    t = Trainer(cfg, "prune", resume=args.resume)
+    res = t.run()
     if t.dist.main:
         print("prune done: " + json.dumps(res, default=str))
     return 0

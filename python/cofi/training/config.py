@@ -40,6 +40,7 @@ class TrainConfig:
     # ---------------------------------------------------------------- models
     model: str = ""                 # pre-trained checkpoint the student (or the teacher to fine-tune) starts from
     teacher: str | None = None      # fine-tuned teacher folder (prune); None = no distillation
+    tokenizer: str | None = None    # tokenizer folder or hub name; None = the one in ``model``
     output_dir: str = "runs/cofi"
     # ---------------------------------------------------------------- optimisation (teacher fine-tuning / pruning)
     batch_size: int = 32
@@ -96,6 +97,8 @@ class TrainConfig:
     progress: bool = True
     device: str = "cpu"
     max_eval_batches: int | None = None
+    # run control, not saved with the run: clear a previous run's outputs in output_dir first
+    overwrite: bool = False
 
     # ------------------------------------------------------------------ io
     def to_dict(self) -> dict[str, Any]:
@@ -123,12 +126,35 @@ class TrainConfig:
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"cofi config: file not found: {p}")
-        d = yaml.safe_load(p.read_text()) or {}
+        if p.is_dir():
+            raise ConfigError(f"cofi config: --config {p} is a folder; give a YAML file")
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cofi config: cannot read {p} as text: {e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"cofi config: {p} is not valid YAML: {_one_line(e)}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"cofi config: {p} must hold a mapping of keys to values")
         return cls.from_dict(d, base, source=str(p))
 
     # ------------------------------------------------------------------ validation
+    def _validate_device(self) -> None:
+        import torch
+
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, ValueError, TypeError):
+            raise ConfigError(f"cofi config: device must be cpu, cuda or cuda:N, got {self.device!r}") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError(f"cofi config: device {self.device!r}: no CUDA device is available here (use cpu)")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise ConfigError(f"cofi config: device {self.device!r}: only {torch.cuda.device_count()} CUDA "
+                                  "device(s) here")
+        elif dev.type != "cpu":
+            raise ConfigError(f"cofi config: device must be cpu, cuda or cuda:N, got {self.device!r}")
+
     def validate(self, command: str = "prune") -> "TrainConfig":
         def bad(name: str, msg: str) -> None:
             raise ConfigError(f"cofi config: {name} {msg}, got {getattr(self, name)!r}")
@@ -152,11 +178,35 @@ class TrainConfig:
             v = getattr(self, n)
             if not (math.isfinite(v) and v >= 0):
                 bad(n, "must be >= 0")
-        for n in ("max_steps", "prepruning_steps", "lagrangian_warmup_steps", "compact_max_steps",
-                  "max_train_samples", "max_eval_samples"):
+        for n in ("max_steps", "prepruning_steps", "lagrangian_warmup_steps", "compact_max_steps"):
             v = getattr(self, n)
             if v is not None and int(v) < 0:
                 bad(n, "must be >= 0 or null")
+        # 0 would silently mean "all" / "default" here: refuse it
+        for n in ("max_train_samples", "max_eval_samples", "max_eval_batches", "num_threads", "num_labels"):
+            v = getattr(self, n)
+            if v is not None and int(v) < 1:
+                bad(n, "must be >= 1 or null")
+        for n in ("warmup_steps", "doc_stride"):
+            if int(getattr(self, n)) < (1 if n == "doc_stride" else 0):
+                bad(n, "must be >= 1" if n == "doc_stride" else "must be >= 0")
+        for n in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, n) < 1.0:
+                bad(n, "must be in [0, 1)")
+        for n, low_open in (("adam_eps", True), ("temperature", True), ("teacher_cache_max_gb", False)):
+            v = getattr(self, n)
+            if not (math.isfinite(v) and (v > 0 if low_open else v >= 0)):
+                bad(n, "must be a positive number" if low_open else "must be >= 0")
+        if not 0.0 < self.droprate_init < 1.0:
+            bad("droprate_init", "must be in (0, 1)")
+        if self.text_fields is not None and not (1 <= len(self.text_fields) <= 2):
+            bad("text_fields", "must name one or two columns")
+        if self.label_field is not None and not self.label_field:
+            bad("label_field", "must name a column")
+        self._validate_device()
+        out = Path(self.output_dir)
+        if out.exists() and not out.is_dir():
+            bad("output_dir", "is a file; give a folder (it is created when missing)")
         choices = {"scheduler": ("linear", "constant"), "compact_scheduler": ("linear", "constant"),
                    "deterministic_mode": ("soft", "binary"), "mode": ("compact", "dense"),
                    "layer_distill": ("v3", "v4", "none"), "mask_init": ("reference", "uniform"),
@@ -181,6 +231,10 @@ class TrainConfig:
         if self.task not in TASKS:
             raise ConfigError(f"cofi config: task must be one of {', '.join(sorted(TASKS))}, got {self.task!r}")
         return self
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
 
 
 def _field_types() -> dict[str, Any]:
@@ -218,7 +272,8 @@ def _coerce(name: str, value: Any) -> Any:
             return "on" if value else "off"
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"cofi config: {name} must be of type {s.replace('typing.', '')}, got {value!r}") from None
+        kind = s.replace("typing.", "").replace("<class '", "").replace("'>", "")
+        raise ConfigError(f"cofi config: {name} must be of type {kind}, got {value!r}") from None
 
 
 # ---------------------------------------------------------------------- presets
@@ -270,7 +325,11 @@ def resolve(args: argparse.Namespace, command: str) -> TrainConfig:
         if "=" not in item:
             raise ConfigError(f"cofi config: --set expects key=value, got {item!r}")
         k, v = item.split("=", 1)
-        cfg = TrainConfig.from_dict({k.strip().replace("-", "_"): yaml.safe_load(v)}, cfg, "--set")
+        try:
+            value = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"cofi config: --set {item!r}: the value is not valid YAML: {_one_line(e)}") from None
+        cfg = TrainConfig.from_dict({k.strip().replace("-", "_"): value}, cfg, "--set")
     if cfg.freeze_embeddings is None:
         cfg.freeze_embeddings = command != "finetune"
     return cfg.validate(command)
@@ -293,9 +352,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with config keys (overrides the preset)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any key (YAML value)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in output_dir")
+    parser.add_argument("--overwrite", dest="overwrite", action="store_const", const=True, default=None,
+                        help="delete the previous run's outputs in output_dir first (without it a non-empty output_dir is refused)")
     g = parser.add_argument_group("config keys (see cofi.training.config.TrainConfig)")
     hints = _field_types()
     for f in fields(TrainConfig):
+        if f.name == "overwrite":
+            continue
         s = str(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         if "bool" in s:
