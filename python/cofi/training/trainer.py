@@ -57,13 +57,8 @@ class TaskBundle:
 
 
 def load_task_bundle(cfg: TrainConfig, tokenizer_path: str) -> TaskBundle:
-    from transformers import AutoTokenizer
-
     spec = D.get_spec(cfg.task, text_fields=cfg.text_fields, label_field=cfg.label_field, num_labels=cfg.num_labels)
-    try:
-        tok = AutoTokenizer.from_pretrained(tokenizer_path)
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"cofi: cannot load a tokenizer from {tokenizer_path!r}: {e}") from e
+    tok = D.load_tokenizer(tokenizer_path, tokenizer=cfg.tokenizer)
     train, ev = D.load_task(spec, train_file=cfg.train_file, eval_file=cfg.eval_file, eval_split=cfg.eval_split)
     if cfg.max_train_samples:
         train = train.select(range(min(cfg.max_train_samples, len(train))))
@@ -237,7 +232,8 @@ class Trainer:
     def _load(self, path: str) -> torch.nn.Module:
         qa = self.task.qa
         n = 1 if self.task.spec.kind == "regression" else self.task.spec.num_labels
-        return load_model(path, qa=qa, num_labels=n, dropout=self.cfg.dropout).to(self.device)
+        return load_model(path, qa=qa, num_labels=n, dropout=self.cfg.dropout,
+                          max_length=self.cfg.max_seq_length).to(self.device)
 
     def setup_models(self) -> None:
         cfg = self.cfg
