@@ -39,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("cofi.info", "versions, build flags, backends and devices"),
     "finetune": ("cofi.training.cli_finetune", "fine-tune a pre-trained encoder on a task (the teacher)"),
     "prune": ("cofi.training.cli_prune", "CoFi pruning with distillation, then fold and fine-tune the compact model"),
-    "eval": ("cofi.runtime.cli_eval", "evaluate a compact (or full) model folder on a task"),
+    "eval": ("cofi.runtime.cli_eval", "evaluate a compact model folder on a task"),
     "export": ("cofi.runtime.cli_export", "export a compact model folder to ONNX or torch.export"),
     "demo": ("cofi.pipeline", "the whole pipeline on the bundled default (README command 1)"),
 }

@@ -429,14 +429,15 @@ class CompactModel(nn.Module):
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ModelFolderError(f"cofi.runtime: {path} is not a readable safetensors file ({first}); "
                                    "the file is damaged or truncated") from None
-        model = cls(cfg)
-        problem = state_dict_problem(model.state_dict(), sd)
+        with torch.device("meta"):  # shapes only: a damaged config could ask for any size
+            want = cls(cfg).state_dict()
+        problem = state_dict_problem(want, sd)
         if not problem and CHECKSUM_KEY in meta and meta[CHECKSUM_KEY] != tensors_checksum(sd):
             problem = ("the tensors do not match the checksum saved with them: the file was changed or damaged "
                        "after CompactModel.save_pretrained wrote it")
         if problem:
             raise ModelFolderError(f"cofi.runtime: {path}: {problem}")
-        model = model.to(sd["embeddings.ln_weight"].dtype)
+        model = cls(cfg).to(sd["embeddings.ln_weight"].dtype)
         model.load_state_dict(sd, strict=True)
         model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
         if pad is not None:
