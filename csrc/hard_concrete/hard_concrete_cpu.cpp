@@ -8,10 +8,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <vector>
 
 #include "hard_concrete.h"
+#include "hard_concrete_checks.h"
 #include "hard_concrete_step.h"
 #include "../fast_math.h"
 
@@ -26,16 +28,38 @@ constexpr int64_t kGrain = 16384;
 // chosen at run time and a baseline clone. float64 keeps the exact scalar path.
 COFI_INLINE float sigmoid_f(float x) { return 1.0f / (1.0f + exp_fast(-x)); }
 
+// logit(u) = log(u / (1 - u)) (one log instead of two), with the reference's values where log_fast has
+// none: -inf at u = 0, +inf at u = 1, NaN for u outside [0, 1] or NaN (so z is NaN exactly where the
+// reference's log(u) - log1p(-u) makes it NaN; exp_fast and std::min/max pass NaN through).
+COFI_INLINE float logit_f(float u) {
+  const float inf = std::numeric_limits<float>::infinity();
+  float lg = log_fast(u / (1.0f - u));
+  lg = u <= 0.0f ? -inf : lg;
+  lg = u >= 1.0f ? inf : lg;
+  return ((u >= 0.0f) & (u <= 1.0f)) ? lg : std::numeric_limits<float>::quiet_NaN();
+}
+
+// v where c, else +0 (also for a NaN v: 0 * NaN would be NaN). A bit mask, not '?:' on floats, so
+// GCC vectorises the loops.
+COFI_INLINE float keep_if(bool c, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  bits &= 0u - uint32_t(c);
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
 // kind 0: sample fwd, 1: sample bwd, 2: keep fwd, 3: keep bwd, 4: sample + keep fwd (o = z,
 // o2 = keep), 5: sample + keep bwd (g = grad of z, g2 = grad of keep, u = the forward's z: inside the
 // clip s = (z - l) / (r - l) exactly inverts the forward map, so no log/exp is needed for dz).
-// a = log_alpha, u = noise. logit(u) = log(u / (1 - u)): one log instead of two.
+// a = log_alpha, u = noise. Gradients outside the clip are keep_if'd to 0, as the reference's
+// where(inside, ., 0), so a NaN gate gets gradient 0 there.
 template <int kind>
 COFI_INLINE void hc_loop_f(const float* a, const float* u, const float* g, const float* g2, float* o, float* o2,
                            int64_t b, int64_t e, float t, float l, float r, float q0, float eps) {
   for (int64_t i = b; i < e; ++i) {
     if constexpr (kind == 4) {
-      const float s = sigmoid_f((log_fast(u[i] / (1.0f - u[i])) + a[i]) / t);
+      const float s = sigmoid_f((logit_f(u[i]) + a[i]) / t);
       const float q = sigmoid_f(q0 - a[i]);
       o[i] = std::min(std::max(s * (r - l) + l, 0.0f), 1.0f);
       o2[i] = 1.0f - std::min(std::max(q, eps), 1.0f - eps);
@@ -43,26 +67,25 @@ COFI_INLINE void hc_loop_f(const float* a, const float* u, const float* g, const
       const float z = u[i];
       const float s = (z - l) / (r - l);
       const float q = sigmoid_f(q0 - a[i]);
-      const float in_z = float((z > 0.0f) & (z < 1.0f));
-      const float in_q = float((q > eps) & (q < 1.0f - eps));
-      o[i] = in_z * (g[i] * (r - l) * s * (1.0f - s) / t) + in_q * (g2[i] * q * (1.0f - q));
+      const float dz = g[i] * (r - l) * s * (1.0f - s) / t;
+      const float dq = g2[i] * q * (1.0f - q);
+      o[i] = keep_if((z > 0.0f) & (z < 1.0f), dz) + keep_if((q > eps) & (q < 1.0f - eps), dq);
     } else if constexpr (kind <= 1) {
-      const float s = sigmoid_f((log_fast(u[i] / (1.0f - u[i])) + a[i]) / t);
+      const float s = sigmoid_f((logit_f(u[i]) + a[i]) / t);
       const float sbar = s * (r - l) + l;
       if constexpr (kind == 0) {
         o[i] = std::min(std::max(sbar, 0.0f), 1.0f);
       } else {
-        // '&' and a multiply instead of '&&' / '?:': no control flow, so GCC vectorises the loop
-        const float inside = float((sbar > 0.0f) & (sbar < 1.0f));
-        o[i] = inside * (g[i] * (r - l) * s * (1.0f - s) / t);
+        const float dz = g[i] * (r - l) * s * (1.0f - s) / t;
+        o[i] = keep_if((sbar > 0.0f) & (sbar < 1.0f), dz);
       }
     } else {
       const float q = sigmoid_f(q0 - a[i]);
       if constexpr (kind == 2) {
         o[i] = 1.0f - std::min(std::max(q, eps), 1.0f - eps);
       } else {
-        const float inside = float((q > eps) & (q < 1.0f - eps));
-        o[i] = inside * (g[i] * q * (1.0f - q));
+        const float dq = g[i] * q * (1.0f - q);
+        o[i] = keep_if((q > eps) & (q < 1.0f - eps), dq);
       }
     }
   }
@@ -115,6 +138,7 @@ void check_float(const at::Tensor& x, const char* name) {
 }
 
 at::Tensor sample_fwd(const at::Tensor& log_alpha, const at::Tensor& u, double t, double l, double r) {
+  cofi_hc_check::stretch("cofi::hard_concrete_sample_fwd_native", t, l, r);
   check_float(log_alpha, "log_alpha");
   check_same(log_alpha, "log_alpha", u, "u");
   auto la = log_alpha.contiguous();
@@ -138,6 +162,7 @@ at::Tensor sample_fwd(const at::Tensor& log_alpha, const at::Tensor& u, double t
 }
 
 at::Tensor sample_bwd(const at::Tensor& grad, const at::Tensor& log_alpha, const at::Tensor& u, double t, double l, double r) {
+  cofi_hc_check::stretch("cofi::hard_concrete_sample_bwd_native", t, l, r);
   check_float(log_alpha, "log_alpha");
   check_same(log_alpha, "log_alpha", u, "u");
   check_same(log_alpha, "log_alpha", grad, "grad");
@@ -164,6 +189,7 @@ at::Tensor sample_bwd(const at::Tensor& grad, const at::Tensor& log_alpha, const
 }
 
 at::Tensor keep_fwd(const at::Tensor& log_alpha, double t, double l, double r, double eps) {
+  cofi_hc_check::stretch_eps("cofi::hard_concrete_keep_prob_fwd_native", t, l, r, eps);
   check_float(log_alpha, "log_alpha");
   auto la = log_alpha.contiguous();
   auto p = at::empty_like(la);
@@ -183,6 +209,7 @@ at::Tensor keep_fwd(const at::Tensor& log_alpha, double t, double l, double r, d
 }
 
 at::Tensor keep_bwd(const at::Tensor& grad, const at::Tensor& log_alpha, double t, double l, double r, double eps) {
+  cofi_hc_check::stretch_eps("cofi::hard_concrete_keep_prob_bwd_native", t, l, r, eps);
   check_float(log_alpha, "log_alpha");
   check_same(log_alpha, "log_alpha", grad, "grad");
   auto la = log_alpha.contiguous();
@@ -207,6 +234,7 @@ at::Tensor keep_bwd(const at::Tensor& grad, const at::Tensor& log_alpha, double 
 
 // Per row: zero the round-half-even(n - sum keep) smallest log_alpha (ties: lower index first).
 at::Tensor deterministic(const at::Tensor& log_alpha, bool binary, double t, double l, double r, double eps) {
+  cofi_hc_check::stretch_eps("cofi::hard_concrete_deterministic_native", t, l, r, eps);
   check_float(log_alpha, "log_alpha");
   TORCH_CHECK(log_alpha.dim() == 2, "cofi: log_alpha must be 2-D [rows, n], got ", log_alpha.sizes());
   auto la = log_alpha.contiguous();
@@ -224,7 +252,9 @@ at::Tensor deterministic(const at::Tensor& log_alpha, bool binary, double t, dou
         // Sum in the op's dtype, in index order, as torch's sum over a short row does.
         scalar_t keep = 0;
         for (int64_t i = 0; i < n; ++i) keep += cofi_hc::keep_prob<scalar_t>(a[i], scalar_t(q0), scalar_t(eps));
-        const int64_t zeros = static_cast<int64_t>(std::nearbyint(static_cast<double>(scalar_t(n) - keep)));
+        // keep is NaN only for NaN log_alpha (refused by the wrapper): then zero nothing, never index past n.
+        const double nz = std::nearbyint(static_cast<double>(scalar_t(n) - keep));
+        const int64_t zeros = nz > 0.0 ? static_cast<int64_t>(std::min(nz, static_cast<double>(n))) : 0;
         for (int64_t i = 0; i < n; ++i)
           o[i] = binary ? scalar_t(1) : cofi_hc::sigmoid<scalar_t>(a[i] / scalar_t(t) * scalar_t(0.8));
         if (zeros <= 0) continue;
@@ -297,6 +327,7 @@ const at::Tensor& first_of(const std::vector<const c10::optional<at::Tensor>*>& 
 std::tuple<at::Tensor, at::Tensor> size_fwd(const c10::optional<at::Tensor>& hidden, const c10::optional<at::Tensor>& head,
                                             const c10::optional<at::Tensor>& mha, const c10::optional<at::Tensor>& inter,
                                             const c10::optional<at::Tensor>& ffn, int64_t L, int64_t d, int64_t H, int64_t F) {
+  cofi_hc_check::groups("cofi::expected_size_fwd_native", {&hidden, &head, &mha, &inter, &ffn}, L, d, H, F);
   const at::Tensor& ref = first_of({&hidden, &head, &mha, &inter, &ffn});
   check_float(ref, "keep probabilities");
   auto e = at::empty({}, ref.options());
@@ -356,6 +387,9 @@ std::vector<at::Tensor> size_bwd(const at::Tensor& g_params, const at::Tensor& g
                                  const c10::optional<at::Tensor>& head, const c10::optional<at::Tensor>& mha,
                                  const c10::optional<at::Tensor>& inter, const c10::optional<at::Tensor>& ffn, int64_t L,
                                  int64_t d, int64_t H, int64_t F) {
+  const char* fn = "cofi::expected_size_bwd_native";
+  cofi_hc_check::groups(fn, {&hidden, &head, &mha, &inter, &ffn}, L, d, H, F);
+  cofi_hc_check::size_grads(fn, g_params, g_sparsity);
   const at::Tensor& ref = first_of({&hidden, &head, &mha, &inter, &ffn});
   check_float(ref, "keep probabilities");
   const SizeConsts c = consts(L, d, H, F);
@@ -409,6 +443,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_fwd(const at::Te
                                                                     at::IntArrayRef offsets, int64_t L, int64_t d,
                                                                     int64_t H, int64_t F, double t, double l, double r,
                                                                     double eps) {
+  const char* fn = "cofi::hard_concrete_step_fwd_native";
+  cofi_hc_check::stretch_eps(fn, t, l, r, eps);
+  cofi_hc_check::sizes(fn, L, d, H, F);
   return cofi_hc_step::fwd(zk_fwd, size_fwd, log_alpha, u, offsets, L, d, H, F, t, l, r, eps);
 }
 
@@ -416,8 +453,15 @@ at::Tensor step_bwd(const c10::optional<at::Tensor>& grad_z, const c10::optional
                     const at::Tensor& grad_params, const at::Tensor& grad_sparsity, const at::Tensor& log_alpha,
                     const at::Tensor& u, const at::Tensor& z, const at::Tensor& keep, at::IntArrayRef offsets, int64_t L, int64_t d, int64_t H,
                     int64_t F, double t, double l, double r, double eps) {
+  const char* fn = "cofi::hard_concrete_step_bwd_native";
+  cofi_hc_check::stretch_eps(fn, t, l, r, eps);
+  cofi_hc_check::sizes(fn, L, d, H, F);
+  cofi_hc_check::size_grads(fn, grad_params, grad_sparsity);
   check_float(log_alpha, "log_alpha");
   check_same(log_alpha, "log_alpha", keep, "keep");
+  check_same(log_alpha, "log_alpha", u, "u");
+  if (grad_keep.has_value()) check_same(log_alpha, "log_alpha", *grad_keep, "grad_keep");
+  if (grad_z.has_value()) check_same(log_alpha, "log_alpha", *grad_z, "grad_z");
   const SizeConsts c = consts(L, d, H, F);
   at::Tensor gk = grad_keep.has_value() ? grad_keep->contiguous().clone() : at::zeros_like(log_alpha);
   at::Tensor kc = keep.contiguous();

@@ -260,7 +260,19 @@ inline Geometry geometry(const at::Tensor& q, const at::Tensor& k, const at::Ten
     g.ks[i] = k.stride(i);
     g.vs[i] = v.stride(i);
   }
+  if (g.S == 1) g.qs[2] = g.ks[2] = g.vs[2] = std::max<int64_t>(g.D, 1);  // never stepped; BLAS wants ld >= D
   return g;
+}
+
+// The [S, D] slice of each (batch, head) goes to BLAS as a row-major matrix whose leading dimension
+// is the row stride, which BLAS requires to be >= D (and an int). Rows that are expanded (stride 0),
+// overlapping (unfold, as_strided) or not unit-strided along D are therefore copied to contiguous;
+// every other layout (packed QKV views, any batch / head strides) is used in place.
+inline at::Tensor blas_rows(const at::Tensor& t) {
+  const int64_t S = t.size(2), D = t.size(3);
+  const bool unit_last = D <= 1 || t.stride(3) == 1;
+  const bool rows_ok = S <= 1 || (t.stride(2) >= std::max<int64_t>(D, 1) && t.stride(2) <= INT32_MAX);
+  return unit_last && rows_ok ? t : t.contiguous();
 }
 
 struct Dropout {
@@ -563,28 +575,43 @@ void check_inputs(const char* fn, const at::Tensor& q, const at::Tensor& k, cons
               q.scalar_type());
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), fn,
               ": k and v must have q's dtype");
-  for (const at::Tensor* t : {&q, &k, &v})
-    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, fn, ": q, k, v need a unit stride on the last dim");
+  TORCH_CHECK(q.device() == k.device() && q.device() == v.device(), fn, ": q, k, v must be on one device, got ",
+              q.device(), ", ", k.device(), ", ", v.device());
   if (head_z.has_value()) {
     TORCH_CHECK(head_z->dim() == 1 && head_z->size(0) == q.size(1), fn, ": head_z must be [H] = [", q.size(1),
                 "], got ", head_z->sizes());
-    TORCH_CHECK(head_z->scalar_type() == q.scalar_type() && head_z->is_contiguous(), fn,
-                ": head_z must be contiguous with q's dtype");
+    TORCH_CHECK(head_z->scalar_type() == q.scalar_type() && head_z->device() == q.device(), fn,
+                ": head_z must have q's dtype and device, got ", head_z->scalar_type(), " on ", head_z->device());
   }
   if (mask.has_value()) {
     TORCH_CHECK(mask->dim() == 2 && mask->size(0) == q.size(0) && mask->size(1) == q.size(2), fn,
                 ": key_padding_mask must be [B, S] = [", q.size(0), ", ", q.size(2), "], got ", mask->sizes());
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous(), fn,
-                ": key_padding_mask must be a contiguous bool tensor");
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->device() == q.device(), fn,
+                ": key_padding_mask must be a bool tensor on q's device, got ", mask->scalar_type(), " on ",
+                mask->device());
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                            const at::Tensor& v, const c10::optional<at::Tensor>& head_z,
-                                                            const c10::optional<at::Tensor>& key_padding_mask,
+void check_scalars(const char* fn, double scale, double dropout_p) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, fn, ": dropout_p must be in [0, 1), got ", dropout_p);
+}
+
+c10::optional<at::Tensor> contiguous_or_none(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value()) return t;
+  return t->contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(const at::Tensor& q_, const at::Tensor& k_,
+                                                            const at::Tensor& v_, const c10::optional<at::Tensor>& head_z_,
+                                                            const c10::optional<at::Tensor>& key_padding_mask_,
                                                             double scale, double dropout_p,
                                                             const c10::optional<at::Tensor>& seed) {
-  check_inputs("cofi::masked_attention_fwd_native", q, k, v, head_z, key_padding_mask);
+  const char* fn = "cofi::masked_attention_fwd_native";
+  check_inputs(fn, q_, k_, v_, head_z_, key_padding_mask_);
+  check_scalars(fn, scale, dropout_p);
+  const at::Tensor q = blas_rows(q_), k = blas_rows(k_), v = blas_rows(v_);
+  const auto head_z = contiguous_or_none(head_z_), key_padding_mask = contiguous_or_none(key_padding_mask_);
   auto out = at::empty(q.sizes(), q.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   if (out.numel() == 0) {
@@ -599,18 +626,22 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(const at::Tensor& q,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
-    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const c10::optional<at::Tensor>& head_z, const c10::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
-    const at::Tensor& lse, double scale, double dropout_p, const c10::optional<at::Tensor>& seed) {
+    const at::Tensor& grad_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const c10::optional<at::Tensor>& head_z_, const c10::optional<at::Tensor>& key_padding_mask_, const at::Tensor& out_,
+    const at::Tensor& lse_, double scale, double dropout_p, const c10::optional<at::Tensor>& seed) {
   const char* fn = "cofi::masked_attention_bwd_native";
-  check_inputs(fn, q, k, v, head_z, key_padding_mask);
-  TORCH_CHECK(grad.sizes() == q.sizes() && grad.is_contiguous() && grad.scalar_type() == q.scalar_type(), fn,
-              ": grad must be contiguous with q's shape and dtype");
-  TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous() && out.scalar_type() == q.scalar_type(), fn,
-              ": out must be contiguous with q's shape and dtype");
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2) &&
-                  lse.is_contiguous() && lse.scalar_type() == q.scalar_type(),
-              fn, ": lse must be contiguous [B, H, S] with q's dtype");
+  check_inputs(fn, q_, k_, v_, head_z_, key_padding_mask_);
+  check_scalars(fn, scale, dropout_p);
+  TORCH_CHECK(grad_.sizes() == q_.sizes() && grad_.scalar_type() == q_.scalar_type() && grad_.device() == q_.device(),
+              fn, ": grad must have q's shape, dtype and device, got ", grad_.sizes(), " ", grad_.scalar_type());
+  TORCH_CHECK(out_.sizes() == q_.sizes() && out_.scalar_type() == q_.scalar_type() && out_.device() == q_.device(), fn,
+              ": out must have q's shape, dtype and device, got ", out_.sizes(), " ", out_.scalar_type());
+  TORCH_CHECK(lse_.dim() == 3 && lse_.size(0) == q_.size(0) && lse_.size(1) == q_.size(1) &&
+                  lse_.size(2) == q_.size(2) && lse_.scalar_type() == q_.scalar_type() && lse_.device() == q_.device(),
+              fn, ": lse must be [B, H, S] with q's dtype and device, got ", lse_.sizes(), " ", lse_.scalar_type());
+  const at::Tensor q = blas_rows(q_), k = blas_rows(k_), v = blas_rows(v_);
+  const at::Tensor grad = grad_.contiguous(), out = out_.contiguous(), lse = lse_.contiguous();
+  const auto head_z = contiguous_or_none(head_z_), key_padding_mask = contiguous_or_none(key_padding_mask_);
   auto dq = at::zeros(q.sizes(), q.options());
   auto dk = at::zeros(q.sizes(), q.options());
   auto dv = at::zeros(q.sizes(), q.options());

@@ -47,6 +47,11 @@ void check(const char* fn, const at::Tensor& q, const at::Tensor& k, const at::T
                 fn, ": key_padding_mask must be a CUDA bool [B, S] tensor, got ", mask->sizes());
 }
 
+void check_scalars(const char* fn, double scale, double dropout_p) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, fn, ": dropout_p must be in [0, 1), got ", dropout_p);
+}
+
 struct Common {
   at::Tensor live, z, mask, seed;
   int64_t strides[9];
@@ -84,6 +89,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
                                             double dropout_p, const c10::optional<at::Tensor>& seed) {
   const char* fn = "cofi::masked_attention_fwd_native";
   check(fn, q, k, v, head_z, key_padding_mask);
+  check_scalars(fn, scale, dropout_p);
   c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
   auto out = at::zeros(q.sizes(), q.options());
@@ -107,6 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& lse, double scale, double dropout_p, const c10::optional<at::Tensor>& seed) {
   const char* fn = "cofi::masked_attention_bwd_native";
   check(fn, q, k, v, head_z, key_padding_mask);
+  check_scalars(fn, scale, dropout_p);
   TORCH_CHECK(grad.sizes() == q.sizes() && out.sizes() == q.sizes(), fn, ": grad and out must have q's shape");
   c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);

@@ -283,7 +283,14 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b
     TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(), "cofi::masked_ffn_native: weights must match x's dtype and device");
   if (int_z) TORCH_CHECK(int_z->dim() == 1 && int_z->size(0) == F && int_z->scalar_type() == x.scalar_type(), "cofi::masked_ffn_native: int_z must be [F=", F, "] in x's dtype, got ", int_z->sizes());
   if (mlp_z) TORCH_CHECK(mlp_z->numel() == 1 && mlp_z->scalar_type() == x.scalar_type(), "cofi::masked_ffn_native: mlp_z must have one element in x's dtype");
-  if (live) TORCH_CHECK(live->dim() == 1 && live->scalar_type() == at::kLong, "cofi::masked_ffn_native: live must be an int64 [L] index tensor");
+  if (live) {
+    TORCH_CHECK(live->dim() == 1 && live->scalar_type() == at::kLong, "cofi::masked_ffn_native: live must be an int64 [L] index tensor");
+    if (live->numel() > 0) {  // CPU tensor: reading it costs no device sync
+      const auto [lo, hi] = at::aminmax(*live);
+      TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < F, "cofi::masked_ffn_native: live must index units in [0, ",
+                        F, "), got values in [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
+    }
+  }
   TORCH_CHECK(act >= 0 && act <= 2, "cofi::masked_ffn_native: activation code must be 0 (gelu), 1 (gelu_tanh) or 2 (relu), got ", act);
 }
 
@@ -334,7 +341,8 @@ std::tuple<at::Tensor, at::Tensor> masked_ffn_fwd_cpu(const at::Tensor& x_, cons
                            s.data_ptr<scalar_t>(), N, L, act);
   });
   at::Tensor b2m = mlp_z ? b2 * mlp_z->reshape({}) : b2;
-  at::Tensor y = L > 0 ? cpu::linear(a, l.w2, b2m) : b2m.expand({N, b2.size(0)}).contiguous();
+  // No live unit: y = b2 m in every row, as a fresh tensor (an expand of b2 would alias an input).
+  at::Tensor y = L > 0 ? cpu::linear(a, l.w2, b2m) : b2m.expand({N, b2.size(0)}).clone(at::MemoryFormat::Contiguous);
   return {y, h};
 }
 

@@ -90,7 +90,8 @@ std::tuple<at::Tensor, at::Tensor> masked_ffn_fwd_cuda(const at::Tensor& x_, con
                                      static_cast<int>(act), at::cuda::getCurrentCUDAStream()),
         "forward epilogue");
   at::Tensor b2m = mlp_z ? b2 * mlp_z->reshape({}) : b2;
-  at::Tensor y = L > 0 ? at::addmm(b2m, a, l.w2.t()) : b2m.expand({N, b2.size(0)}).contiguous();
+  // No live unit: y = b2 m in every row, as a fresh tensor (an expand of b2 would alias an input).
+  at::Tensor y = L > 0 ? at::addmm(b2m, a, l.w2.t()) : b2m.expand({N, b2.size(0)}).clone(at::MemoryFormat::Contiguous);
   return {y, h};
 }
 

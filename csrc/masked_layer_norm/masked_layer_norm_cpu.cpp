@@ -2,7 +2,7 @@
 //
 // Per row (one task handles a block of rows; a row of d <= a few thousand stays in L1):
 //   v = x * z + r;  k = (z != 0);  n = max(sum k, 1)
-//   mean = sum(v k) / n;  rstd = 1 / sqrt(sum(((v - mean) k)^2) / n + eps)
+//   mean = sum(v k) / n;  rstd = 1 / sqrt(sum(((v - mean) k)^2) / n + eps)  (corrected two-pass, below)
 //   y = ((v - mean) k rstd * w + b) * z
 // Backward per row, with xhat = (v - mean) k rstd, go = g z, dxhat = go w:
 //   dv = rstd k (dxhat - sum(dxhat k)/n - xhat sum(dxhat xhat)/n);  dx = dv z;  dr = dv
@@ -34,6 +34,7 @@ struct Args {
   const T* z;  // hidden_z, or the ones of k
   const T* k;  // keep mask (z != 0), ones without z
   bool has_z;
+  T n;  // kept dims, at least 1
   T inv_n;
   T eps;
   int64_t N, d;
@@ -66,14 +67,21 @@ COFI_INLINE void fwd_rows(const Args<T>& A, T* __restrict y, T* mean_out, T* rst
         s += v * k[j];
       }
     }
-    const T mean = s * A.inv_n;
-    T ss = 0;
-#pragma omp simd reduction(+ : ss)
+    // Corrected two-pass statistics: the second pass also sums the residuals c of the first mean and
+    // corrects mean and variance with them, so a row that is constant over its kept dims gets its
+    // value back exactly and normalises to exactly 0 (not rounding noise times 1 / sqrt(eps)).
+    const T mean0 = s * A.inv_n;
+    T s1 = 0, ss = 0;
+#pragma omp simd reduction(+ : s1, ss)
     for (int64_t j = 0; j < d; ++j) {
-      const T c = (yr[j] - mean) * k[j];
+      const T c = (yr[j] - mean0) * k[j];
+      s1 += c;
       ss += c * c;
     }
-    const T rstd = T(1) / std::sqrt(ss * A.inv_n + A.eps);
+    const T corr = s1 / A.n;
+    const T mean = mean0 + corr;
+    const T var = std::max((ss - s1 * corr) * A.inv_n, T(0));
+    const T rstd = T(1) / std::sqrt(var + A.eps);
 #pragma omp simd
     for (int64_t j = 0; j < d; ++j) yr[j] = ((yr[j] - mean) * k[j] * rstd * w[j] + b[j]) * z[j];
     mean_out[row] = mean;
@@ -218,6 +226,10 @@ void ln_bwd(const Args<T>& A, const T* g, const T* mean, const T* rstd, T* dx, T
   });
 }
 
+void check_eps(double eps) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, "cofi::masked_layer_norm_native: eps must be finite and >= 0, got ", eps);
+}
+
 void check_inputs(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& weight,
                   const at::Tensor& bias, const c10::optional<at::Tensor>& hidden_z) {
   TORCH_CHECK(x.dim() == 2, "cofi::masked_layer_norm_native: x must be [N, d], got ", x.sizes());
@@ -247,7 +259,7 @@ Args<T> make_args(const at::Tensor& x, const at::Tensor& r, const at::Tensor& w,
 
 struct Prepared {
   at::Tensor x, r, w, b, z, k;
-  double inv_n;
+  double n, inv_n;
 };
 
 Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& weight,
@@ -263,11 +275,12 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
     p.z = hidden_z->contiguous();
     p.k = p.z.ne(0).to(x.scalar_type());
     const double kept = p.k.sum().item<double>();  // CPU tensor: no device sync
-    p.inv_n = 1.0 / std::max(kept, 1.0);
+    p.n = std::max(kept, 1.0);
   } else {
     p.k = at::ones({d}, x.options());
-    p.inv_n = 1.0 / std::max<double>(double(d), 1.0);
+    p.n = std::max<double>(double(d), 1.0);
   }
+  p.inv_n = 1.0 / p.n;
   return p;
 }
 
@@ -276,12 +289,14 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_layer_norm_fwd_cpu(
     const at::Tensor& x_, const c10::optional<at::Tensor>& residual, const at::Tensor& weight, const at::Tensor& bias,
     const c10::optional<at::Tensor>& hidden_z, double eps) {
+  check_eps(eps);
   Prepared p = prepare(x_, residual, weight, bias, hidden_z);
   const int64_t N = p.x.size(0);
   at::Tensor y = at::empty_like(p.x);
   at::Tensor mean = at::empty({N}, p.x.options()), rstd = at::empty({N}, p.x.options());
   AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), "masked_layer_norm_fwd_cpu", [&] {
     Args<scalar_t> A = make_args<scalar_t>(p.x, p.r, p.w, p.b, p.z, p.k, eps);
+    A.n = scalar_t(p.n);
     A.inv_n = scalar_t(p.inv_n);
     ln_fwd<scalar_t>(A, y.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>());
   });
@@ -293,6 +308,7 @@ std::vector<at::Tensor> masked_layer_norm_bwd_cpu(const at::Tensor& grad_, const
                                                   const at::Tensor& bias, const c10::optional<at::Tensor>& hidden_z,
                                                   const at::Tensor& mean_, const at::Tensor& rstd_, double eps,
                                                   c10::List<bool> needs_) {
+  check_eps(eps);
   TORCH_CHECK(needs_.size() == 5, "cofi::masked_layer_norm_bwd_native: needs must have 5 entries, got ", needs_.size());
   bool needs[5];
   for (int i = 0; i < 5; ++i) needs[i] = needs_.get(i);
@@ -312,7 +328,8 @@ std::vector<at::Tensor> masked_layer_norm_bwd_cpu(const at::Tensor& grad_, const
   if (N > 0 && (needs[0] || needs[1] || want_cols)) {
     AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), "masked_layer_norm_bwd_cpu", [&] {
       Args<scalar_t> A = make_args<scalar_t>(p.x, p.r, p.w, p.b, p.z, p.k, eps);
-      A.inv_n = scalar_t(p.inv_n);
+      A.n = scalar_t(p.n);
+    A.inv_n = scalar_t(p.inv_n);
       ln_bwd<scalar_t>(A, g.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(),
                        needs[0] ? dx.data_ptr<scalar_t>() : nullptr, dr.numel() ? dr.data_ptr<scalar_t>() : nullptr,
                        want_cols ? cols.data_ptr<scalar_t>() : nullptr, nblocks, want_cols);

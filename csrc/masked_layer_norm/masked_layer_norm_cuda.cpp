@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <vector>
 
 #include "masked_layer_norm.h"
@@ -39,12 +40,17 @@ void check_inputs(const at::Tensor& x, const c10::optional<at::Tensor>& residual
 
 const void* ptr_or_null(const c10::optional<at::Tensor>& t) { return t ? t->data_ptr() : nullptr; }
 
+void check_eps(double eps) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, "cofi::masked_layer_norm_native (CUDA): eps must be finite and >= 0, got ", eps);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_layer_norm_fwd_cuda(
     const at::Tensor& x_, const c10::optional<at::Tensor>& residual_, const at::Tensor& weight_, const at::Tensor& bias_,
     const c10::optional<at::Tensor>& hidden_z_, double eps) {
   check_inputs(x_, residual_, weight_, bias_, hidden_z_);
+  check_eps(eps);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous(), w = weight_.contiguous(), b = bias_.contiguous();
   c10::optional<at::Tensor> r, z;
@@ -66,7 +72,12 @@ std::vector<at::Tensor> masked_layer_norm_bwd_cuda(const at::Tensor& grad_, cons
                                                    const at::Tensor& mean_, const at::Tensor& rstd_, double eps,
                                                    c10::List<bool> needs_) {
   check_inputs(x_, residual_, weight_, bias_, hidden_z_);
+  check_eps(eps);
   TORCH_CHECK(needs_.size() == 5, "cofi::masked_layer_norm_bwd_native (CUDA): needs must have 5 entries");
+  TORCH_CHECK(grad_.sizes() == x_.sizes() && grad_.scalar_type() == x_.scalar_type(),
+              "cofi::masked_layer_norm_bwd_native (CUDA): grad must match x, got ", grad_.sizes());
+  TORCH_CHECK(mean_.numel() == x_.size(0) && rstd_.numel() == x_.size(0),
+              "cofi::masked_layer_norm_bwd_native (CUDA): mean and rstd must have N=", x_.size(0), " elements");
   bool needs[5];
   for (int i = 0; i < 5; ++i) needs[i] = needs_.get(i);
   const c10::cuda::CUDAGuard guard(x_.device());

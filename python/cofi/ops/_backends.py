@@ -88,7 +88,7 @@ def impl(op: str, name: str) -> BackendImpl:
 
 def _check_choice(name: str, where: str) -> str:
     if name not in CHOICES:
-        raise ValueError(f"{where}: expected one of {CHOICES}, got {name!r}")
+        raise ValueError(f"cofi.ops: {where} must be one of {CHOICES}, got {name!r}")
     return name
 
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
-
+import numbers
+import operator
 from typing import Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -50,9 +52,17 @@ def check_tensor(
     return t
 
 
+def has_data(t: torch.Tensor) -> bool:
+    """Whether a check may read ``t``'s values: not under torch.compile, not a meta or fake tensor."""
+    return not (torch.compiler.is_compiling() or t.device.type == "meta" or isinstance(t, FakeTensor))
+
+
 def check_finite(op: str, name: str, t: torch.Tensor) -> None:
-    """Reject NaN/inf (one host sync; used only where a NaN would silently corrupt state)."""
-    if torch.compiler.is_compiling() or t.numel() == 0:
+    """Reject NaN/inf (one host sync; used only where a NaN would silently corrupt state).
+
+    Skipped where there is no data to read (see ``has_data``).
+    """
+    if t.numel() == 0 or not has_data(t):
         return
     # One reduction: a finite sum proves every element finite; only if it is not (NaN/inf, or a
     # sum that overflowed) do the exact elementwise check.
@@ -60,12 +70,36 @@ def check_finite(op: str, name: str, t: torch.Tensor) -> None:
         raise ValueError(f"cofi.ops.{op}: {name} contains NaN or inf")
 
 
-def check_float(op: str, name: str, value: float, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False) -> float:
+def check_float(op: str, name: str, value: float, lo: float | None = None, hi: float | None = None, *,
+                open_lo: bool = False, open_hi: bool = False, finite: bool = True) -> float:
+    """``value`` as a float: a real number (not bool), not NaN, finite unless ``finite=False``,
+    within [lo, hi] (``open_lo`` / ``open_hi`` exclude the bound)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"cofi.ops.{op}: {name} must be a real number, got {type(value).__name__} {value!r}")
     v = float(value)
     if v != v:
         raise ValueError(f"cofi.ops.{op}: {name} must be a number, got NaN")
+    if finite and math.isinf(v):
+        raise ValueError(f"cofi.ops.{op}: {name} must be finite, got {v}")
     if lo is not None and (v < lo or (open_lo and v == lo)):
         raise ValueError(f"cofi.ops.{op}: {name} must be {'>' if open_lo else '>='} {lo}, got {v}")
-    if hi is not None and v > hi:
-        raise ValueError(f"cofi.ops.{op}: {name} must be <= {hi}, got {v}")
+    if hi is not None and (v > hi or (open_hi and v == hi)):
+        raise ValueError(f"cofi.ops.{op}: {name} must be {'<' if open_hi else '<='} {hi}, got {v}")
+    return v
+
+
+def check_int(op: str, name: str, value: object, lo: int | None = None) -> int:
+    """``value`` as an int: an integer type (int, numpy integer; not bool, not float), >= ``lo``.
+
+    Floats are refused even when integral: an integer-valued argument passed as a float is
+    usually a computed size that was silently truncated elsewhere.
+    """
+    if isinstance(value, bool) or isinstance(value, torch.Tensor):
+        raise TypeError(f"cofi.ops.{op}: {name} must be an int, got {type(value).__name__} {value!r}")
+    try:
+        v = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"cofi.ops.{op}: {name} must be an int, got {type(value).__name__} {value!r}") from None
+    if lo is not None and v < lo:
+        raise ValueError(f"cofi.ops.{op}: {name} must be >= {lo}, got {v}")
     return v

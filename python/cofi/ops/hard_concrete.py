@@ -21,7 +21,7 @@ import torch
 
 from .. import _ext
 from . import _backends as B
-from ._validate import check_float, check_finite, check_tensor
+from ._validate import check_float, check_finite, check_int, check_tensor
 from .reference.hard_concrete import (
     EPS,
     LIMIT_L,
@@ -127,8 +127,8 @@ _sample_op.register_autograd(_sample_backward, setup_context=_sample_setup)
 
 def _check_stretch(op: str, temperature: float, limit_l: float, limit_r: float) -> None:
     check_float(op, "temperature", temperature, 0.0, open_lo=True)
-    if not (limit_l < 0.0 and limit_r > 1.0):
-        raise ValueError(f"cofi.ops.{op}: stretch limits must satisfy limit_l < 0 < 1 < limit_r, got ({limit_l}, {limit_r})")
+    check_float(op, "limit_l", limit_l, hi=0.0, open_hi=True)
+    check_float(op, "limit_r", limit_r, 1.0, open_lo=True)
 
 
 def _check_gate_args(op: str, flat: torch.Tensor, temperature: float, limit_l: float, limit_r: float,
@@ -144,17 +144,16 @@ def _noise(op: str, flat: torch.Tensor, eps: float, generator: torch.Generator |
     log_alpha's device from ``generator`` (never through the host)."""
     if noise is not None:
         return check_tensor(op, "noise", noise, shape=tuple(flat.shape), like=flat, like_name="log_alpha")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"cofi.ops.{op}: generator must be a torch.Generator or None, got {type(generator).__name__}")
     u = torch.rand(flat.shape, generator=generator, device=flat.device, dtype=flat.dtype)
     return u * (1.0 - 2.0 * eps) + eps
 
 
 def _check_sizes(op: str, *sizes: int) -> tuple[int, int, int, int]:
     """(num_layers, hidden_size, num_heads, intermediate_size) as ints, each required positive."""
-    out = tuple(int(v) for v in sizes)
-    for n, v in zip(("num_layers", "hidden_size", "num_heads", "intermediate_size"), out):
-        if v <= 0:
-            raise ValueError(f"cofi.ops.{op}: {n} must be positive, got {v}")
-    return out
+    names = ("num_layers", "hidden_size", "num_heads", "intermediate_size")
+    return tuple(check_int(op, n, v, lo=1) for n, v in zip(names, sizes))  # type: ignore[return-value]
 
 
 def hard_concrete_sample(
@@ -327,6 +326,7 @@ def hard_concrete_deterministic(
     if mode not in ("soft", "binary"):
         raise ValueError(f"cofi.ops.{op}: mode must be 'soft' or 'binary', got {mode!r}")
     _check_stretch(op, temperature, limit_l, limit_r)
+    check_float(op, "eps", eps, 0.0, 0.5, open_lo=True)
     shape = log_alpha.shape
     rows = log_alpha.reshape(1, -1) if log_alpha.dim() < 2 else log_alpha
     out = torch.ops.cofi.hard_concrete_deterministic(rows.detach(), mode == "binary", float(temperature),
@@ -636,12 +636,14 @@ def hard_concrete_step(
     flat = check_tensor(op, "log_alpha", log_alpha, ndim=(1,))
     _check_gate_args(op, flat, temperature, limit_l, limit_r, eps)
     L, d, H, F = _check_sizes(op, num_layers, hidden_size, num_heads, intermediate_size)
+    if not isinstance(offsets, Mapping):
+        raise TypeError(f"cofi.ops.{op}: offsets must be a mapping {{group: start offset}}, got {type(offsets).__name__}")
     unknown = set(offsets) - set(STEP_GROUPS)
     if unknown:
         raise ValueError(f"cofi.ops.{op}: offsets has unknown groups {sorted(unknown)}; groups are {STEP_GROUPS}")
     if not offsets:
         raise ValueError(f"cofi.ops.{op}: offsets must name at least one group of {STEP_GROUPS}")
-    offs = [int(offsets.get(g, -1)) for g in STEP_GROUPS]
+    offs = [check_int(op, f"offsets[{g!r}]", offsets[g], lo=0) if g in offsets else -1 for g in STEP_GROUPS]
     spans = []
     for g, off, shape in zip(STEP_GROUPS, offs, _step_shapes(L, d, H, F)):
         if g not in offsets:
@@ -658,7 +660,7 @@ def hard_concrete_step(
     u = _noise(op, flat, eps, generator, noise)
     args = (offs, L, d, H, F, float(temperature), float(limit_l), float(limit_r), float(eps))
     chosen = B.choice(backend)
-    if not torch.compiler.is_compiling() and chosen in ("auto", "native") and \
+    if not torch.compiler.is_compiling() and chosen in ("auto", "native") and flat.device.type in ("cpu", "cuda") and \
             B.resolve("hard_concrete_step", chosen, flat, u).name == "native":
         return HardConcreteStep(*_NativeStep.apply(flat, u, args))
     return HardConcreteStep(*torch.ops.cofi.hard_concrete_step(flat, u, *args, chosen))

@@ -16,7 +16,10 @@ Registered ops:
 
 Packed QKV: q, k and v may be strided views (last dim contiguous) such as
 ``qkv[:, :, i].transpose(1, 2)`` of a fused projection's [B, S, 3, H, D] output; kernels honour the
-strides, so no copy is made (``masked_attention_packed`` does the slicing).
+strides, so no copy is made (``masked_attention_packed`` does the slicing). Views whose rows are not
+distinct (row stride < D: ``expand`` / ``broadcast_to`` along S, ``unfold`` / ``as_strided``
+windows) or not unit-strided along D are copied first, here and in the C++ entry points
+(docs/ops-inputs.md).
 
 Dropout: the seed (int64 [2]) is drawn from ``generator``; the keep mask is a counter-based hash of
 (seed, b, h, i, j) that the reference and every kernel compute identically
@@ -123,8 +126,13 @@ B.register(OP, B.BackendImpl(
 # ============================== registered ops ====================================================
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """Kernels need a unit stride on the last dim only (packed QKV views pass through)."""
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+    """q, k or v [B, H, S, D] as the kernels read it: a unit stride on D and distinct rows (row stride
+    >= D, the leading dimension BLAS requires). Packed QKV views and any batch / head strides pass
+    through; expanded (stride 0) or overlapping (unfold, as_strided) rows are copied."""
+    S, D = t.shape[-2], t.shape[-1]
+    unit_last = D <= 1 or t.stride(-1) == 1
+    rows_ok = S <= 1 or t.stride(-2) >= max(D, 1)
+    return t if unit_last and rows_ok else t.contiguous()
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:

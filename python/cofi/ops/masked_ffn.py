@@ -13,7 +13,8 @@ Host syncs. Finding the live units needs one device->host copy of the masks per 
 and again in backward). A model that already has its masks on the host (CoFi copies all masks
 once per step) passes ``live_idx`` and the op does no sync at all: ``live_idx`` (int64 [L], on
 x's device) lists the units to compute; units not listed contribute nothing, exactly as if their
-int_z were 0 (it is not checked against int_z: that would cost the sync it avoids). With
+int_z were 0 (it is not checked against int_z: that would cost the sync it avoids; nor for duplicates,
+which count twice; a host-side ``live_idx`` is checked to index [0, F)). With
 ``live_idx`` given the op never inspects ``mlp_z`` on the host either, so the ``mlp_z == 0`` skip
 is then the caller's (skip the call, or pass an empty ``live_idx``).
 
@@ -30,7 +31,7 @@ import torch
 
 from .. import _ext
 from . import _backends as B
-from ._validate import check_tensor
+from ._validate import check_tensor, has_data
 from .reference.masked_ffn import ACTIVATIONS, activation_ref, masked_ffn_ref
 
 OP = "masked_ffn"
@@ -168,7 +169,8 @@ def _(x, w1, b1, w2, b2, int_z, mlp_z, live_idx, activation, backend):
     torch._check(w2.shape[0] == w1.shape[1] and w2.shape[1] == w1.shape[0], lambda: "w2 must be [d, F]")
     if live_idx is not None:
         n_live = live_idx.shape[0]
-    elif int_z is None and mlp_z is None:
+    elif (int_z is None and mlp_z is None) or x.device.type == "meta":
+        # meta tensors carry no mask values: report every unit (h is internal, saved for backward)
         n_live = w1.shape[0]
     else:
         n_live = torch.library.get_ctx().new_dynamic_size()
@@ -274,6 +276,10 @@ def masked_ffn(
         check_tensor(op, "live_idx", live_idx, ndim=1, dtypes=(torch.int64,), device=x.device)
         if live_idx.shape[0] > F_:
             raise ValueError(f"cofi.ops.{op}: live_idx must list at most F={F_} units, got {live_idx.shape[0]}")
+        if live_idx.device.type == "cpu" and live_idx.numel() and has_data(live_idx):  # no sync on the host
+            lo, hi = (int(v) for v in torch.aminmax(live_idx))
+            if lo < 0 or hi >= F_:
+                raise ValueError(f"cofi.ops.{op}: live_idx must index units in [0, {F_}), got values in [{lo}, {hi}]")
     if activation not in ACT_CODES:
         raise ValueError(f"cofi.ops.{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
     lead = x.shape[:-1]

@@ -15,7 +15,7 @@ import torch
 from .. import _ext
 from . import _backends as B
 from ._validate import check_float, check_tensor
-from .reference.masked_layer_norm import masked_layer_norm_ref
+from .reference.masked_layer_norm import masked_layer_norm_ref, row_stats as _row_stats
 
 OP = "masked_layer_norm"
 
@@ -44,11 +44,11 @@ def _fwd_ref(x, residual, weight, bias, hidden_z, eps):
     v = x.to(cdt) if hidden_z is None else x.to(cdt) * hidden_z.to(cdt)
     if residual is not None:
         v = v + residual.to(cdt)
-    keep = torch.ones_like(v[0]) if hidden_z is None else (hidden_z != 0).to(cdt)
+    keep = v.new_ones(v.shape[-1]) if hidden_z is None else (hidden_z != 0).to(cdt)
     n = keep.sum().clamp_min(1)
-    mean = (v * keep).sum(-1) / n
+    mean, var = _row_stats(v, keep, n)
     cen = (v - mean[:, None]) * keep
-    rstd = torch.rsqrt((cen * cen).sum(-1) / n + eps)
+    rstd = torch.rsqrt(var + eps)
     y = cen * rstd[:, None] * weight.to(cdt) + bias.to(cdt)
     if hidden_z is not None:
         y = y * hidden_z.to(cdt)
