@@ -12,13 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import on_tensor_device
+
 BLOCK = 1024
 
 
 @triton.jit
 def _hard_concrete_sample_fwd_kernel(la_ptr, u_ptr, z_ptr, n, prm_ptr, BLOCK: tl.constexpr):
     t, l, r = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     a = tl.load(la_ptr + offs, mask=m, other=0.0)
     u = tl.load(u_ptr + offs, mask=m, other=0.5)
@@ -30,7 +32,7 @@ def _hard_concrete_sample_fwd_kernel(la_ptr, u_ptr, z_ptr, n, prm_ptr, BLOCK: tl
 @triton.jit
 def _hard_concrete_sample_bwd_kernel(g_ptr, la_ptr, u_ptr, out_ptr, n, prm_ptr, BLOCK: tl.constexpr):
     t, l, r = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     g = tl.load(g_ptr + offs, mask=m, other=0.0)
     a = tl.load(la_ptr + offs, mask=m, other=0.0)
@@ -44,7 +46,7 @@ def _hard_concrete_sample_bwd_kernel(g_ptr, la_ptr, u_ptr, out_ptr, n, prm_ptr, 
 @triton.jit
 def _hard_concrete_keep_prob_fwd_kernel(la_ptr, p_ptr, n, prm_ptr, BLOCK: tl.constexpr):
     q0, eps = tl.load(prm_ptr), tl.load(prm_ptr + 1)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     a = tl.load(la_ptr + offs, mask=m, other=0.0)
     q = tl.minimum(tl.maximum(tl.sigmoid(q0 - a), eps), 1.0 - eps)
@@ -54,7 +56,7 @@ def _hard_concrete_keep_prob_fwd_kernel(la_ptr, p_ptr, n, prm_ptr, BLOCK: tl.con
 @triton.jit
 def _hard_concrete_keep_prob_bwd_kernel(g_ptr, la_ptr, out_ptr, n, prm_ptr, BLOCK: tl.constexpr):
     q0, eps = tl.load(prm_ptr), tl.load(prm_ptr + 1)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     g = tl.load(g_ptr + offs, mask=m, other=0.0)
     a = tl.load(la_ptr + offs, mask=m, other=0.0)
@@ -66,7 +68,7 @@ def _hard_concrete_keep_prob_bwd_kernel(g_ptr, la_ptr, out_ptr, n, prm_ptr, BLOC
 @triton.jit
 def _hard_concrete_rank_kernel(la_ptr, rank_ptr, n, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     """rank[row, i] = #{j : a_j < a_i or (a_j == a_i and j < i)} (a stable ascending sort's position)."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     mi = offs_i < n
     a_i = tl.load(la_ptr + row * n + offs_i, mask=mi, other=0.0)
@@ -83,7 +85,7 @@ def _hard_concrete_rank_kernel(la_ptr, rank_ptr, n, BLOCK_I: tl.constexpr, BLOCK
 @triton.jit
 def _gated_rowsum_kernel(x_ptr, gate_ptr, out_ptr, width, HAS_GATE: tl.constexpr, BLOCK: tl.constexpr):
     """out[row] = gate[row] * sum(x[row, :])."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     acc = tl.zeros((BLOCK,), dtype=tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32)
     for c0 in range(0, width, BLOCK):
         offs = c0 + tl.arange(0, BLOCK)
@@ -109,6 +111,7 @@ def _q0(t: float, l: float, r: float) -> float:
     return (math.log(xn) - math.log1p(-xn)) * t
 
 
+@on_tensor_device
 def hard_concrete_sample_fwd_triton(log_alpha, u, t, l, r):
     z = torch.empty_like(log_alpha)
     n = log_alpha.numel()
@@ -117,6 +120,7 @@ def hard_concrete_sample_fwd_triton(log_alpha, u, t, l, r):
     return z
 
 
+@on_tensor_device
 def hard_concrete_sample_bwd_triton(grad, log_alpha, u, t, l, r):
     out = torch.empty_like(log_alpha)
     n = log_alpha.numel()
@@ -125,6 +129,7 @@ def hard_concrete_sample_bwd_triton(grad, log_alpha, u, t, l, r):
     return out
 
 
+@on_tensor_device
 def hard_concrete_keep_prob_fwd_triton(log_alpha, t, l, r, eps):
     p = torch.empty_like(log_alpha)
     n = log_alpha.numel()
@@ -133,6 +138,7 @@ def hard_concrete_keep_prob_fwd_triton(log_alpha, t, l, r, eps):
     return p
 
 
+@on_tensor_device
 def hard_concrete_keep_prob_bwd_triton(grad, log_alpha, t, l, r, eps):
     out = torch.empty_like(log_alpha)
     n = log_alpha.numel()
@@ -141,6 +147,7 @@ def hard_concrete_keep_prob_bwd_triton(grad, log_alpha, t, l, r, eps):
     return out
 
 
+@on_tensor_device
 def hard_concrete_deterministic_triton(log_alpha, binary, t, l, r, eps):
     rows, n = log_alpha.shape
     if log_alpha.numel() == 0:
@@ -170,6 +177,7 @@ def _consts(L, d, H, F):
     return per_head / d, per_head, float(per_mlp // F), L * H * per_head + L * per_mlp
 
 
+@on_tensor_device
 def expected_size_fwd_triton(hidden, head, mha, inter, ffn, L, d, H, F):
     ref = next(x for x in (hidden, head, mha, inter, ffn) if x is not None)
     pair_head, per_head, per_unit, full = _consts(L, d, H, F)
@@ -184,6 +192,7 @@ def expected_size_fwd_triton(hidden, head, mha, inter, ffn, L, d, H, F):
     return e.clone(), (1.0 - e / full)
 
 
+@on_tensor_device
 def expected_size_bwd_triton(g_params, g_sparsity, hidden, head, mha, inter, ffn, L, d, H, F):
     ref = next(x for x in (hidden, head, mha, inter, ffn) if x is not None)
     pair_head, per_head, per_unit, full = _consts(L, d, H, F)

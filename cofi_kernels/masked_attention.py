@@ -8,13 +8,17 @@ kernel per key block accumulates dK, dV over query blocks (no atomics), one per 
 accumulates dQ. Padded keys are loaded as 0 and their scores set to -inf, so NaN in padding never
 reaches a result. Dropout uses the counter-based hash of reference/masked_attention.py.
 
-Runs under ``TRITON_INTERPRET=1`` on CPU tensors (float32/float64) for tests.
+The grid is 1-D over (batch x live head, row block) and offsets are 64-bit (see ``_program``).
+Tiles per (dtype, head dim): ``configs.attention_config``. Runs under ``TRITON_INTERPRET=1`` on CPU
+tensors (float32/float64) for tests.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from .configs import AttentionConfig, Tile, attention_config, device_guard, use_gpu_configs
 
 
 @triton.jit
@@ -39,6 +43,19 @@ def _dropout_scale(seed_ptr, bh, offs_m, offs_n, thr, inv):
 
 
 @triton.jit
+def _program(S, n_live, live_ptr, BLOCK: tl.constexpr):
+    """(row block, batch, head) of this program; int64 block index, batch and head so that every
+    offset built from them is 64-bit. The grid is 1-D (row blocks fastest): a batch x heads axis
+    on grid y would be capped at 65,535."""
+    n_blocks = tl.cdiv(S, BLOCK)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_bh = pid // n_blocks
+    b = pid_bh // n_live
+    h = tl.load(live_ptr + pid_bh % n_live).to(tl.int64)
+    return pid % n_blocks, b, h
+
+
+@triton.jit
 def _masked_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, mask_ptr, seed_ptr, live_ptr, out_ptr, lse_ptr,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
@@ -46,10 +63,7 @@ def _masked_attention_fwd_kernel(
     HAS_Z: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_live
-    h = tl.load(live_ptr + pid_bh % n_live)
+    pid_m, b, h = _program(S, n_live, live_ptr, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < S
@@ -65,8 +79,9 @@ def _masked_attention_fwd_kernel(
         if HAS_MASK:
             n_ok = n_ok & (tl.load(mask_ptr + b * S + offs_n, mask=offs_n < S, other=0) != 0)
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+        rows = offs_n.to(tl.int64)[:, None]
+        k = tl.load(k_ptr + b * skb + h * skh + rows * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * svb + h * svh + rows * svs + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -108,10 +123,7 @@ def _masked_attention_bwd_kernel(
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK, dV of one key block (accumulated over all query blocks)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_live
-    h = tl.load(live_ptr + pid_bh % n_live)
+    pid_n, b, h = _program(S, n_live, live_ptr, BLOCK_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -131,7 +143,8 @@ def _masked_attention_bwd_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < S
         md = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=md, other=0.0)
+        q = tl.load(q_ptr + b * sqb + h * sqh + offs_m.to(tl.int64)[:, None] * sqs + offs_d[None, :], mask=md,
+                    other=0.0)
         g = tl.load(g_ptr + (base + offs_m[:, None]) * D + offs_d[None, :], mask=md, other=0.0).to(ACC) * zh
         lse = tl.load(lse_ptr + base + offs_m, mask=m_ok, other=float("inf")).to(ACC)
         delta = tl.load(delta_ptr + base + offs_m, mask=m_ok, other=0.0).to(ACC)
@@ -160,10 +173,7 @@ def _masked_attention_bwd_dq_kernel(
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ of one query block (accumulated over all key blocks)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_live
-    h = tl.load(live_ptr + pid_bh % n_live)
+    pid_m, b, h = _program(S, n_live, live_ptr, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < S
@@ -184,8 +194,9 @@ def _masked_attention_bwd_dq_kernel(
         if HAS_MASK:
             n_ok = n_ok & (tl.load(mask_ptr + b * S + offs_n, mask=offs_n < S, other=0) != 0)
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+        rows = offs_n.to(tl.int64)[:, None]
+        k = tl.load(k_ptr + b * skb + h * skh + rows * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * svb + h * svh + rows * svs + offs_d[None, :], mask=kv_mask, other=0.0)
         p = _probs(q, k, lse, n_ok, scale, ACC, PREC)
         dp = tl.dot(g.to(v.dtype), tl.trans(v), input_precision=PREC, out_dtype=ACC)
         if DROPOUT:
@@ -198,12 +209,16 @@ def _masked_attention_bwd_dq_kernel(
 
 # ============================== launchers =========================================================
 
-def _config(q: torch.Tensor) -> dict:
-    D = q.shape[-1]
+def _config(q: torch.Tensor) -> tuple[AttentionConfig, dict]:
+    """(tiles, constexprs shared by the three kernels) for q [B, H, S, D]."""
+    c = attention_config(q.dtype, q.shape[-1], use_gpu_configs(q.device))
     acc = tl.float64 if q.dtype == torch.float64 else tl.float32
     prec = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
-    blk = 16 if q.device.type == "cpu" else 64
-    return dict(ACC=acc, PREC=prec, BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=max(16, triton.next_power_of_2(D)))
+    return c, dict(ACC=acc, PREC=prec, BLOCK_D=c.block_d)
+
+
+def _tile(t: Tile) -> dict:
+    return dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages)
 
 
 def _common(q, k, v, head_z, mask, dropout_p, seed):
@@ -234,10 +249,11 @@ def masked_attention_fwd_triton(q, k, v, head_z, mask, scale, dropout_p, seed):
     n_live = live.numel()
     if n_live == 0 or out.numel() == 0:
         return out, lse
-    cfg = _config(q)
-    grid = (triton.cdiv(S, cfg["BLOCK_M"]), Bsz * n_live)
-    _masked_attention_fwd_kernel[grid](q, k, v, *ptrs, out, lse, *strides, H, S, D, n_live, float(scale), thr, inv,
-                                       **flags, **cfg)
+    cfg, const = _config(q)
+    grid = (triton.cdiv(S, cfg.fwd.block_m) * Bsz * n_live,)
+    with device_guard(q):
+        _masked_attention_fwd_kernel[grid](q, k, v, *ptrs, out, lse, *strides, H, S, D, n_live, float(scale), thr,
+                                           inv, **flags, **const, **_tile(cfg.fwd))
     return out, lse
 
 
@@ -261,9 +277,11 @@ def masked_attention_bwd_triton(grad, q, k, v, head_z, mask, out, lse, scale, dr
     n_live = live.numel()
     if n_live == 0 or dq.numel() == 0:
         return dq, dk, dv, dz
-    cfg = _config(q)
-    _masked_attention_bwd_kernel[(triton.cdiv(S, cfg["BLOCK_N"]), Bsz * n_live)](
-        q, k, v, *ptrs, grad, lse, delta, dk, dv, *strides, H, S, D, n_live, float(scale), thr, inv, **flags, **cfg)
-    _masked_attention_bwd_dq_kernel[(triton.cdiv(S, cfg["BLOCK_M"]), Bsz * n_live)](
-        q, k, v, *ptrs, grad, lse, delta, dq, *strides, H, S, D, n_live, float(scale), thr, inv, **flags, **cfg)
+    cfg, const = _config(q)
+    args = (*strides, H, S, D, n_live, float(scale), thr, inv)
+    with device_guard(q):
+        _masked_attention_bwd_kernel[(triton.cdiv(S, cfg.dkdv.block_n) * Bsz * n_live,)](
+            q, k, v, *ptrs, grad, lse, delta, dk, dv, *args, **flags, **const, **_tile(cfg.dkdv))
+        _masked_attention_bwd_dq_kernel[(triton.cdiv(S, cfg.dq.block_m) * Bsz * n_live,)](
+            q, k, v, *ptrs, grad, lse, delta, dq, *args, **flags, **const, **_tile(cfg.dq))
     return dq, dk, dv, dz

@@ -14,7 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
-BM, BN, BK = 32, 32, 32
+from .configs import FFN_GEMM, device_guard
+
+CFG = FFN_GEMM
+BM, BN, BK = CFG.block_m, CFG.block_n, CFG.block_k
+_LAUNCH = dict(num_warps=CFG.num_warps, num_stages=CFG.num_stages)
 
 
 @triton.jit
@@ -44,19 +48,21 @@ def _dact(h, ACT: tl.constexpr):
 @triton.jit
 def _gemm_tile(a_ptr, b_ptr, idx_ptr, M, N, K, sam, sak, sbk, sbn, offs_m, offs_n,
                IDX: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    """acc[m, n] = sum_k A[m, k] B[k, n]; IDX 1: B row k is idx[k]; IDX 2: B column n is idx[n]."""
+    """acc[m, n] = sum_k A[m, k] B[k, n]; IDX 1: B row k is idx[k]; IDX 2: B column n is idx[n].
+
+    offs_m, offs_n: int64 (token counts times widths exceed 2**31); offs_k is widened per step."""
     acc = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=ACC)
     mm = offs_m < M
     mn = offs_n < N
     if IDX == 2:
-        col = tl.load(idx_ptr + offs_n, mask=mn, other=0)
+        col = tl.load(idx_ptr + offs_n, mask=mn, other=0).to(tl.int64)
     else:
         col = offs_n
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mk = offs_k < K
         if IDX == 1:
-            row = tl.load(idx_ptr + offs_k, mask=mk, other=0)
+            row = tl.load(idx_ptr + offs_k, mask=mk, other=0).to(tl.int64)
         else:
             row = offs_k
         a = tl.load(a_ptr + offs_m[:, None] * sam + offs_k[None, :] * sak, mask=mm[:, None] & mk[None, :], other=0.0)
@@ -72,8 +78,8 @@ def _gemm_tile(a_ptr, b_ptr, idx_ptr, M, N, K, sam, sak, sbk, sbn, offs_m, offs_
 def _masked_ffn_fwd_kernel(x_ptr, w1_ptr, idx_ptr, b1_ptr, s_ptr, h_ptr, a_ptr, M, L, D,
                            ACT: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     # B[k, n] = w1[idx[n], k]
     acc = _gemm_tile(x_ptr, w1_ptr, idx_ptr, M, L, D, D, 1, 1, D, offs_m, offs_n, 2, ACC, BLOCK_K, IEEE)
     mn = offs_n < L
@@ -90,8 +96,8 @@ def _masked_ffn_fwd_kernel(x_ptr, w1_ptr, idx_ptr, b1_ptr, s_ptr, h_ptr, a_ptr, 
 def _masked_ffn_bwd_kernel(g_ptr, w2_ptr, idx_ptr, h_ptr, s_ptr, dh_ptr, am_ptr, fg_ptr, M, L, D, F,
                            ACT: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     # B[k, n] = w2[k, idx[n]]
     G = _gemm_tile(g_ptr, w2_ptr, idx_ptr, M, L, D, D, 1, F, 1, offs_m, offs_n, 2, ACC, BLOCK_K, IEEE)
     mn = offs_n < L
@@ -109,8 +115,8 @@ def _masked_ffn_bwd_kernel(g_ptr, w2_ptr, idx_ptr, h_ptr, s_ptr, dh_ptr, am_ptr,
 def _gather_gemm_kernel(a_ptr, b_ptr, idx_ptr, bias_ptr, c_ptr, M, N, K, sam, sak, sbk, sbn,
                         IDX: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = _gemm_tile(a_ptr, b_ptr, idx_ptr, M, N, K, sam, sak, sbk, sbn, offs_m, offs_n, IDX, ACC, BLOCK_K, IEEE)
     mn = offs_n < N
     if HAS_BIAS:
@@ -141,9 +147,10 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor | None, idx_mode: 
     if K == 0:
         return c.copy_(bias.expand(M, N)) if bias is not None else c.zero_()
     dummy = idx if idx is not None else torch.zeros(1, dtype=torch.int64, device=a.device)
-    _gather_gemm_kernel[_grid(M, N)](a, b, dummy, bias if bias is not None else c, c, M, N, K, sam, sak, sbk, sbn,
-                                     IDX=idx_mode, HAS_BIAS=bias is not None, ACC=_acc(a.dtype), IEEE=_ieee(a.dtype),
-                                     BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    with device_guard(a):
+        _gather_gemm_kernel[_grid(M, N)](a, b, dummy, bias if bias is not None else c, c, M, N, K, sam, sak, sbk,
+                                         sbn, IDX=idx_mode, HAS_BIAS=bias is not None, ACC=_acc(a.dtype),
+                                         IEEE=_ieee(a.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **_LAUNCH)
     return c
 
 
@@ -166,8 +173,9 @@ def masked_ffn_fwd_triton(x, w1, b1, w2, b2, int_z, mlp_z, live, act: int):
     h = torch.empty(M, L, dtype=x.dtype, device=x.device)
     a = torch.empty_like(h)
     if M > 0 and L > 0:
-        _masked_ffn_fwd_kernel[_grid(M, L)](x, w1, idx, b1, s, h, a, M, L, D, ACT=act, ACC=_acc(x.dtype),
-                                            IEEE=_ieee(x.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+        with device_guard(x):
+            _masked_ffn_fwd_kernel[_grid(M, L)](x, w1, idx, b1, s, h, a, M, L, D, ACT=act, ACC=_acc(x.dtype),
+                                                IEEE=_ieee(x.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **_LAUNCH)
     b2m = (b2 * mlp_z if mlp_z is not None else b2).contiguous()
     # B[k, n] = w2[n, idx[k]]
     y = _gemm(a, w2, idx, 1, M, D, L, L, 1, 1, F, bias=b2m)
@@ -184,8 +192,10 @@ def masked_ffn_bwd_triton(grad, x, w1, b1, w2, b2, int_z, mlp_z, live, h, act: i
     dh = torch.empty(M, L, dtype=x.dtype, device=x.device)
     am, fg = torch.empty_like(dh), torch.empty_like(dh)
     if M > 0 and L > 0:
-        _masked_ffn_bwd_kernel[_grid(M, L)](grad, w2, idx, h, s, dh, am, fg, M, L, D, F, ACT=act, ACC=_acc(x.dtype),
-                                            IEEE=_ieee(x.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+        with device_guard(x):
+            _masked_ffn_bwd_kernel[_grid(M, L)](grad, w2, idx, h, s, dh, am, fg, M, L, D, F, ACT=act,
+                                                ACC=_acc(x.dtype), IEEE=_ieee(x.dtype), BLOCK_M=BM, BLOCK_N=BN,
+                                                BLOCK_K=BK, **_LAUNCH)
     else:
         dh.zero_(), am.zero_(), fg.zero_()
 

@@ -11,13 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
-ROWS = 8
+from .configs import LAYER_NORM_ROWS, device_guard, layer_norm_num_warps
+
+ROWS = LAYER_NORM_ROWS
 
 
 @triton.jit
 def _masked_layer_norm_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, z_ptr, y_ptr, mean_ptr, rstd_ptr, D, eps,
                                   HAS_R: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * D exceeds 2**31 past 2**31 elements
     offs = tl.arange(0, BLOCK_D)
     md = offs < D
     v = tl.load(x_ptr + row * D + offs, mask=md, other=0.0).to(tl.float32 if x_ptr.dtype.element_ty != tl.float64 else tl.float64)
@@ -45,7 +47,7 @@ def _masked_layer_norm_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, z_ptr, y_ptr, mean
 def _masked_layer_norm_bwd_kernel(g_ptr, x_ptr, r_ptr, w_ptr, b_ptr, z_ptr, mean_ptr, rstd_ptr, dx_ptr, dr_ptr,
                                   cols_ptr, N, D, HAS_R: tl.constexpr, HAS_Z: tl.constexpr, WANT_DX: tl.constexpr,
                                   WANT_DR: tl.constexpr, ROWS_PER: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     md = offs < D
     CT = tl.float32 if x_ptr.dtype.element_ty != tl.float64 else tl.float64
@@ -101,10 +103,12 @@ def masked_layer_norm_fwd_triton(x, residual, weight, bias, hidden_z, eps: float
     mean = torch.empty(N, dtype=_stat_dtype(x), device=x.device)
     rstd = torch.empty_like(mean)
     if N > 0:
-        _masked_layer_norm_fwd_kernel[(N,)](x, residual if residual is not None else x, weight, bias,
-                                            hidden_z if hidden_z is not None else weight, y, mean, rstd, D, eps,
-                                            HAS_R=residual is not None, HAS_Z=hidden_z is not None,
-                                            BLOCK_D=triton.next_power_of_2(D))
+        bd = triton.next_power_of_2(D)
+        with device_guard(x):
+            _masked_layer_norm_fwd_kernel[(N,)](x, residual if residual is not None else x, weight, bias,
+                                                hidden_z if hidden_z is not None else weight, y, mean, rstd, D, eps,
+                                                HAS_R=residual is not None, HAS_Z=hidden_z is not None,
+                                                BLOCK_D=bd, num_warps=layer_norm_num_warps(bd, x.dtype))
     return y, mean, rstd
 
 
@@ -117,12 +121,14 @@ def masked_layer_norm_bwd_triton(grad, x, residual, weight, bias, hidden_z, mean
     progs = triton.cdiv(N, ROWS)
     cols = torch.zeros(max(progs, 1), 3, D, dtype=_stat_dtype(x), device=x.device)
     if N > 0:
-        _masked_layer_norm_bwd_kernel[(progs,)](grad, x, residual if residual is not None else x, weight, bias,
-                                                hidden_z if hidden_z is not None else weight, mean, rstd,
-                                                dx if want_dx else x, dr if want_dr else x, cols, N, D,
-                                                HAS_R=residual is not None, HAS_Z=hidden_z is not None,
-                                                WANT_DX=want_dx, WANT_DR=want_dr, ROWS_PER=ROWS,
-                                                BLOCK_D=triton.next_power_of_2(D))
+        bd = triton.next_power_of_2(D)
+        with device_guard(x):
+            _masked_layer_norm_bwd_kernel[(progs,)](grad, x, residual if residual is not None else x, weight, bias,
+                                                    hidden_z if hidden_z is not None else weight, mean, rstd,
+                                                    dx if want_dx else x, dr if want_dr else x, cols, N, D,
+                                                    HAS_R=residual is not None, HAS_Z=hidden_z is not None,
+                                                    WANT_DX=want_dx, WANT_DR=want_dr, ROWS_PER=ROWS,
+                                                    BLOCK_D=bd, num_warps=layer_norm_num_warps(bd, x.dtype))
     sums = cols.sum(0).to(x.dtype)
     e = lambda: x.new_empty(0)  # noqa: E731
     dw = sums[0].clone() if needs[2] else e()

@@ -53,10 +53,9 @@ def _native_reasons(q: torch.Tensor, *rest: object) -> list[str]:
 
 
 def _triton_reasons(q: torch.Tensor, *rest: object) -> list[str]:
-    why = B.triton_reasons(q.device) + B.dtype_reasons("q", q, _TRITON_DTYPES)
-    if q.shape[-1] > 256:
-        why.append(f"head dim {q.shape[-1]} > 256 not supported by the Triton kernel")
-    return why
+    from cofi_kernels.configs import attention_reasons  # head dim and shared-memory fit; imports no triton
+
+    return B.triton_reasons(q.device) + B.dtype_reasons("q", q, _TRITON_DTYPES) + attention_reasons(q)
 
 
 def _ref_reasons(q: torch.Tensor, *rest: object) -> list[str]:
