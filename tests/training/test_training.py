@@ -270,7 +270,7 @@ class TestDistributed:
         for p in procs:
             p.join(240)
         assert [p.exitcode for p in procs] == [0, 0]
-        r0, r1, s = (torch.load(d, weights_only=False) for d in (two / "rank0.pt", two / "rank1.pt", single / "rank0.pt"))
+        r0, r1, s = (torch.load(d, weights_only=True) for d in (two / "rank0.pt", two / "rank1.pt", single / "rank0.pt"))
         for part in ("model", "maskset"):
             for k in r0[part]:
                 assert torch.equal(r0[part][k], r1[part][k]), (part, k)  # ranks identical

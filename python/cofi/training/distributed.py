@@ -66,3 +66,13 @@ def all_reduce_mean_(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
         dist.all_reduce(t)
         t /= info.world
     return t
+
+
+def all_true(flag: bool, info: DistInfo, device: torch.device | str = "cpu") -> bool:
+    """True on every rank iff ``flag`` is True on every rank (a collective: all ranks must call it).
+    ``device``: where the backend reduces (a CUDA device for NCCL)."""
+    if info.world <= 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())

@@ -15,10 +15,12 @@ ascent) -> scheduler -> clamp log_alpha -> zero grads.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -28,16 +30,25 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
 from .. import data as D
 from . import checkpoint as C
 from . import distributed as dd
 from . import losses as LS
+from ..errors import UserError
 from .config import ConfigError, TrainConfig
 from .modeling import load_model
 from .teacher_cache import TeacherCache, cache_bytes
 
-STAGES = {"finetune": 0, "prune": 1, "compact": 2}
+STAGES = C.STAGES
+LOCK = ".cofi.lock"
+# What a run writes in its output folder (``--overwrite`` deletes these and nothing else).
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "results.json", "checkpoints", "best", "final", "compact",
+               "compact_folded")
+# Config keys that do not change what a run computes: they may differ on --resume.
+RESUME_FREE = frozenset({"output_dir", "progress", "num_threads", "device", "keep_checkpoints", "save_steps",
+                         "logging_steps", "skip_compact", "overwrite"})
 # Test hook: COFI_TEST_KILL_AT=<stage>:<step> SIGKILLs the process right after that step.
 _KILL_AT = (lambda v: (v.split(":")[0], int(v.split(":")[1])) if v else None)(os.environ.get("COFI_TEST_KILL_AT"))
 
@@ -183,14 +194,100 @@ class LoopState:
     last_eval: dict = field(default_factory=dict)
 
 
+def _plain(x: Any) -> Any:
+    """``x`` with numpy scalars/arrays turned into Python numbers/lists (checkpoints hold plain data)."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_plain(v) for v in x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def _plain_data(x: Any, depth: int = 0) -> bool:
+    if depth > 8:
+        return False
+    if x is None or type(x) in (bool, int, float, str):
+        return True
+    if isinstance(x, (list, tuple)):
+        return all(_plain_data(v, depth + 1) for v in x)
+    if isinstance(x, dict):
+        return all(isinstance(k, str) and _plain_data(v, depth + 1) for k, v in x.items())
+    return False
+
+
+_LOOP_TYPES = {"step": (int,), "epoch": (int,), "batch_in_epoch": (int,), "best_metric": (float, int, type(None)),
+               "best_step": (int, type(None)), "best_sparsity": (float, int, type(None)), "last_eval": (dict,)}
+
+
+def check_train_state(st: dict, shapes: dict[str, dict[str, tuple[int, ...]]] | None = None) -> str | None:
+    """Why ``st`` is not a trainer checkpoint state (None = it is): keys, types, and, for the
+    parts named in ``shapes``, the tensor names and shapes the current models have."""
+    if not isinstance(st.get("phase"), str):
+        return "phase is missing or not a string"
+    loop = st.get("loop")
+    if not isinstance(loop, dict) or set(loop) != set(_LOOP_TYPES):
+        return f"loop must have the keys {sorted(_LOOP_TYPES)}"
+    for k, types in _LOOP_TYPES.items():
+        if type(loop[k]) not in types or (types[0] is int and isinstance(loop[k], int) and loop[k] < 0):
+            return f"loop.{k} = {loop[k]!r} is not a valid {types[0].__name__}"
+    if not _plain_data(loop["last_eval"]):
+        return "loop.last_eval is not plain data"
+    if not isinstance(st.get("config"), dict) or not _plain_data(st["config"]):
+        return "config is missing or not plain data"
+    for k in ("model", "maskset", "proj"):
+        if k in st or k == "model":
+            why = C.tensor_dict_problem(st.get(k), k)
+            if why is not None:
+                return why
+    optim = st.get("optim")
+    if not isinstance(optim, dict) or not all(isinstance(optim.get(k), dict) for k in ("opt", "sched")):
+        return "optim must hold the opt and sched state dicts"
+    if "prune_result" in st and not (st["prune_result"] is None or (isinstance(st["prune_result"], dict)
+                                                                    and _plain_data(st["prune_result"]))):
+        return "prune_result is not plain data"
+    for part, want in (shapes or {}).items():
+        if part not in st:
+            return f"it has no {part} state"
+        got = _shapes(st[part])
+        if got != want:
+            bad = sorted(set(got) ^ set(want)) or [k for k in want if got[k] != want[k]]
+            return f"its {part} does not fit this run's ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+    return None
+
+
+def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: saved -> current`` for every key that changes what the run computes (a key the
+    saved config lacks counts as its default)."""
+    defaults = TrainConfig().to_dict()
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        if k in RESUME_FREE:
+            continue
+        a, b = saved.get(k, defaults.get(k)), current.get(k, defaults.get(k))
+        if a != b:
+            out.append(f"{k}: {a!r} -> {b!r}")
+    return out
+
+
 class Trainer:
     """Runs one command (``finetune`` or ``prune``) for a resolved config."""
 
     def __init__(self, cfg: TrainConfig, command: str, *, resume: bool = False, log: Callable[[str], None] | None = None):
         if command not in ("finetune", "prune"):
             raise ValueError(f"cofi.training: command must be finetune or prune, got {command!r}")
+        if resume and cfg.overwrite:
+            raise UserError("cofi: --resume continues the run in output_dir and --overwrite deletes it; pass one of them")
         self.cfg, self.command, self.resume = cfg, command, resume
         self.dist = dd.init(cfg.device)
+        self._lock_fd: int | None = None
         self.out = Path(cfg.output_dir)
         self._print = log or print
         self.device = torch.device(cfg.device)
@@ -212,11 +309,77 @@ class Trainer:
         np.random.seed(s % (2 ** 32))
         torch.manual_seed(s)
 
+    # ------------------------------------------------------------------ the output folder
+    def _claim_output(self) -> None:
+        """Rank 0 locks the output folder for the run (a second run there is refused), refuses
+        a previous run's outputs unless resuming or ``overwrite`` (which deletes them) and removes
+        temp files of failed writes; every rank learns whether that worked."""
+        err: UserError | None = None
+        if self.dist.main:
+            try:
+                self._lock_and_check()
+            except UserError as e:
+                err = e
+        if not dd.all_true(err is None, self.dist, self.device):
+            self.release()
+            raise err if err is not None else UserError(
+                f"cofi: rank 0 refused the output folder {self.out} (see its error)")
+
+    def _lock_and_check(self) -> None:
+        out = self.out
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            ran_here = (out / LOCK).exists()  # a cofi run used this folder before
+            fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cofi: cannot use output folder {out}: {e.strerror or e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise UserError(f"cofi: output folder {out} is in use by another run (pid {holder or '?'}); "
+                            "wait for it to finish or choose another --output-dir") from None
+        self._lock_fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        present = sorted(p.name for p in out.iterdir() if p.name != LOCK)
+        if present and not self.resume:
+            if not self.cfg.overwrite:
+                shown = ", ".join(present[:4]) + (", ..." if len(present) > 4 else "")
+                raise UserError(f"cofi: output folder {out} is not empty ({shown}); pass --resume to continue the "
+                                "run in it or --overwrite to delete its outputs and start afresh")
+            gone = [n for n in present if n in RUN_OUTPUTS or (n.startswith("rank") and n.endswith(".pt"))
+                    or C._TMP.fullmatch(n)]
+            if gone and not ran_here:
+                raise UserError(f"cofi: --overwrite: output folder {out} holds {', '.join(gone[:4])} but no cofi run "
+                                f"used it ({LOCK} is missing); delete them yourself or choose another --output-dir")
+            for n in gone:
+                p = out / n
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            kept = sorted(set(present) - set(gone))
+            if gone:
+                self.log(f"cofi: --overwrite: deleted the previous run's outputs in {out} ({', '.join(gone)})")
+            if kept:
+                self.log(f"cofi: --overwrite: kept {', '.join(kept)} in {out} (not written by cofi)")
+        stale = C.clean_temp_files(out) + C.clean_temp_files(out / "checkpoints")
+        if stale:
+            self.log(f"cofi: removed {len(stale)} temp file(s) of interrupted writes: {', '.join(p.name for p in stale)}")
+
+    def release(self) -> None:
+        """Give up the output folder's lock (the lock file stays; it is not part of the run)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _save_config(self) -> None:
+        if self.dist.main:
+            d = {k: v for k, v in self.cfg.to_dict().items() if k != "overwrite"}
+            C.atomic_write_bytes(self.out / "config.yaml", yaml.safe_dump(d, sort_keys=False).encode())
+
     def setup_common(self) -> None:
         cfg = self.cfg
-        if self.dist.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        dd.barrier(self.dist)
+        self._claim_output()
         self.ckpt_dir = self.out / "checkpoints"
         self.metrics = JsonlLog(self.out / "metrics.jsonl", self.dist.main)
         self.task = load_task_bundle(cfg, cfg.model)
@@ -226,8 +389,6 @@ class Trainer:
         if self.metric_name not in self.task.spec.metrics:
             raise ConfigError(f"cofi config: metric_for_best must be one of {self.task.spec.metrics} for task "
                               f"{self.task.spec.name!r}, got {self.metric_name!r}")
-        if self.dist.main:
-            cfg.save(self.out / "config.yaml")
 
     def _load(self, path: str) -> torch.nn.Module:
         qa = self.task.qa
@@ -382,12 +543,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoint
     def _state(self, stage: str, model, ls: LoopState, phase: str) -> dict:
-        st = {"stage": stage, "phase": phase, "loop": ls.__dict__.copy(), "config": self.cfg.to_dict(),
+        """Tensors and plain data only (checkpoints are loaded with weights_only=True)."""
+        cfg = {k: v for k, v in self.cfg.to_dict().items() if k != "overwrite"}
+        st = {"stage": stage, "phase": phase, "loop": _plain(ls.__dict__), "config": cfg,
               "model": model.state_dict(), "optim": self.optim_state(), "rng": C.rng_state(self.mask_gen)}
         if self.maskset is not None:
             st["maskset"] = self.maskset.state_dict()
         if self.proj is not None and stage == "prune":
             st["proj"] = self.proj.state_dict()
+        if stage == "compact":  # results.json needs the pruning summary after a resume in stage 2
+            st["prune_result"] = _plain(getattr(self, "prune_result", None))
         return st
 
     def save_ckpt(self, stage: str, model, ls: LoopState, phase: str) -> None:
@@ -396,15 +561,68 @@ class Trainer:
                               keep=self.cfg.keep_checkpoints)
         dd.barrier(self.dist)
 
+    def _check_state(self, path: Path, st: dict) -> str | None:
+        """Why a loaded checkpoint cannot be this run's (None = it can): its keys and types, and
+        the shapes of the weights it would load into the models built so far. A checkpoint of
+        another command's run is not skipped but refused (CheckpointError): the folder is not
+        this run's."""
+        allowed = ("finetune",) if self.command == "finetune" else ("prune", "compact")
+        if st["stage"] not in allowed:
+            raise C.CheckpointError(f"cofi: --resume: {self.out} holds a `cofi {'finetune' if st['stage'] == 'finetune' else 'prune'}` "
+                                    f"run (checkpoint {path.name}), not a `cofi {self.command}` one; choose another --output-dir")
+        return check_train_state(st, self._current_shapes(st.get("stage")))
+
+    def _current_shapes(self, stage: str | None) -> dict[str, dict[str, tuple[int, ...]]]:
+        if stage == "compact":  # the folded model's shape is known only after folding
+            return {}
+        shapes = {"model": _shapes(self.student.state_dict())}
+        if self.maskset is not None:
+            shapes["maskset"] = _shapes(self.maskset.state_dict())
+        if self.proj is not None and stage == "prune":
+            shapes["proj"] = _shapes(self.proj.state_dict())
+        return shapes
+
+    def _saved_config_diff(self) -> list[str]:
+        """config_diff against the folder's config.yaml (none: nothing to compare)."""
+        p = self.out / "config.yaml"
+        try:
+            saved = yaml.safe_load(p.read_text()) if p.is_file() else None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            saved = None
+        if not isinstance(saved, dict):
+            return []
+        return config_diff(saved, self.cfg.to_dict())
+
     def find_resume(self) -> dict | None:
-        if not self.resume:
-            return None
-        got = C.load_latest(self.ckpt_dir, log=self.log)
-        if got is None:
-            self.log(f"cofi: --resume: no usable checkpoint in {self.ckpt_dir}; starting from scratch")
-            return None
-        path, state = got
-        self.log(f"cofi: resuming from {path} (stage {state['stage']}, step {state['loop']['step']})")
+        """The state to resume from (None: start from scratch). Refuses a checkpoint of a run
+        with a different configuration; checkpoints newer than the one used are set aside; the
+        metrics log keeps only the records of steps the returned state has reached."""
+        state = None
+        if self.resume:
+            got = C.load_latest(self.ckpt_dir, log=self.log, check=self._check_state)
+            if got is None:
+                diff = self._saved_config_diff()
+                if diff:
+                    raise C.CheckpointError(
+                        f"cofi: --resume: no usable checkpoint in {self.ckpt_dir}, and {self.out / 'config.yaml'} is of a "
+                        f"run with a different configuration ({'; '.join(diff)}); pass --overwrite to start afresh")
+                self.log(f"cofi: --resume: no usable checkpoint in {self.ckpt_dir}; starting from scratch")
+            else:
+                path, state = got
+                diff = config_diff(state["config"], self.cfg.to_dict())
+                if diff:
+                    raise C.CheckpointError(
+                        f"cofi: --resume: checkpoint {path} is of a run with a different configuration "
+                        f"({'; '.join(diff)}); resume with the same settings, or pass --overwrite to start afresh")
+                self.log(f"cofi: resuming from {path} (stage {state['stage']}, step {state['loop']['step']})")
+            dd.barrier(self.dist)
+            if self.dist.main:
+                for p in C.reject_newer(self.ckpt_dir, got[0] if got is not None else None):
+                    self.log(f"cofi: set aside unusable checkpoint {p} as {p.name}{C.REJECTED}")
+        if state is None:
+            self.metrics.truncate_after(-1, 0)  # a fresh start: no record of an earlier attempt survives
+        self._save_config()
+        dd.barrier(self.dist)
         return state
 
     # ------------------------------------------------------------------ the generic loop
@@ -418,9 +636,15 @@ class Trainer:
             ls = LoopState(**resume_state["loop"])
             if phase_fn is not None:
                 phase_fn(ls, force=True)
-            self.load_optim_state(resume_state["optim"])
+            try:
+                self.load_optim_state(resume_state["optim"])
+            except (KeyError, ValueError, RuntimeError, TypeError) as e:
+                raise C.CheckpointError(f"cofi: --resume: the checkpoint's optimizer state does not fit this run "
+                                        f"({type(e).__name__}: {C._first_line(e)})") from e
             C.set_rng_state(resume_state["rng"], self.mask_gen)
             self.metrics.truncate_after(STAGES[stage], ls.step)
+        else:  # records of this stage are from an attempt that did not reach a checkpoint
+            self.metrics.truncate_after(STAGES[stage] - 1, 2 ** 62)
         model.train()
         pbar = None
         if cfg.progress and self.dist.main:
@@ -471,6 +695,12 @@ class Trainer:
     def _optimizer_step(self, loss: torch.Tensor) -> None:
         cfg = self.cfg
         loss.backward()
+        # A compact step gives no gradient to the weights of units it cut out; dense mode (the
+        # reference) gives them zeros, on which AdamW still moves them (momentum, weight decay).
+        # Zeros here make both modes, and one process vs data parallel, take the same step.
+        for p in self.model_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         params = list(self.model_params)
         if self.l0_opt is not None:
             params += [self.maskset.log_alpha, self.maskset.lambda_1, self.maskset.lambda_2]
@@ -532,7 +762,7 @@ class Trainer:
             self.task.tokenizer.save_pretrained(str(final))
             res = {"best_metric": ls.best_metric, "best_step": ls.best_step, "metric": self.metric_name,
                    "last_eval": ls.last_eval, "steps": ls.step, "best_dir": str(best_dir)}
-            (self.out / "results.json").write_text(json.dumps(res, indent=2))
+            C.atomic_write_bytes(self.out / "results.json", json.dumps(res, indent=2).encode())
         dd.barrier(self.dist)
         return {"best_metric": ls.best_metric, "best_dir": str(best_dir), "steps": ls.step, "last_eval": ls.last_eval}
 
@@ -591,6 +821,11 @@ class Trainer:
         st = self.find_resume()
         resume_stage = st["stage"] if st is not None else None
         if resume_stage == "compact":
+            self.prune_result = st.get("prune_result")
+            if cfg.skip_compact:
+                self.log("[prune] --skip-compact: the pruning stage is complete; the compact stage is not resumed")
+                self._write_results()
+                return self.prune_result
             return self.run_compact(st)
         self.phase = "pre" if self.pre_steps > 0 else "pruning"
         self.build_optim(self.student, cfg.learning_rate, cfg.scheduler, total, pruning=self.phase == "pruning")
@@ -711,6 +946,11 @@ class Trainer:
             if sd is not None:
                 student.load_state_dict(sd, strict=False)
         masks = Masks.from_state_dict(load_file(str(src / "masks.safetensors")))
+        if masks.hidden is not None and not bool((masks.hidden != 0).any()):
+            self._write_results()
+            raise UserError(f"cofi: the pruned masks in {src} keep no hidden dimension (target_sparsity "
+                            f"{self.cfg.target_sparsity}, mask_groups {','.join(self.cfg.mask_groups)}): there is no "
+                            "model to fine-tune; lower target_sparsity, add mask groups or pass --skip-compact true")
         proj = None
         if (src / "layer_transformation.safetensors").exists() and self.proj is not None:
             self.proj.load_state_dict(load_file(str(src / "layer_transformation.safetensors")))
@@ -725,6 +965,9 @@ class Trainer:
         self.model = compact
         self.log(f"[compact] folded {src}: {compact.num_encoder_params()} encoder params, sparsity "
                  f"{compact.sparsity():.4f}; heads {compact.config.num_heads_per_layer if hasattr(compact.config, 'num_heads_per_layer') else ''}")
+        if compact.num_encoder_params() == 0:
+            self.log("[compact] warning: the pruned masks keep no encoder layer: the compact model is embeddings + "
+                     "task head only")
         if self.dist.main:
             compact.save_pretrained(str(self.out / "compact_folded"), tokenizer=self.task.tokenizer)
         self.maskset_saved = self.maskset
@@ -744,6 +987,10 @@ class Trainer:
         self.sched = _schedule(self.opt, cfg.compact_scheduler, max(total, 1), cfg.warmup_steps)
         self.l0_opt = self.lam_opt = None
         if st is not None:
+            why = check_train_state(st, {"model": _shapes(compact.state_dict())})
+            if why is not None:
+                raise C.CheckpointError(f"cofi: --resume: the compact-stage checkpoint does not fit the model folded "
+                                        f"from {src}: {why}")
             compact.load_state_dict(st["model"])
         exists = None
         if hasattr(compact.config, "attention_present"):
@@ -781,6 +1028,7 @@ class Trainer:
                            resume_state=st, eval_fn=eval_fn, label="compact")
         else:
             ls = LoopState()
+            self.metrics.truncate_after(STAGES["compact"] - 1, 2 ** 62)
             eval_fn(ls)
         self.compact_result = {"best_metric": ls.best_metric, "best_step": ls.best_step, "steps": ls.step,
                                "sparsity": compact.sparsity(), "encoder_params": compact.num_encoder_params(),
@@ -792,10 +1040,16 @@ class Trainer:
         if self.dist.main:
             res = {"prune": getattr(self, "prune_result", None), "compact": getattr(self, "compact_result", None),
                    "metric": self.metric_name}
-            (self.out / "results.json").write_text(json.dumps(res, indent=2))
+            C.atomic_write_bytes(self.out / "results.json", json.dumps(res, indent=2).encode())
         dd.barrier(self.dist)
 
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self.release()
+
+    def _run(self) -> dict:
         res = self.run_finetune() if self.command == "finetune" else self.run_prune()
         if os.environ.get("COFI_TEST_DUMP_RANKS"):  # tests: every rank's final weights and log_alpha
             st = {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}}
