@@ -5,7 +5,9 @@ folder is refused without --resume / --overwrite; a second run in a locked folde
 --resume refuses another configuration and honours --skip-compact; the metrics log keeps only
 steps the resumed state reached; the pruning summary survives a resume in stage 2; a failed
 checkpoint write (full disk) leaves no temp file and the run resumes to the uninterrupted result;
-a step whose sampled hidden mask keeps nothing trains in compact mode as in dense mode.
+a step whose sampled hidden mask keeps nothing trains in compact mode as in dense mode; two
+data-parallel processes killed and resumed end bitwise equal to an uninterrupted pair (every
+rank's own dropout stream is in the checkpoint).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_training import _forked, _prune_args, _read_jsonl, _weights
+from _tiny import base_args
+from test_training import PRUNE, _ddp_child, _forked, _prune_args, _read_jsonl, _weights
 
 KW = dict(target_sparsity=0.5, max_steps=40, lagrangian_warmup_steps=10, save_steps=10, eval_steps=10,
           logging_steps=5, compact_max_steps=12, compact_batch_size=16, dropout=0.1)
@@ -288,3 +291,45 @@ class TestZeroHiddenMask:
         assert "keep no hidden dimension" in err and "--skip-compact" in err
         res = json.loads((out / "results.json").read_text())
         assert res["prune"]["steps"] == 20 and res["compact"] is None
+
+
+def _ddp_kill_child(rank, world, port, args, step):
+    import cofi.training.trainer as T
+
+    T._KILL_AT = ("prune", step)
+    _ddp_child(rank, world, port, args)
+
+
+def _two_processes(target, args, *extra) -> list[int]:
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s_:
+        s_.bind(("127.0.0.1", 0))
+        port = s_.getsockname()[1]
+    procs = [mp.get_context("fork").Process(target=target, args=(r, 2, port, args, *extra)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+    return [p.exitcode for p in procs]
+
+
+def test_two_process_kill_and_resume_is_bitwise(tiny, tmp_path):
+    """Dropout on: rank 1 draws from its own stream; a resume must restore it, not rank 0's."""
+    kw = dict(target_sparsity=0.5, max_steps=24, prepruning_steps=4, lagrangian_warmup_steps=8, eval_steps=8,
+              save_steps=8, skip_compact="true", dropout=0.1)
+
+    def args(out):
+        return ["prune"] + base_args(tiny["model"], tiny["train"], tiny["dev"], out, teacher=tiny["teacher"],
+                                     **{**PRUNE, **kw})
+
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    assert _two_processes(_ddp_child, args(ref)) == [0, 0]
+    assert _two_processes(_ddp_kill_child, args(out), 13) == [-9, -9]
+    assert _two_processes(_ddp_child, args(out) + ["--resume"]) == [0, 0]
+    a, b = _weights(ref / "final"), _weights(out / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for r in ("rank0.pt", "rank1.pt"):
+        x, y = torch.load(ref / r, weights_only=True), torch.load(out / r, weights_only=True)
+        assert all(torch.equal(x["maskset"][k], y["maskset"][k]) for k in x["maskset"])

@@ -87,6 +87,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _commit(_write_temp(path, data), path)
 
 
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a temp file name of atomic_write_bytes / save_checkpoint."""
+    return _TMP.fullmatch(name) is not None
+
+
 def clean_temp_files(directory: str | Path) -> list[Path]:
     """Remove temp files that a killed or failed write left in ``directory``; the caller must be
     the only writer (it holds the output folder's lock)."""
@@ -162,7 +167,8 @@ def verify(path: Path) -> str | None:
     return None if got == want else f"sha256 mismatch (file {got[:12]}..., recorded {want[:12]!r})"
 
 
-def _first_line(e: BaseException, n: int = 160) -> str:
+def first_line(e: BaseException, n: int = 160) -> str:
+    """The first line of an exception's message, at most ``n`` characters."""
     s = (str(e).strip().splitlines() or [""])[0]
     return s if len(s) <= n else s[: n - 3] + "..."
 
@@ -183,9 +189,9 @@ def load_latest(directory: str | Path, log: Callable[[str], None] = print,
             try:
                 state = read_checkpoint(path)
             except pickle.UnpicklingError as e:
-                what, why = "is not a plain-data checkpoint", f"refused to unpickle it ({_first_line(e)})"
+                what, why = "is not a plain-data checkpoint", f"refused to unpickle it ({first_line(e)})"
             except Exception as e:  # noqa: BLE001 - any unreadable file is "corrupted"
-                why = f"unreadable ({type(e).__name__}: {_first_line(e)})"
+                why = f"unreadable ({type(e).__name__}: {first_line(e)})"
             else:
                 why = check_common(path, state)
                 if why is None and check is not None:

@@ -76,3 +76,14 @@ def all_true(flag: bool, info: DistInfo, device: torch.device | str = "cpu") -> 
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+def gather_tensors(t: torch.Tensor, info: DistInfo, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Every rank's ``t`` (same shape and dtype on all ranks) in rank order, on the CPU (a
+    collective: all ranks must call it). ``device``: where the backend gathers."""
+    if info.world <= 1:
+        return [t.cpu()]
+    x = t.to(device)
+    out = [torch.empty_like(x) for _ in range(info.world)]
+    dist.all_gather(out, x)
+    return [o.cpu() for o in out]

@@ -12,6 +12,13 @@ grad) -> loss = a_pred KL_T * T^2 + a_layer L_layer (+ a_ce CE) + L_c -> backwar
 gradients over ranks -> clip model grads -> model AdamW (fused where available; linear decay;
 embeddings frozen) -> log_alpha AdamW (reg lr) -> lambdas AdamW on negated gradients (explicit
 ascent) -> scheduler -> clamp log_alpha -> zero grads.
+
+Output folder: locked for the run (``.cofi.lock``, flock by rank 0); a folder holding anything is
+refused unless ``--resume`` (continue the run in it) or ``--overwrite`` (delete what a cofi run
+wrote there first). ``--resume`` takes the newest checkpoint that verifies, loads as plain data
+and fits this run; one of another configuration (in a key that changes results) or command is
+refused. A resumed run is bitwise the uninterrupted one: checkpoints hold every rank's RNG
+states, and metrics.jsonl is cut back to the steps the checkpoint reached.
 """
 from __future__ import annotations
 
@@ -250,6 +257,12 @@ def check_train_state(st: dict, shapes: dict[str, dict[str, tuple[int, ...]]] | 
     optim = st.get("optim")
     if not isinstance(optim, dict) or not all(isinstance(optim.get(k), dict) for k in ("opt", "sched")):
         return "optim must hold the opt and sched state dicts"
+    rr = st.get("rng_ranks")
+    if rr is not None:
+        lists = list(rr.values()) if isinstance(rr, dict) and "torch" in rr and set(rr) <= {"torch", "cuda"} else []
+        if not lists or not all(isinstance(v, list) and len(v) == len(lists[0]) > 0 and all(
+                isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in v) for v in lists):
+            return "rng_ranks must hold lists of uint8 generator states, one per rank"
     if "prune_result" in st and not (st["prune_result"] is None or (isinstance(st["prune_result"], dict)
                                                                     and _plain_data(st["prune_result"]))):
         return "prune_result is not plain data"
@@ -350,7 +363,7 @@ class Trainer:
                 raise UserError(f"cofi: output folder {out} is not empty ({shown}); pass --resume to continue the "
                                 "run in it or --overwrite to delete its outputs and start afresh")
             gone = [n for n in present if n in RUN_OUTPUTS or (n.startswith("rank") and n.endswith(".pt"))
-                    or C._TMP.fullmatch(n)]
+                    or C.is_temp_name(n)]
             if gone and not ran_here:
                 raise UserError(f"cofi: --overwrite: output folder {out} holds {', '.join(gone[:4])} but no cofi run "
                                 f"used it ({LOCK} is missing); delete them yourself or choose another --output-dir")
@@ -555,10 +568,30 @@ class Trainer:
             st["prune_result"] = _plain(getattr(self, "prune_result", None))
         return st
 
+    def _rank_rng(self) -> dict[str, list[torch.Tensor]]:
+        """Every rank's own generator states (dropout draws differ per rank), gathered to all."""
+        out = {"torch": dd.gather_tensors(torch.get_rng_state(), self.dist, self.device)}
+        if self.device.type == "cuda" and torch.cuda.is_initialized():
+            out["cuda"] = dd.gather_tensors(torch.cuda.get_rng_state(self.device), self.dist, self.device)
+        return out
+
+    def _set_rank_rng(self, st: dict) -> None:
+        rr, world = st.get("rng_ranks"), self.dist.world
+        if rr is None or len(rr["torch"]) != world:
+            if world > 1 or rr is not None:
+                self.log(f"cofi: --resume with {world} process(es) from a checkpoint of "
+                         f"{len(rr['torch']) if rr else 1}: the dropout draws differ from an uninterrupted run")
+            return
+        torch.set_rng_state(rr["torch"][self.dist.rank])
+        if "cuda" in rr and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rr["cuda"][self.dist.rank], self.device)
+
     def save_ckpt(self, stage: str, model, ls: LoopState, phase: str) -> None:
+        rank_rng = self._rank_rng()
         if self.dist.main:
-            C.save_checkpoint(self.ckpt_dir, STAGES[stage], ls.step, self._state(stage, model, ls, phase),
-                              keep=self.cfg.keep_checkpoints)
+            st = self._state(stage, model, ls, phase)
+            st["rng_ranks"] = rank_rng
+            C.save_checkpoint(self.ckpt_dir, STAGES[stage], ls.step, st, keep=self.cfg.keep_checkpoints)
         dd.barrier(self.dist)
 
     def _check_state(self, path: Path, st: dict) -> str | None:
@@ -640,8 +673,9 @@ class Trainer:
                 self.load_optim_state(resume_state["optim"])
             except (KeyError, ValueError, RuntimeError, TypeError) as e:
                 raise C.CheckpointError(f"cofi: --resume: the checkpoint's optimizer state does not fit this run "
-                                        f"({type(e).__name__}: {C._first_line(e)})") from e
+                                        f"({type(e).__name__}: {C.first_line(e)})") from e
             C.set_rng_state(resume_state["rng"], self.mask_gen)
+            self._set_rank_rng(resume_state)
             self.metrics.truncate_after(STAGES[stage], ls.step)
         else:  # records of this stage are from an attempt that did not reach a checkpoint
             self.metrics.truncate_after(STAGES[stage] - 1, 2 ** 62)
