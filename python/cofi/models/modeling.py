@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from ..masks import MaskConfig, Masks
 from .encoder import CoFiEncoder
 from .plan import CompactPolicy, StepPlan
@@ -105,11 +106,11 @@ class CoFiPreTrainedModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, masks: Masks | None = None, mode: str = "compact",
+                token_type_ids: torch.Tensor | None = None, masks: Masks | None = None, backend: str = "compact",
                 output_hidden_states: bool = False, policy: CompactPolicy = CompactPolicy()) -> CoFiOutput:
         """input_ids, attention_mask, token_type_ids: [B, S]. masks: None = the plain model.
-        mode: "compact" (live units only) or "dense" (the reference's dense-masked method)."""
-        x, states, plan = self.encoder_model(input_ids, attention_mask, token_type_ids, masks, mode,
+        backend: "compact" (live units only) or "dense" (the reference's dense-masked method)."""
+        x, states, plan = self.encoder_model(input_ids, attention_mask, token_type_ids, masks, backend,
                                              output_hidden_states, policy)
         hk = plan.hidden_idx
         p = self._classifier_dropout() if self.training else 0.0
@@ -151,7 +152,14 @@ class CoFiPreTrainedModel(nn.Module):
         hf_cls = getattr(transformers, cls.hf_class)
         if num_labels is not None:
             kw["num_labels"] = num_labels
-        hf = hf_cls.from_pretrained(str(path_or_name), **kw)
+        hf, info = hf_cls.from_pretrained(str(path_or_name), output_loading_info=True, **kw)
+        # transformers initialises any tensor the checkpoint lacks at random and only logs it; a fresh
+        # task head (or pooler) is normal when fine-tuning, a missing embedding or encoder tensor is not
+        body = sorted(k for k in info.get("missing_keys", ()) if ".embeddings." in f".{k}" or ".encoder." in f".{k}")
+        if body:
+            more = f" and {len(body) - 3} more" if len(body) > 3 else ""
+            raise UserError(f"cofi.models: {path_or_name} lacks {len(body)} encoder weights "
+                            f"({', '.join(body[:3])}{more}); they would be random: the checkpoint is incomplete")
         model = cls(hf.config)
         sd = {k: v for k, v in hf.state_dict().items() if not k.endswith("position_ids")}
         missing, unexpected = model.load_state_dict(sd, strict=False)
