@@ -18,6 +18,13 @@ BLOCK = 1024
 
 
 @triton.jit
+def _clip01(x):
+    """hardtanh(x, 0, 1) that keeps NaN (noise outside [0, 1]) as the reference does; tl.minimum /
+    tl.maximum would turn it into 0."""
+    return tl.where(x <= 0.0, 0.0, tl.where(x >= 1.0, 1.0, x))
+
+
+@triton.jit
 def _hard_concrete_sample_fwd_kernel(la_ptr, u_ptr, z_ptr, n, prm_ptr, BLOCK: tl.constexpr):
     t, l, r = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -25,8 +32,7 @@ def _hard_concrete_sample_fwd_kernel(la_ptr, u_ptr, z_ptr, n, prm_ptr, BLOCK: tl
     a = tl.load(la_ptr + offs, mask=m, other=0.0)
     u = tl.load(u_ptr + offs, mask=m, other=0.5)
     s = tl.sigmoid((tl.log(u) - tl.log(1.0 - u) + a) / t)
-    z = tl.minimum(tl.maximum(s * (r - l) + l, 0.0), 1.0)
-    tl.store(z_ptr + offs, z, mask=m)
+    tl.store(z_ptr + offs, _clip01(s * (r - l) + l), mask=m)
 
 
 @triton.jit
@@ -39,8 +45,8 @@ def _hard_concrete_sample_bwd_kernel(g_ptr, la_ptr, u_ptr, out_ptr, n, prm_ptr, 
     u = tl.load(u_ptr + offs, mask=m, other=0.5)
     s = tl.sigmoid((tl.log(u) - tl.log(1.0 - u) + a) / t)
     sbar = s * (r - l) + l
-    d = tl.where((sbar > 0.0) & (sbar < 1.0), (r - l) * s * (1.0 - s) / t, 0.0)
-    tl.store(out_ptr + offs, g * d, mask=m)
+    d = tl.where((sbar > 0.0) & (sbar < 1.0), g * (r - l) * s * (1.0 - s) / t, 0.0)
+    tl.store(out_ptr + offs, d, mask=m)
 
 
 @triton.jit
@@ -49,7 +55,8 @@ def _hard_concrete_keep_prob_fwd_kernel(la_ptr, p_ptr, n, prm_ptr, BLOCK: tl.con
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     a = tl.load(la_ptr + offs, mask=m, other=0.0)
-    q = tl.minimum(tl.maximum(tl.sigmoid(q0 - a), eps), 1.0 - eps)
+    q = tl.sigmoid(q0 - a)
+    q = tl.where(q < eps, eps, tl.where(q > 1.0 - eps, 1.0 - eps, q))
     tl.store(p_ptr + offs, 1.0 - q, mask=m)
 
 
@@ -61,8 +68,8 @@ def _hard_concrete_keep_prob_bwd_kernel(g_ptr, la_ptr, out_ptr, n, prm_ptr, BLOC
     g = tl.load(g_ptr + offs, mask=m, other=0.0)
     a = tl.load(la_ptr + offs, mask=m, other=0.0)
     q = tl.sigmoid(q0 - a)
-    d = tl.where((q > eps) & (q < 1.0 - eps), q * (1.0 - q), 0.0)
-    tl.store(out_ptr + offs, g * d, mask=m)
+    d = tl.where((q > eps) & (q < 1.0 - eps), g * q * (1.0 - q), 0.0)
+    tl.store(out_ptr + offs, d, mask=m)
 
 
 @triton.jit

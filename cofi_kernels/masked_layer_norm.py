@@ -1,8 +1,9 @@
 """Triton kernels of cofi.ops.masked_layer_norm: one fused pass per row.
 
-``_masked_layer_norm_fwd_kernel``: v = x z + r, kept-dim mean / variance, affine, times z; stores
-y, mean, rstd. ``_masked_layer_norm_bwd_kernel``: ROWS rows per program; dx, d residual per row and
-this program's partial column sums of (d weight, d bias, d hidden_z), summed afterwards.
+``_masked_layer_norm_fwd_kernel``: v = x z + r, kept-dim mean / variance (corrected two-pass, as the
+reference's ``row_stats``), affine, times z; stores y, mean, rstd. ``_masked_layer_norm_bwd_kernel``:
+ROWS rows per program; dx, d residual per row and this program's partial column sums of (d weight,
+d bias, d hidden_z), summed afterwards.
 Runs compiled on CUDA and under TRITON_INTERPRET=1 on CPU tensors.
 """
 from __future__ import annotations
@@ -32,9 +33,17 @@ def _masked_layer_norm_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, z_ptr, y_ptr, mean
     if HAS_R:
         v += tl.load(r_ptr + row * D + offs, mask=md, other=0.0).to(v.dtype)
     n = tl.maximum(tl.sum(k, axis=0), 1.0)
-    mean = tl.sum(v * k, axis=0) / n
+    # Corrected two-pass statistics (reference row_stats): the residuals c of the first mean correct
+    # mean and variance, so a row constant over its kept dims normalises to exactly 0.
+    mean0 = tl.sum(v * k, axis=0) / n
+    c = (v - mean0) * k
+    s1 = tl.sum(c, axis=0)
+    corr = s1 / n
+    mean = mean0 + corr
+    var = (tl.sum(c * c, axis=0) - s1 * corr) / n
+    var = tl.where(var < 0.0, 0.0, var)  # clamp_min(0), NaN kept
     cen = (v - mean) * k
-    rstd = 1.0 / tl.sqrt(tl.sum(cen * cen, axis=0) / n + eps)
+    rstd = 1.0 / tl.sqrt(var + eps)
     y = cen * rstd * tl.load(w_ptr + offs, mask=md, other=0.0).to(v.dtype) + tl.load(b_ptr + offs, mask=md, other=0.0).to(v.dtype)
     if HAS_Z:
         y = y * z

@@ -35,6 +35,8 @@ void check(const char* fn, const at::Tensor& q, const at::Tensor& k, const at::T
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), fn, ": k and v must have q's shape ", q.sizes());
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), fn, ": k, v must have q's dtype");
   TORCH_CHECK(q.size(3) <= 128, fn, ": head dim must be <= 128 on CUDA, got ", q.size(3));
+  TORCH_CHECK(q.size(0) <= std::numeric_limits<int>::max() && q.size(2) <= std::numeric_limits<int>::max(), fn,
+              ": batch and sequence length must be < 2^31 on CUDA, got ", q.sizes());
   for (const at::Tensor* t : {&q, &k, &v})
     TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, fn, ": q, k, v need a unit stride on the last dim");
   if (head_z.has_value())

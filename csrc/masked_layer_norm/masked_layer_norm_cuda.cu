@@ -1,5 +1,5 @@
 // Torch-free CUDA kernels of masked_layer_norm (see masked_layer_norm.h): one 256-thread block per
-// row, block-wide sums through shared memory; kept-dim statistics (k = hidden_z != 0).
+// row, block-wide sums through shared memory; kept-dim statistics (k = hidden_z != 0), corrected two-pass.
 #include "masked_layer_norm.h"
 
 #include <cuda_bf16.h>
@@ -34,6 +34,9 @@ __device__ A block_sum(A v, A* shm) {
   return r;
 }
 
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double div_rn(double a, double b) { return a / b; }
+
 template <typename T>
 __device__ __forceinline__ typename Acc<T>::type vval(const T* x, const T* r, const T* z, int64_t row, int64_t d, int64_t j) {
   using A = typename Acc<T>::type;
@@ -64,14 +67,24 @@ __global__ void ln_fwd_kernel(const T* x, const T* r, const T* w, const T* b, co
   s = block_sum(s, shm);
   n = block_sum(n, shm);
   n = n > A(1) ? n : A(1);
-  const A mean = s / n;
-  A ss = 0;
+  // Corrected two-pass statistics (the CPU kernel's and the reference's row_stats): the residuals c of
+  // the first mean correct mean and variance, so a row constant over its kept dims gets its value back
+  // exactly and normalises to exactly 0. Correctly rounded divisions: --use_fast_math would make them
+  // approximate.
+  const A mean0 = div_rn(s, n);
+  A s1 = 0, ss = 0;
   for (int64_t j = threadIdx.x; j < d; j += kThreads) {
-    const A c = (vval(x, r, z, row, d, j) - mean) * keepf(z, j);
+    const A c = (vval(x, r, z, row, d, j) - mean0) * keepf(z, j);
+    s1 += c;
     ss += c * c;
   }
+  s1 = block_sum(s1, shm);
   ss = block_sum(ss, shm);
-  const A rstd = A(1) / sqrt(ss / n + A(eps));
+  const A corr = div_rn(s1, n);
+  const A mean = mean0 + corr;
+  A var = div_rn(ss - s1 * corr, n);
+  var = var < A(0) ? A(0) : var;
+  const A rstd = A(1) / sqrt(var + A(eps));
   for (int64_t j = threadIdx.x; j < d; j += kThreads) {
     A o = (vval(x, r, z, row, d, j) - mean) * keepf(z, j) * rstd * ld(w + j) + ld(b + j);
     if (z) o *= ld(z + j);
