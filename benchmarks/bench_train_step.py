@@ -1,8 +1,8 @@
 """One full CoFi pruning step, compacted vs dense-masked vs a plain dense fine-tuning step.
 
 The CoFi step (cofi-reference.md sections 2-3): sample all masks (one fused op), teacher forward
-(no grad, no masks), student forward + backward with the masks (``mode="compact"`` or
-``mode="dense"``, the reference's method), prediction KL (T = 2) + layer distillation (v3 argmin
+(no grad, no masks), student forward + backward with the masks (``backend="compact"`` or
+``backend="dense"``, the reference's method), prediction KL (T = 2) + layer distillation (v3 argmin
 matching over teacher layers, identity-initialised projection), Lagrangian, gradient clipping
 (model, 1.0), three AdamW optimisers (model: fused, embeddings frozen; log_alpha; lambdas by
 gradient ascent), log_alpha clamp. The plain step: transformers' BertForSequenceClassification
@@ -160,7 +160,7 @@ def cofi_step_fn(cfg, student, teacher, ms: MaskSet, batch, mode: str, target: f
         else:
             with torch.no_grad():
                 t = teacher(ids, am, tt, output_hidden_states=True)
-        out = student(ids, am, tt, masks=z, mode=mode, output_hidden_states=True)
+        out = student(ids, am, tt, masks=z, backend=mode, output_hidden_states=True)
         l_pred = prediction_distill_loss(out.logits, t.logits, 2.0)
         l_layer, _ = layer_distill_loss(out.hidden_states, t.hidden_states, proj, layers,
                                         student_index=out.hidden_index, token_mask=am)

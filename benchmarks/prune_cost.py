@@ -1,4 +1,4 @@
-"""Training cost of a CoFi run to 95% sparsity: our compacted steps vs ``mode="dense"`` (the
+"""Training cost of a CoFi run to 95% sparsity: our compacted steps vs ``backend="dense"`` (the
 reference's dense-masked method), same config, seed, data and steps. The two runs go side by side,
 one core each (``--threads`` per run), so that machine noise hits both alike.
 
@@ -66,7 +66,7 @@ def main() -> int:
                    str(args.target), "--max-train-samples", str(args.samples), "--epochs", str(args.epochs),
                    "--lagrangian-warmup-epochs", str(args.warmup_epochs), "--max-seq-length", "64", "--seed", "42",
                    "--num-threads", str(args.threads), "--progress", "false", "--skip-compact", "true",
-                   "--eval-steps", str(steps), "--save-steps", str(steps), "--mode", mode, "--teacher-cache", cache]
+                   "--eval-steps", str(steps), "--save-steps", str(steps), "--backend", mode, "--teacher-cache", cache]
             if args.prepruning_epochs is not None:
                 cmd += ["--prepruning-steps", str(int(round(spe * args.prepruning_epochs)))]
             print("+", " ".join(cmd), flush=True)

@@ -36,7 +36,7 @@ Row = dict[str, Any]
 # Results files kept in the folder but no longer current: listed under the tables, not rendered.
 SUPERSEDED: dict[str, str] = {
     "prune_cost.json": (
-        "measured before `mode=\"dense\"` computed sublayers whose gate is 0, when dense was cheaper "
+        "measured before `backend=\"dense\"` computed sublayers whose gate is 0, when dense was cheaper "
         "than the reference's method; teacher forward in every step; see `prune_cost_paper_schedule.json`"),
     "sst2_table_unpadded.json": (
         "the same models timed unpadded with an older runtime, before the column-split GEMMs and the "
@@ -396,7 +396,7 @@ RENDERERS: list[tuple[str, str, Callable[[str, Any], str]]] = [
     ("runtime", "runtime — compact models vs dense BERT-base", render_runtime),
     ("sst2_table", "SST-2: MiniLM-L6 pruned to 60 / 90 / 95 %", render_sst2_table),
     ("train_step", "train_step — one CoFi pruning step", render_train_step),
-    ("prune_cost", "prune_cost — a pruning run, compact vs `mode=\"dense\"`", render_prune_cost),
+    ("prune_cost", "prune_cost — a pruning run, compact vs `backend=\"dense\"`", render_prune_cost),
     ("hard_concrete", "hard_concrete — one step's mask work, fused vs eager", render_hard_concrete),
     ("masked_attention", "masked_attention — gated MHA", render_masked_attention),
     ("masked_ffn", "masked_ffn — gated FFN", render_masked_ffn),

@@ -66,7 +66,7 @@ class TestEqualsTransformers:
             ones = Masks.ones(model.mask_config())
             for masks in (None, ones):
                 for mode in ("compact", "dense"):
-                    got = _logits(model(ids, am, tt, masks=masks, mode=mode))
+                    got = _logits(model(ids, am, tt, masks=masks, backend=mode))
                     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             hs = model(ids, am, tt, output_hidden_states=True).hidden_states
             hf_hs = hf.base_model(ids, attention_mask=am, token_type_ids=tt, output_hidden_states=True).hidden_states
@@ -92,8 +92,8 @@ def test_model_class_for_and_errors(tmp_path):
     with pytest.raises(ValueError, match="model_type"):
         model_class_for("gpt2", "cls")
     m = CoFiBertForSequenceClassification(_config(CoFiBertForSequenceClassification))
-    with pytest.raises(ValueError, match="mode"):
-        m(torch.zeros(1, 3, dtype=torch.long), mode="fast")
+    with pytest.raises(ValueError, match="backend"):
+        m(torch.zeros(1, 3, dtype=torch.long), backend="fast")
 
 
 # ------------------------------------------------------------------------------ compact == dense
@@ -124,7 +124,7 @@ def _step(model, ms, noise, batch, mode, policy, teacher_out, proj):
     proj.zero_grad(set_to_none=True)
     z = ms.sample(noise=noise)
     ids, am, tt = batch
-    out = model(ids, am, tt, masks=z, mode=mode, policy=policy, output_hidden_states=True)
+    out = model(ids, am, tt, masks=z, backend=mode, policy=policy, output_hidden_states=True)
     lg = _logits(out)
     loss = prediction_distill_loss(lg.reshape(-1, lg.shape[-1]), teacher_out[0].reshape(-1, lg.shape[-1]))
     ld, match = layer_distill_loss(out.hidden_states, teacher_out[1], proj, teacher_layers=(1, 2, 3),
@@ -203,7 +203,7 @@ def test_skipped_sublayers_are_identity():
     m.ffn[:] = 0
     with torch.no_grad():
         for mode in ("compact", "dense"):
-            hs = model(*_batch(), masks=m, mode=mode, output_hidden_states=True).hidden_states
+            hs = model(*_batch(), masks=m, backend=mode, output_hidden_states=True).hidden_states
             for h in hs[1:]:
                 torch.testing.assert_close(h, hs[0])
 

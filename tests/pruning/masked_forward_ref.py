@@ -1,5 +1,5 @@
 """Test helpers: the dense-masked forward of cofi-reference.md 1.7 on HF-named weights, tiny HF models
-and random CoFi-like masks. (Stand-in for cofi.models' mode="dense" until that package lands.)"""
+and random CoFi-like masks. (Stand-in for cofi.models' backend="dense" until that package lands.)"""
 from __future__ import annotations
 
 import math

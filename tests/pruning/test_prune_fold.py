@@ -175,7 +175,7 @@ def test_matches_cofi_models(arch, task, soft, mode):
     if arch == "roberta":
         tt = torch.zeros_like(ids)
     with torch.no_grad():
-        want = model(ids, am, tt, masks=masks, mode=mode)
+        want = model(ids, am, tt, masks=masks, backend=mode)
         got = prune(model, masks)(ids, am, tt)
     for g, w in zip(_heads(got), _heads(want)):
         torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)

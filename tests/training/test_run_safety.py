@@ -256,7 +256,7 @@ class TestZeroHiddenMask:
         for mode in ("compact", "dense"):
             self._zero_hidden_between(monkeypatch, 3, 9)
             outs[mode] = tmp_path / mode
-            assert main(_prune_args(tiny, outs[mode], mode=mode, **kw)) == 0
+            assert main(_prune_args(tiny, outs[mode], backend=mode, **kw)) == 0
         a, b = _weights(outs["compact"] / "final"), _weights(outs["dense"] / "final")
         for k in a:  # float32 GEMMs on gathered vs full weights: rounding only
             torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=lambda m: f"{k}: {m}")
@@ -267,9 +267,9 @@ class TestZeroHiddenMask:
         # killed inside the zero-hidden window, resumed: the same weights as without the kill
         killed = tmp_path / "killed"
         self._zero_hidden_between(monkeypatch, 3, 9)
-        assert _forked(_kill_at, _prune_args(tiny, killed, mode="compact", **kw), "prune", 22) == -9
+        assert _forked(_kill_at, _prune_args(tiny, killed, backend="compact", **kw), "prune", 22) == -9
         self._zero_hidden_between(monkeypatch, 3 - 4, 9 - 4)  # the resume redoes mask steps 5.. of the run
-        assert main(_prune_args(tiny, killed, mode="compact", **kw) + ["--resume"]) == 0
+        assert main(_prune_args(tiny, killed, backend="compact", **kw) + ["--resume"]) == 0
         c = _weights(killed / "final")
         assert all(torch.equal(a[k], c[k]) for k in a)
 

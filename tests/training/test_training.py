@@ -83,7 +83,7 @@ class TestEndToEnd:
         from cofi.cli import main
 
         out = tiny["root"] / "dense"
-        rc = main(_prune_args(tiny, out, target_sparsity=0.5, max_steps=30, lagrangian_warmup_steps=10, mode="dense",
+        rc = main(_prune_args(tiny, out, target_sparsity=0.5, max_steps=30, lagrangian_warmup_steps=10, backend="dense",
                               layer_distill="v4", ce_alpha=0.1, skip_compact="true"))
         assert rc == 0 and (out / "final" / "masks.safetensors").exists()
 

@@ -1,6 +1,6 @@
 """cofi.models: BERT / RoBERTa encoders with CoFi masks for classification and extractive QA.
 
-``forward(..., masks=Masks, mode="compact" | "dense")``: compact runs only the live units of the
+``forward(..., masks=Masks, backend="compact" | "dense")``: compact runs only the live units of the
 step's masks (one host copy of the masks per step); dense is the reference's dense-masked method.
 """
 from .encoder import CoFiEncoder

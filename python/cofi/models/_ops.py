@@ -1,7 +1,7 @@
 """The ops the models call, in one place.
 
 compact / unmasked paths: the public fused ops (``cofi.ops.masked_attention`` / ``masked_ffn`` /
-``masked_layer_norm``, backend chosen by cofi's dispatch). ``mode="dense"``: the plain-PyTorch
+``masked_layer_norm``, backend chosen by cofi's dispatch). ``backend="dense"``: the plain-PyTorch
 references of the same ops (``cofi.ops.reference``): dense GEMMs with the masks multiplied at the
 CoFi reference's points, i.e. the reference's method, kept for checking and benchmarking.
 """

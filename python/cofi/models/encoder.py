@@ -2,11 +2,11 @@
 
 Two ways to run the same math (cofi-reference.md section 1.7 mask points):
 
-- ``mode="dense"``: the reference's method. Full-width GEMMs; the masks multiply the activations
+- ``backend="dense"``: the reference's method. Full-width GEMMs; the masks multiply the activations
   (embeddings pre/post LN, head gate after softmax.V, MHA gate on W_O output incl. bias,
   intermediate gate after the activation, FFN gate on W_2 output incl. bias, hidden gate before the
   residual LN and after it, LN statistics over kept hidden dims). Uses ``cofi.ops.reference``.
-- ``mode="compact"``: after one host copy of the masks (``plan.make_plan``), the live hidden dims,
+- ``backend="compact"``: after one host copy of the masks (``plan.make_plan``), the live hidden dims,
   heads and FFN units are gathered (``index_select``, so autograd scatters gradients back into the
   full parameters) and every GEMM runs on live units only; the residual stream runs at the reduced
   hidden width. Uses the fused ``cofi.ops``.
@@ -14,7 +14,7 @@ Two ways to run the same math (cofi-reference.md section 1.7 mask points):
 A sublayer whose layer gate (mha / ffn) is exactly 0 is the identity (its LayerNorm skipped too),
 decided from the mask value. Compact mode skips its work; dense mode, like the reference, still
 computes it, multiplies it by the zero gate and adds it to the residual (the reference finds the
-all-zero output with a host-synchronising check), so ``mode="dense"`` costs what the reference
+all-zero output with a host-synchronising check), so ``backend="dense"`` costs what the reference
 costs at every sparsity.
 """
 from __future__ import annotations
@@ -141,7 +141,7 @@ class CoFiEncoder(nn.Module):
         return t
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, masks: Masks | None = None, mode: str = "compact",
+                token_type_ids: torch.Tensor | None = None, masks: Masks | None = None, backend: str = "compact",
                 output_hidden_states: bool = False, policy: CompactPolicy = CompactPolicy()
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, StepPlan]:
         """input_ids [B, S]; attention_mask [B, S] (1 = token) or None.
@@ -150,12 +150,12 @@ class CoFiEncoder(nn.Module):
         [B, S, d']) or None, plan). d' = d except in compact mode with gathered hidden dims, where
         the live dims are ``plan.hidden_idx``.
         """
-        if mode not in ("compact", "dense"):
-            raise ValueError(f"cofi.models: mode must be 'compact' or 'dense', got {mode!r}")
+        if backend not in ("compact", "dense"):
+            raise ValueError(f"cofi.models: backend must be 'compact' or 'dense', got {backend!r}")
         cfg = self.config
         plan = make_plan(masks, cfg.num_hidden_layers, self.num_heads, self.head_dim, cfg.intermediate_size,
-                         compact=(mode == "compact"), device=input_ids.device, policy=policy)
-        dense = mode == "dense"
+                         compact=(backend == "compact"), device=input_ids.device, policy=policy)
+        dense = backend == "dense"
         ln = _ops.masked_layer_norm_ref if dense else _ops.masked_layer_norm
         m = masks if masks is not None else Masks()
         hk = plan.hidden_idx

@@ -58,7 +58,7 @@ class StepPlan:
 
 def make_plan(masks: Masks | None, num_layers: int, num_heads: int, head_dim: int, intermediate_size: int,
               compact: bool, device: torch.device, policy: CompactPolicy = CompactPolicy()) -> StepPlan:
-    """The plan of one step. ``compact=False`` (dense mode) only decides the sublayer skips."""
+    """The plan of one step. ``compact=False`` (backend="dense") only decides the sublayer skips."""
     L, H, F = num_layers, num_heads, intermediate_size
     if masks is None:
         return StepPlan(None, [LayerPlan(n_heads=H, n_ffn=F) for _ in range(L)])

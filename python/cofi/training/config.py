@@ -70,7 +70,7 @@ class TrainConfig:
     droprate_init: float = 0.5
     temperature: float = 2.0 / 3.0
     deterministic_mode: str = "soft"  # soft (reference) | binary
-    mode: str = "compact"           # compact (our cheap steps) | dense (the reference's method)
+    backend: str = "compact"        # compact (our cheap steps) | dense (the reference's method)
     # ---------------------------------------------------------------- distillation
     distill_temp: float = 2.0
     distill_pred_alpha: float = 0.5
@@ -110,6 +110,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], base: "TrainConfig | None" = None, source: str = "config") -> "TrainConfig":
         names = {f.name for f in fields(cls)}
+        for old, new in RENAMED.items():
+            if old in d:
+                raise ConfigError(f"cofi config: key {old} in {source} was renamed; use {new} "
+                                  f"({new}: {', '.join(CHOICES[new])})")
         unknown = sorted(set(d) - names)
         if unknown:
             import difflib
@@ -207,11 +211,7 @@ class TrainConfig:
         out = Path(self.output_dir)
         if out.exists() and not out.is_dir():
             bad("output_dir", "is a file; give a folder (it is created when missing)")
-        choices = {"scheduler": ("linear", "constant"), "compact_scheduler": ("linear", "constant"),
-                   "deterministic_mode": ("soft", "binary"), "mode": ("compact", "dense"),
-                   "layer_distill": ("v3", "v4", "none"), "mask_init": ("reference", "uniform"),
-                   "teacher_cache": ("auto", "on", "off")}
-        for n, ok in choices.items():
+        for n, ok in CHOICES.items():
             if getattr(self, n) not in ok:
                 bad(n, f"must be one of {', '.join(ok)}")
         groups = ("hidden", "head", "mha", "intermediate", "ffn")
@@ -231,6 +231,28 @@ class TrainConfig:
         if self.task not in TASKS:
             raise ConfigError(f"cofi config: task must be one of {', '.join(sorted(TASKS))}, got {self.task!r}")
         return self
+
+
+# keys with a fixed set of values
+CHOICES: dict[str, tuple[str, ...]] = {
+    "scheduler": ("linear", "constant"), "compact_scheduler": ("linear", "constant"),
+    "deterministic_mode": ("soft", "binary"), "backend": ("compact", "dense"),
+    "layer_distill": ("v3", "v4", "none"), "mask_init": ("reference", "uniform"),
+    "teacher_cache": ("auto", "on", "off")}
+# old key -> new key: refused in YAML / --set / flags with a pointer to the new name; a saved
+# run's config (checkpoint, config.yaml) is read with the old key mapped (upgrade_saved_config)
+RENAMED: dict[str, str] = {"mode": "backend"}
+
+
+def upgrade_saved_config(d: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's config dict with renamed keys under their new names (runs saved before a rename)."""
+    if not any(k in d for k in RENAMED):
+        return d
+    out = {k: v for k, v in d.items() if k not in RENAMED}
+    for old, new in RENAMED.items():
+        if old in d and new not in d:
+            out[new] = d[old]
+    return out
 
 
 def _one_line(e: Exception) -> str:
@@ -346,6 +368,14 @@ def _arg(name: str):
     return conv
 
 
+def _renamed(old: str, new: str):
+    def conv(v: str):
+        raise argparse.ArgumentTypeError(f"renamed to --{new} ({', '.join(CHOICES[new])})")
+
+    conv.__name__ = old
+    return conv
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """--preset, --config, --set and one ``--<field>`` flag per config field (default None = unset)."""
     parser.add_argument("--preset", help=f"start from a preset: {', '.join(PRESETS)}")
@@ -354,6 +384,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in output_dir")
     parser.add_argument("--overwrite", dest="overwrite", action="store_const", const=True, default=None,
                         help="delete the previous run's outputs in output_dir first (without it a non-empty output_dir is refused)")
+    for old, new in RENAMED.items():  # else argparse would read --mode as an abbreviation of --model
+        parser.add_argument("--" + old, dest=f"_renamed_{old}", default=None, help=argparse.SUPPRESS,
+                            type=_renamed(old, new))
     g = parser.add_argument_group("config keys (see cofi.training.config.TrainConfig)")
     hints = _field_types()
     for f in fields(TrainConfig):

@@ -7,7 +7,7 @@ distillation with the target ramped linearly over the Lagrangian warm-up), 2 ``c
 (fold the best masks with ``cofi.pruning.prune`` and fine-tune the compact model with distillation).
 
 Per pruning step (cofi-reference.md 2.4, design.md 4): sample ONE mask set (shared generator, so
-every rank draws the same) -> student forward (``mode`` compact or dense) -> teacher forward (no
+every rank draws the same) -> student forward (``backend`` compact or dense) -> teacher forward (no
 grad) -> loss = a_pred KL_T * T^2 + a_layer L_layer (+ a_ce CE) + L_c -> backward -> average
 gradients over ranks -> clip model grads -> model AdamW (fused where available; linear decay;
 embeddings frozen) -> log_alpha AdamW (reg lr) -> lambdas AdamW on negated gradients (explicit
@@ -44,7 +44,7 @@ from . import checkpoint as C
 from . import distributed as dd
 from . import losses as LS
 from ..errors import UserError
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, upgrade_saved_config
 from .modeling import load_model
 from .teacher_cache import TeacherCache, cache_bytes
 
@@ -96,12 +96,12 @@ def _is_masked_model(model: torch.nn.Module) -> bool:
     return not hasattr(model, "layers") or hasattr(model, "bert") or hasattr(model, "roberta")
 
 
-def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], masks=None, mode: str | None = None,
+def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], masks=None, backend: str | None = None,
             hidden: bool = False):
     kw = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
     if masks is not None:
         kw["masks"] = masks
-        kw["mode"] = mode or "compact"
+        kw["backend"] = backend or "compact"
     return model(**kw, output_hidden_states=hidden)
 
 
@@ -280,6 +280,7 @@ def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key: saved -> current`` for every key that changes what the run computes (a key the
     saved config lacks counts as its default)."""
     defaults = TrainConfig().to_dict()
+    saved = upgrade_saved_config(saved)
     out = []
     for k in sorted(set(saved) | set(current)):
         if k in RESUME_FREE:
@@ -534,7 +535,7 @@ class Trainer:
         outs: dict[int, list[np.ndarray]] = {}
         for b in batches:
             batch = {k: v.to(self.device) for k, v in enc.collate(b).items()}
-            out = forward(model, batch, masks, cfg.mode)
+            out = forward(model, batch, masks, cfg.backend)
             ls = [x.float().cpu().numpy() for x in logits_of(out)]
             for r, i in enumerate(b):
                 outs[int(i)] = [x[r] for x in ls]
@@ -851,7 +852,7 @@ class Trainer:
             raise ConfigError(f"cofi config: pre-pruning ({self.pre_steps} steps) leaves no pruning steps of "
                               f"{total}; lower prepruning_epochs/prepruning_steps or raise epochs/max_steps")
         self.log(f"[prune] {len(self.task.train)} examples, {spe} steps/epoch, {total} steps: {self.pre_steps} "
-                 f"pre-pruning, Lagrangian warm-up {self.warmup_steps}, target {cfg.target_sparsity}, mode {cfg.mode}")
+                 f"pre-pruning, Lagrangian warm-up {self.warmup_steps}, target {cfg.target_sparsity}, backend {cfg.backend}")
         st = self.find_resume()
         resume_stage = st["stage"] if st is not None else None
         if resume_stage == "compact":
@@ -885,7 +886,7 @@ class Trainer:
             pruning = self.phase == "pruning"
             mstep = self.maskset.step(generator=self.mask_gen) if pruning else None
             masks = mstep.z if pruning else None
-            out = forward(self.student, batch, masks, cfg.mode, hidden=self.use_layer_distill)
+            out = forward(self.student, batch, masks, cfg.backend, hidden=self.use_layer_distill)
             exists = None
             if masks is not None and (masks.mha is not None or masks.ffn is not None):
                 L = self.student.config.num_hidden_layers
