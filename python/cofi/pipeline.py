@@ -27,9 +27,12 @@ def minilm_path() -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .training.config import add_config_arguments
 
-    add_config_arguments(parser)
-    parser.add_argument("--teacher-epochs", type=float, default=1.0)
-    parser.add_argument("--teacher-lr", type=float, default=5e-5)
+    add_config_arguments(parser, command="prune", preset="demo")
+    parser.add_argument("--teacher-epochs", type=float, default=1.0, metavar="FLOAT",
+                        help="epochs of the teacher fine-tuning (stage 0; the config's epochs are the pruning's) "
+                             "(default: %(default)s)")
+    parser.add_argument("--teacher-lr", type=float, default=5e-5, metavar="FLOAT",
+                        help="learning rate of the teacher fine-tuning (default: %(default)s)")
 
 
 def latency(model, batch, reps: int = 5, warmup: int = 2) -> float:

@@ -7,7 +7,7 @@ from .config import add_config_arguments, resolve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
+    add_config_arguments(parser, command="finetune")
 
 
 def run(args: argparse.Namespace) -> int:

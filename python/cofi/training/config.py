@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
+import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -22,83 +24,101 @@ class ConfigError(UserError):
     """A run configuration is invalid; the message names the field, the value and what is allowed."""
 
 
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its one-line help (shown by ``--help``)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda d=tuple(default): list(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+Scheduler = Literal["linear", "constant"]
+
+
 @dataclass
 class TrainConfig:
+    """Every key of a run. Each field's ``metadata["help"]`` is its ``--help`` line; ``Literal``
+    types list a choice key's values (checked by :meth:`validate`)."""
+
     # ---------------------------------------------------------------- task and data
-    task: str = "sst2"
-    train_file: str | None = None
-    eval_file: str | None = None
-    eval_split: str | None = None
-    text_fields: list[str] | None = None
-    label_field: str | None = None
-    num_labels: int | None = None
-    max_seq_length: int = 128
-    doc_stride: int = 128
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    group_by_length: bool = True
+    task: str = _f("sst2", "task name (cofi.data.tasks.TASKS); custom = your own train_file / eval_file")
+    train_file: str | None = _f(None, "training data file (csv/tsv/json/jsonl/parquet); None = the task's own data")
+    eval_file: str | None = _f(None, "evaluation data file; None = the task's own evaluation split")
+    eval_split: str | None = _f(None, "split of the task's data to evaluate on; None = the task's default")
+    text_fields: list[str] | None = _f(None, "one or two text columns (comma-separated); None = the task's own")
+    label_field: str | None = _f(None, "label column; None = the task's own")
+    num_labels: int | None = _f(None, "number of classes; None = the task's own")
+    max_seq_length: int = _f(128, "tokens per example (longer ones are truncated)")
+    doc_stride: int = _f(128, "QA: token stride between the context windows of one long example")
+    max_train_samples: int | None = _f(None, "use only the first N training examples; None = all")
+    max_eval_samples: int | None = _f(None, "use only the first N evaluation examples; None = all")
+    group_by_length: bool = _f(True, "batch examples of similar length together (less padding)")
     # ---------------------------------------------------------------- models
-    model: str = ""                 # pre-trained checkpoint the student (or the teacher to fine-tune) starts from
-    teacher: str | None = None      # fine-tuned teacher folder (prune); None = no distillation
-    tokenizer: str | None = None    # tokenizer folder or hub name; None = the one in ``model``
-    output_dir: str = "runs/cofi"
+    model: str = _f("", "pre-trained checkpoint the student (or the teacher to fine-tune) starts from")
+    teacher: str | None = _f(None, "fine-tuned teacher folder (prune); None = no distillation")
+    tokenizer: str | None = _f(None, "tokenizer folder or hub name; None = the one in model")
+    output_dir: str = _f("runs/cofi", "folder for checkpoints, metrics, config.yaml and the results")
     # ---------------------------------------------------------------- optimisation (teacher fine-tuning / pruning)
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    learning_rate: float = 2e-5
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    epochs: float = 20.0
-    max_steps: int | None = None    # overrides epochs when set
-    scheduler: str = "linear"       # linear | constant
-    freeze_embeddings: bool | None = None  # None: True for prune (reference), False for finetune
-    dropout: float | None = None    # None: the checkpoint's own dropout
+    batch_size: int = _f(32, "training batch size")
+    eval_batch_size: int = _f(64, "evaluation batch size")
+    learning_rate: float = _f(2e-5, "model learning rate (fine-tuning / pruning)")
+    weight_decay: float = _f(0.0, "AdamW weight decay of the model weights")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    warmup_steps: int = _f(0, "linear learning-rate warm-up steps of the model optimizer")
+    max_grad_norm: float = _f(1.0, "clip the model gradients to this norm; 0 = no clipping")
+    epochs: float = _f(20.0, "training epochs (fine-tuning / pruning)")
+    max_steps: int | None = _f(None, "training steps; overrides epochs when set")
+    scheduler: Scheduler = _f("linear", "model learning-rate schedule")
+    freeze_embeddings: bool | None = _f(None, "keep the embeddings fixed; None: true for prune (reference), "
+                                              "false for finetune")
+    dropout: float | None = _f(None, "dropout probability; None = the checkpoint's own dropout")
     # ---------------------------------------------------------------- CoFi
-    target_sparsity: float = 0.95
-    sparsity_epsilon: float = 0.01
-    prepruning_epochs: float = 1.0
-    prepruning_steps: int | None = None
-    lagrangian_warmup_epochs: float = 2.0
-    lagrangian_warmup_steps: int | None = None
-    reg_learning_rate: float = 0.01
-    mask_groups: list[str] = field(default_factory=lambda: ["hidden", "head", "mha", "intermediate", "ffn"])
-    mask_init: str = "reference"    # reference | uniform (cofi.masks.INIT_PRESETS)
-    droprate_init: float = 0.5
-    temperature: float = 2.0 / 3.0
-    deterministic_mode: str = "soft"  # soft (reference) | binary
-    backend: str = "compact"        # compact (our cheap steps) | dense (the reference's method)
+    target_sparsity: float = _f(0.95, "fraction of the prunable weights to remove, in [0, 1)")
+    sparsity_epsilon: float = _f(0.01, "an evaluation can be the best only when its real sparsity is this close to the target")
+    prepruning_epochs: float = _f(1.0, "distillation epochs before the masks start pruning")
+    prepruning_steps: int | None = _f(None, "steps before pruning starts; overrides prepruning_epochs when set")
+    lagrangian_warmup_epochs: float = _f(2.0, "epochs over which the target sparsity ramps up linearly from 0")
+    lagrangian_warmup_steps: int | None = _f(None, "warm-up steps; overrides lagrangian_warmup_epochs when set")
+    reg_learning_rate: float = _f(0.01, "learning rate of the masks' log_alpha and the Lagrange multipliers")
+    mask_groups: list[str] = _f(["hidden", "head", "mha", "intermediate", "ffn"],
+                                "mask groups to prune (comma-separated): hidden, head, mha, intermediate, ffn")
+    mask_init: Literal["reference", "uniform"] = _f("reference", "initial log_alpha per group "
+                                                                 "(cofi.masks.INIT_PRESETS)")
+    droprate_init: float = _f(0.5, "initial drop rate of the hard-concrete masks, in (0, 1)")
+    temperature: float = _f(2.0 / 3.0, "hard-concrete temperature")
+    deterministic_mode: Literal["soft", "binary"] = _f("soft", "evaluation masks: soft (reference) or binary")
+    backend: Literal["compact", "dense"] = _f("compact", "compact (our cheap steps: live units only) or dense "
+                                                         "(the reference's method)")
     # ---------------------------------------------------------------- distillation
-    distill_temp: float = 2.0
-    distill_pred_alpha: float = 0.5
-    distill_layer_alpha: float = 0.5
-    layer_distill: str = "v3"       # v3 | v4 | none
-    ce_alpha: float = 0.0           # optional ground-truth CE term while distilling
-    teacher_cache: str = "auto"     # auto | on | off: teacher outputs per example from one pass (teacher_cache.py)
-    teacher_cache_max_gb: float = 4.0  # auto: per-step teacher forward above this cache size
+    distill_temp: float = _f(2.0, "distillation temperature T of the prediction KL")
+    distill_pred_alpha: float = _f(0.5, "weight of the prediction distillation loss")
+    distill_layer_alpha: float = _f(0.5, "weight of the layer (hidden state) distillation loss")
+    layer_distill: Literal["v3", "v4", "none"] = _f("v3", "layer distillation: v3, v4 (reference variants) or none")
+    ce_alpha: float = _f(0.0, "weight of an optional ground-truth CE term while distilling")
+    teacher_cache: Literal["auto", "on", "off"] = _f("auto", "teacher outputs per example from one pass "
+                                                            "(teacher_cache.py); off = a teacher forward per step")
+    teacher_cache_max_gb: float = _f(4.0, "auto: per-step teacher forward above this cache size (GB)")
     # ---------------------------------------------------------------- stage 2: fine-tune the compact model
-    compact_epochs: float = 20.0
-    compact_max_steps: int | None = None
-    compact_learning_rate: float = 1e-5
-    compact_batch_size: int = 64
-    compact_scheduler: str = "constant"
-    skip_compact: bool = False
+    compact_epochs: float = _f(20.0, "fine-tuning epochs of the compact (pruned) model")
+    compact_max_steps: int | None = _f(None, "compact fine-tuning steps; overrides compact_epochs when set")
+    compact_learning_rate: float = _f(1e-5, "learning rate of the compact fine-tuning")
+    compact_batch_size: int = _f(64, "batch size of the compact fine-tuning")
+    compact_scheduler: Scheduler = _f("constant", "learning-rate schedule of the compact fine-tuning")
+    skip_compact: bool = _f(False, "stop after pruning (no fold + compact fine-tuning)")
     # ---------------------------------------------------------------- eval, logging, checkpoints
-    eval_steps: int = 500
-    logging_steps: int = 50
-    save_steps: int = 500
-    keep_checkpoints: int = 2
-    metric_for_best: str | None = None  # default: the task's primary metric
-    seed: int = 57
-    num_threads: int | None = None
-    progress: bool = True
-    device: str = "cpu"
-    max_eval_batches: int | None = None
-    # run control, not saved with the run: clear a previous run's outputs in output_dir first
-    overwrite: bool = False
+    eval_steps: int = _f(500, "evaluate every N steps")
+    logging_steps: int = _f(50, "log the losses every N steps")
+    save_steps: int = _f(500, "save a checkpoint every N steps")
+    keep_checkpoints: int = _f(2, "number of newest checkpoints kept")
+    metric_for_best: str | None = _f(None, "metric that picks the best checkpoint; None = the task's primary metric")
+    seed: int = _f(57, "random seed (data order, dropout, masks)")
+    num_threads: int | None = _f(None, "CPU threads of torch; None = torch's default")
+    progress: bool = _f(True, "show a progress bar")
+    device: str = _f("cpu", "cpu, cuda or cuda:N")
+    max_eval_batches: int | None = _f(None, "evaluate on the first N batches only; None = all")
+    # run control, not saved with the run
+    overwrite: bool = _f(False, "clear a previous run's outputs in output_dir first")
 
     # ------------------------------------------------------------------ io
     def to_dict(self) -> dict[str, Any]:
@@ -233,12 +253,63 @@ class TrainConfig:
         return self
 
 
-# keys with a fixed set of values
-CHOICES: dict[str, tuple[str, ...]] = {
-    "scheduler": ("linear", "constant"), "compact_scheduler": ("linear", "constant"),
-    "deterministic_mode": ("soft", "binary"), "backend": ("compact", "dense"),
-    "layer_distill": ("v3", "v4", "none"), "mask_init": ("reference", "uniform"),
-    "teacher_cache": ("auto", "on", "off")}
+@dataclass(frozen=True)
+class FieldKind:
+    """What a config field holds, read from its type annotation.
+
+    base: bool, int, float, str or list (of str); optional: ``X | None``; choices: the values of
+    a ``Literal[...]`` (empty for free values); name: the type as error messages spell it.
+    """
+    base: type
+    optional: bool
+    choices: tuple[str, ...]
+    name: str
+
+
+def _type_name(t: Any) -> str:
+    if t is type(None):
+        return "None"
+    if get_origin(t) is Literal:
+        return "str"
+    if get_origin(t) is list:
+        return f"list[{', '.join(_type_name(a) for a in get_args(t))}]"
+    if get_origin(t) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(t))
+    return getattr(t, "__name__", str(t))
+
+
+def _kind_of(name: str, t: Any) -> FieldKind:
+    args = get_args(t) if get_origin(t) in (Union, types.UnionType) else (t,)
+    rest = [a for a in args if a is not type(None)]
+    if len(rest) != 1:
+        raise TypeError(f"cofi.training.config: field {name}: unsupported type {t!r} (one type, optionally | None)")
+    (inner,) = rest
+    choices: tuple[str, ...] = ()
+    if get_origin(inner) is Literal:
+        choices = tuple(get_args(inner))
+        if not all(isinstance(c, str) for c in choices):
+            raise TypeError(f"cofi.training.config: field {name}: Literal values must be strings")
+        base: type = str
+    elif get_origin(inner) is list:
+        if get_args(inner) != (str,):
+            raise TypeError(f"cofi.training.config: field {name}: only list[str] is supported, got {inner!r}")
+        base = list
+    elif inner in (bool, int, float, str):
+        base = inner
+    else:
+        raise TypeError(f"cofi.training.config: field {name}: unsupported type {inner!r}")
+    return FieldKind(base, len(rest) != len(args), choices, _type_name(t))
+
+
+@functools.cache
+def field_kinds() -> dict[str, FieldKind]:
+    """Every TrainConfig field's :class:`FieldKind`, in field order."""
+    hints = get_type_hints(TrainConfig)
+    return {f.name: _kind_of(f.name, hints[f.name]) for f in fields(TrainConfig)}
+
+
+# keys with a fixed set of values (their Literal types)
+CHOICES: dict[str, tuple[str, ...]] = {n: k.choices for n, k in field_kinds().items() if k.choices}
 # old key -> new key: refused in YAML / --set / flags with a pointer to the new name; a saved
 # run's config (checkpoint, config.yaml) is read with the old key mapped (upgrade_saved_config)
 RENAMED: dict[str, str] = {"mode": "backend"}
@@ -259,34 +330,37 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())
 
 
-def _field_types() -> dict[str, Any]:
-    return get_type_hints(TrainConfig)
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _split_list(text: str) -> list[str]:
+    """``a,b`` or ``a+b`` -> ["a", "b"] (blanks dropped)."""
+    return [v.strip() for v in text.replace("+", ",").split(",") if v.strip()]
 
 
 def _coerce(name: str, value: Any) -> Any:
     """Check/convert a value to the field's type (YAML may give ints for floats, strings for numbers)."""
-    t = _field_types()[name]
-    s = str(t)
+    k = field_kinds()[name]
     if value is None:
-        if "None" in s:
+        if k.optional:
             return None
         raise ConfigError(f"cofi config: {name} cannot be null")
     try:
-        if "list" in s:
+        if k.base is list:
             if isinstance(value, str):
-                value = [v.strip() for v in value.replace("+", ",").split(",") if v.strip()]
+                value = _split_list(value)
             return [str(v) for v in value]
-        if "bool" in s:
+        if k.base is bool:
             if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
+                if value.lower() in _TRUE:
                     return True
-                if value.lower() in ("0", "false", "no", "off"):
+                if value.lower() in _FALSE:
                     return False
                 raise ValueError(value)
             return bool(value)
-        if "float" in s:
+        if k.base is float:
             return float(value)
-        if "int" in s:
+        if k.base is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return int(value)
@@ -294,8 +368,7 @@ def _coerce(name: str, value: Any) -> Any:
             return "on" if value else "off"
         return str(value)
     except (TypeError, ValueError):
-        kind = s.replace("typing.", "").replace("<class '", "").replace("'>", "")
-        raise ConfigError(f"cofi config: {name} must be of type {kind}, got {value!r}") from None
+        raise ConfigError(f"cofi config: {name} must be of type {k.name}, got {value!r}") from None
 
 
 # ---------------------------------------------------------------------- presets
@@ -368,6 +441,11 @@ def _arg(name: str):
     return conv
 
 
+def _list_arg(v: str) -> list[str]:
+    """A list flag: ``a,b`` or ``a+b`` (empty items dropped; the items are checked by validate)."""
+    return [x for x in v.replace("+", ",").split(",") if x]
+
+
 def _renamed(old: str, new: str):
     def conv(v: str):
         raise argparse.ArgumentTypeError(f"renamed to --{new} ({', '.join(CHOICES[new])})")
@@ -376,8 +454,38 @@ def _renamed(old: str, new: str):
     return conv
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """--preset, --config, --set and one ``--<field>`` flag per config field (default None = unset)."""
+_METAVAR = {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT", list: "A,B"}
+
+
+def _shown(v: Any) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return ",".join(v)
+    return str(v)
+
+
+def field_help(name: str, default: Any = dataclasses.MISSING) -> str:
+    """The ``--help`` line of a config key: its help text, allowed values and default."""
+    f = next(f for f in fields(TrainConfig) if f.name == name)
+    k = field_kinds()[name]
+    if default is dataclasses.MISSING:
+        default = getattr(TrainConfig(), name)
+    text = f.metadata["help"]
+    if k.choices:
+        text += f"; one of {', '.join(k.choices)}"
+    elif k.base is bool:
+        text += "; true or false"
+    return f"{text} (default: {_shown(default)})"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, command: str = "prune", preset: str | None = None) -> None:
+    """--preset, --config, --set and one ``--<field>`` flag per config field (default None = unset).
+
+    The help shows each key's default for ``command`` (finetune starts from preset teacher) and
+    ``preset`` (the one a command applies when none is given, e.g. cofi demo's)."""
     parser.add_argument("--preset", help=f"start from a preset: {', '.join(PRESETS)}")
     parser.add_argument("--config", help="YAML file with config keys (overrides the preset)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any key (YAML value)")
@@ -387,16 +495,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for old, new in RENAMED.items():  # else argparse would read --mode as an abbreviation of --model
         parser.add_argument("--" + old, dest=f"_renamed_{old}", default=None, help=argparse.SUPPRESS,
                             type=_renamed(old, new))
-    g = parser.add_argument_group("config keys (see cofi.training.config.TrainConfig)")
-    hints = _field_types()
+    shown = TrainConfig().to_dict()
+    for p in (["teacher"] if command == "finetune" else []) + ([preset] if preset else []):
+        shown.update(PRESETS[p])
+    g = parser.add_argument_group(
+        "config keys", "each is also a YAML key (--config) and a --set KEY=VALUE key; later wins: defaults < "
+                       "--preset < --config < these flags < --set")
     for f in fields(TrainConfig):
         if f.name == "overwrite":
             continue
-        s = str(hints[f.name])
+        k = field_kinds()[f.name]
         flag = "--" + f.name.replace("_", "-")
-        if "bool" in s:
-            g.add_argument(flag, dest=f.name, default=None, type=_arg(f.name), metavar="BOOL")
-        elif "list" in s:
-            g.add_argument(flag, dest=f.name, default=None, type=lambda v: [x for x in v.replace("+", ",").split(",") if x])
-        else:
-            g.add_argument(flag, dest=f.name, default=None, type=_arg(f.name))
+        metavar = "{" + ",".join(k.choices) + "}" if k.choices else _METAVAR[k.base]
+        conv = _list_arg if k.base is list else _arg(f.name)
+        g.add_argument(flag, dest=f.name, default=None, type=conv, metavar=metavar,
+                       help=field_help(f.name, shown[f.name]).replace("%", "%%"))
