@@ -130,7 +130,7 @@ setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    install_requires=["torch>=2.13", "transformers", "datasets", "safetensors", "tqdm", "numpy", "matplotlib", "pyyaml"],
+    install_requires=["torch>=2.13", "transformers", "datasets", "safetensors", "tqdm", "numpy", "scipy", "matplotlib", "pyyaml"],
     extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis", "onnx", "onnxruntime", "onnxscript"]},
     entry_points={"console_scripts": ["cofi=cofi.cli:main"]},
 )

@@ -244,7 +244,7 @@ def main() -> None:
             masks, compact = masks_for_sparsity(dense, s)
             compact.set_cls_tail(False)
             padded = prune(dense, masks).pad_(args.pad).set_cls_tail(False)
-            per_op = prune(dense, masks).set_encoder_path("per_op")
+            per_op = prune(dense, masks).set_backend("ops")
             skip = prune(dense, masks).pad_(args.pad).set_unpad(True).set_cls_tail(True)
             eager = EagerCompact(compact).eval()
             c = compact.config
@@ -268,9 +268,8 @@ def main() -> None:
                           float((per_op(ids, am, tt).logits - ref).abs().max()),
                           float((skip(ids, am, tt).logits - ref).abs().max()))
                 assert err < 1e-3, f"providers disagree: {err}"
-                paths = (compact.last_encoder_path, padded.last_encoder_path, per_op.last_encoder_path)
-                paths += (skip.last_encoder_path,)
-                assert paths == ("fused", "fused", "per_op", "fused"), paths
+                paths = (compact.last_backend, padded.last_backend, per_op.last_backend, skip.last_backend)
+                assert paths == ("fused", "fused", "ops", "fused"), paths
                 fns = {"dense": lambda: dense(input_ids=ids, attention_mask=am, token_type_ids=tt),
                        "compact": lambda: compact(ids, am, tt),
                        "compact_padded": lambda: padded(ids, am, tt),
@@ -313,13 +312,11 @@ def main() -> None:
                       f"skip {t['compact_skip']['p50_ms']:7.2f} ms {row['speedup_skip']:5.2f}x, vs eager {row['vs_eager_skip']:.2f}x | "
                       f"workspace gain {row['workspace_gain']:.2f}x | {sub} sub-rounds",
                       flush=True)
-    from cofi.runtime import _ops
     import cofi.ops
 
     result = {"bench": "runtime", "env": env_tags("cpu"), "quick": args.quick, "rounds": rounds,
               "rounds_batch1": rounds * 10, "pad_multiple": args.pad,
               "dense_model": "transformers BertForSequenceClassification, BERT-base config, sdpa, fp32",
-              "public_ops": _ops.public_ops_available(),
               "backends_ran": {op: cofi.ops.last_backend(op) for op in ("compact_encoder", "masked_attention", "masked_ffn", "masked_layer_norm")},
               "targets": TARGETS, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -133,7 +133,7 @@ def table(out: Path, wall: dict, threads: int, pad: int | None = None) -> None:
                      "paper_bert_base": PAPER.get(s)})
     res = {"teacher_dev_acc": t_res["best_metric"], "rows": rows, "stage_wall_s": wall, "threads": threads,
            "torch": torch.__version__, "compact_pad": pad,
-           "compact_encoder_path": {str(s): m.last_encoder_path for s, m in compacts.items()}}
+           "compact_backend": {str(s): m.last_backend for s, m in compacts.items()}}
     dst = ROOT / "benchmarks" / "results" / "cpu" / "sst2_table.json"
     dst.parent.mkdir(parents=True, exist_ok=True)
     from cofi.pipeline import plots

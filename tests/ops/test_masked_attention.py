@@ -325,34 +325,6 @@ class TestMaskedAttentionRouting:
             masked_attention(q, q, q, backend="native")
 
 
-class TestMaskedAttentionModule:
-    def test_module_matches_dense_and_prunes(self):
-        from cofi.nn import MaskedMultiHeadAttention
-
-        torch.manual_seed(0)
-        m = MaskedMultiHeadAttention(16, 4).double()
-        x = torch.randn(2, 5, 16, dtype=torch.float64)
-        mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-        z = torch.tensor([1.0, 0.0, 0.5, 1.0], dtype=torch.float64)
-        y = m(x, head_z=z, attention_mask=mask)
-        mha = torch.nn.MultiheadAttention(16, 4, batch_first=True).double()
-        with torch.no_grad():
-            mha.in_proj_weight.copy_(m.qkv.weight.view(3, 4, 4, 16).reshape(48, 16))
-            mha.in_proj_bias.copy_(m.qkv.bias)
-            mha.out_proj.weight.copy_(m.out_proj.weight)
-            mha.out_proj.bias.copy_(m.out_proj.bias)
-        ones = torch.ones(4, dtype=torch.float64)
-        y1 = m(x, head_z=ones, attention_mask=mask)
-        y2, _ = mha(x, x, x, key_padding_mask=mask == 0, need_weights=False)
-        torch.testing.assert_close(y1, y2)
-        m.prune_heads(z != 0)
-        assert m.num_heads == 3
-        torch.testing.assert_close(m(x, head_z=z[z != 0], attention_mask=mask), y)
-        m.prune_heads(torch.zeros(3, dtype=torch.bool))
-        assert m.num_heads == 0
-        torch.testing.assert_close(m(x, attention_mask=mask), m.out_proj.bias.expand(2, 5, 16))
-
-
 @pytest.mark.cuda
 class TestMaskedAttentionGpu:
     @pytest.mark.parametrize("backend", ["native", "triton"])

@@ -7,7 +7,6 @@ from _tolerances import tol
 
 import cofi
 from cofi import ops
-from cofi.nn import MaskedFFN
 from cofi.ops import _backends as B
 from cofi.ops.reference import masked_ffn_ref
 
@@ -162,14 +161,6 @@ class TestMaskedFfnRegistration:
         torch.testing.assert_close(y, masked_ffn_ref(x, w1, b1, w2, b2, z, m))
         y.sum().backward()
         assert x.grad is not None and w1.grad is not None and z.grad is not None
-
-    def test_module(self):
-        torch.manual_seed(0)
-        mod = MaskedFFN(6, 5, dtype=torch.float64)
-        x = torch.randn(2, 3, 6, dtype=torch.float64)
-        z = torch.tensor([1.0, 0.0, 0.5, 0.0, 2.0], dtype=torch.float64)
-        torch.testing.assert_close(mod(x, z), masked_ffn_ref(x, mod.w1, mod.b1, mod.w2, mod.b2, z))
-        assert "intermediate_size=5" in repr(mod)
 
 
 class TestMaskedFfnValidation:

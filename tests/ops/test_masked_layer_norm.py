@@ -6,7 +6,6 @@ import torch
 from _tolerances import tol
 
 from cofi import ops
-from cofi.nn import MaskedLayerNorm
 from cofi.ops import _backends as B
 from cofi.ops.reference import masked_layer_norm_ref
 
@@ -142,14 +141,6 @@ class TestMaskedLayerNormRegistration:
         torch.testing.assert_close(y, masked_layer_norm_ref(x, r, w, b, z))
         y.sum().backward()
         assert x.grad is not None and z.grad is not None
-
-    def test_module(self):
-        ln = torch.nn.LayerNorm(8, eps=1e-5, dtype=torch.float64)
-        torch.nn.init.normal_(ln.weight), torch.nn.init.normal_(ln.bias)
-        mod = MaskedLayerNorm.from_layer_norm(ln)
-        x, r = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
-        torch.testing.assert_close(mod(x, r), ln(x + r))
-        assert set(mod.state_dict()) == set(ln.state_dict())
 
 
 class TestMaskedLayerNormValidation:

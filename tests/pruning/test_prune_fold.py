@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from masked_forward_ref import masked_forward, random_masks, tiny_hf_model  # noqa: E402
 
+from cofi.masks import Masks  # noqa: E402
 from cofi.pruning import mask_values, prune  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -86,13 +87,8 @@ def test_cofi_masks_dataclass_and_reference_zs():
     with torch.no_grad():
         a = prune(model, m)(ids, am, tt).logits
         b = prune(model, zs)(ids, am, tt).logits
-        try:
-            from cofi.masks import Masks
-        except ImportError:  # pragma: no cover - masks package not landed
-            Masks = None
-        if Masks is not None:
-            c = prune(model, Masks(**m))(ids, am, tt).logits
-            torch.testing.assert_close(a, c, atol=0, rtol=0)
+        c = prune(model, Masks(**m))(ids, am, tt).logits
+        torch.testing.assert_close(a, c, atol=0, rtol=0)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 

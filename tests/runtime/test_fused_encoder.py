@@ -56,12 +56,12 @@ def test_fused_equals_per_op(arch, task, dtype, seed, pad):
     for batch, seq in ((3, 11), (1, 7)):
         inp = example_inputs(c, batch=batch, seq=seq)
         with torch.no_grad():
-            c.set_encoder_path("per_op")
+            c.set_backend("ops")
             want = c(*inp, output_hidden_states=True)
-            assert c.last_encoder_path == "per_op"
-            c.set_encoder_path("auto")
+            assert c.last_backend == "ops"
+            c.set_backend("auto")
             got = c(*inp, output_hidden_states=True)
-            assert c.last_encoder_path == "fused" and cofi.ops.last_backend("compact_encoder") == "native"
+            assert c.last_backend == "fused" and cofi.ops.last_backend("compact_encoder") == "native"
             last_only = c(*inp)
         tol = 1e-12 if dtype == torch.float64 else 1e-5
         for a, b, b1 in zip(_outs(want), _outs(got), _outs(last_only)):
@@ -81,8 +81,8 @@ def test_fused_every_sublayer_kind():
     assert not cfg.ffn_present[-1]
     inp = example_inputs(c, batch=4, seq=9)
     with torch.no_grad():
-        want = c.set_encoder_path("per_op")(*inp, output_hidden_states=True)
-        got = c.set_encoder_path("fused")(*inp, output_hidden_states=True)
+        want = c.set_backend("ops")(*inp, output_hidden_states=True)
+        got = c.set_backend("fused")(*inp, output_hidden_states=True)
     torch.testing.assert_close(got.logits, want.logits, atol=1e-12, rtol=1e-12)
     for a, b in zip(want.hidden_states, got.hidden_states):
         torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-12)
@@ -93,22 +93,22 @@ def test_fused_only_without_grad_and_without_forced_backend():
     c = _compact()
     inp = example_inputs(c, batch=2, seq=6)
     out = c(*inp)  # grad enabled, parameters require grad: per-op path with autograd
-    assert c.last_encoder_path == "per_op" and out.logits.requires_grad
+    assert c.last_backend == "ops" and out.logits.requires_grad
     with torch.no_grad(), cofi.ops.use_backend("reference"):
         c(*inp)
-        assert c.last_encoder_path == "per_op"
+        assert c.last_backend == "ops"
         assert any("backend 'reference' forced" in w for w in _fused.reasons(c))
     with torch.inference_mode():
         c(*inp)
-        assert c.last_encoder_path == "fused"
-    c.set_impl("torch")
+        assert c.last_backend == "fused"
+    c.set_backend("torch")
     with torch.no_grad():
         c(*inp)
-    assert c.last_encoder_path == "per_op"
-    with torch.no_grad(), pytest.raises(RuntimeError, match="encoder path 'fused' cannot run: impl is 'torch'"):
-        c.set_encoder_path("fused")(*inp)
-    with pytest.raises(ValueError, match="encoder path must be one of"):
-        c.set_encoder_path("fast")
+        assert c.last_backend == "torch" and "backend is 'torch' (plain aten ops)" in _fused.reasons(c)
+    with pytest.raises(RuntimeError, match="backend 'fused' cannot run: a gradient is needed"):
+        c.set_backend("fused")(*inp)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        c.set_backend("fast")
 
 
 @needs_native
@@ -149,10 +149,10 @@ def test_unpad_same_at_real_tokens_zero_at_padding(arch, task, pad):
     am[2, 1:] = 0
     real = am.bool()
     with torch.no_grad():
-        want = c.set_encoder_path("per_op")(ids, am, tt, output_hidden_states=True)
+        want = c.set_backend("ops")(ids, am, tt, output_hidden_states=True)
         c.set_unpad(True)
         per_op = c(ids, am, tt, output_hidden_states=True)
-        fused = c.set_encoder_path("fused")(ids, am, tt, output_hidden_states=True)
+        fused = c.set_backend("fused")(ids, am, tt, output_hidden_states=True)
         full = c(ids, torch.ones_like(am), tt)  # no padding: nothing to skip
         c.set_unpad(False)
         full_ref = c(ids, torch.ones_like(am), tt)
@@ -195,12 +195,12 @@ def test_cls_tail_same_logits(kind, unpad):
     am[1, 5:] = 0
     am[3, 0] = 0  # a padded position 0 (left padding): its output is 0 under unpadding
     with torch.no_grad():
-        want = c.set_encoder_path("per_op")(ids, am, tt).logits
-        c.set_encoder_path("auto")
+        want = c.set_backend("ops")(ids, am, tt).logits
+        c.set_backend("auto")
         got = c(ids, am, tt).logits
         hs = c.encode(ids, am, tt, all_hidden_states=False, cls_only=True)[-1]
         full = c.set_cls_tail(False)(ids, am, tt).logits
-    assert c.last_encoder_path == "fused" and hs.shape == (5, 1, c.config.hidden_size)
+    assert c.last_backend == "fused" and hs.shape == (5, 1, c.config.hidden_size)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(full, want, atol=1e-12, rtol=1e-12)
     if unpad:

@@ -69,13 +69,13 @@ def test_from_pretrained_missing_weights(tmp_path):
         CompactModel.from_pretrained(str(tmp_path))
 
 
-def test_impl_torch_equals_cofi_ops_and_pad_ffn_exact():
+def test_backend_torch_equals_cofi_ops_and_pad_ffn_exact():
     c = _compact("roberta", "cls")
     inp = example_inputs(c, batch=3, seq=12)
     with torch.no_grad():
         a = c(*inp).logits
-        b = c.set_impl("torch")(*inp).logits
-        c.set_impl("cofi")
+        b = c.set_backend("torch")(*inp).logits
+        c.set_backend("auto")
         n = c.num_encoder_params()
         c.pad_ffn_(8)
         p = c(*inp).logits
@@ -109,7 +109,7 @@ def test_pad_hidden_exact_and_not_counted(tmp_path, arch, task, multiple):
     loaded = CompactModel.from_pretrained(str(tmp_path / "p"))
     assert loaded.config == cfg
     with torch.no_grad():
-        for a, b in zip(_outs(want), _outs(loaded.set_impl("torch")(*inp))):
+        for a, b in zip(_outs(want), _outs(loaded.set_backend("torch")(*inp))):
             torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)
 
 

@@ -32,12 +32,12 @@ def env(monkeypatch):
 
 
 @needs_workspace
-@pytest.mark.parametrize("path", ["fused", "per_op"])
+@pytest.mark.parametrize("path", ["fused", "ops"])
 def test_inference_reuses_blocks_and_results_match(env, path):
     """A second call of the same shape is served from blocks the first one freed (no new blocks),
     and outputs equal those computed with the workspace off, also after another model (other sizes)
     left its blocks, with stale contents, in the cache."""
-    a, b = _compact(1).set_encoder_path(path), _compact(2).set_encoder_path(path)
+    a, b = _compact(1).set_backend(path), _compact(2).set_backend(path)
     inp = example_inputs(a, batch=32, seq=64)  # activations of 32 x 64 x d float64 > 64 KiB
     with torch.inference_mode():
         env.setenv("COFI_WORKSPACE", "0")
@@ -51,7 +51,7 @@ def test_inference_reuses_blocks_and_results_match(env, path):
         got_b = b(*inp).logits
     assert after.hits > before.hits, (before, after)
     assert after.misses == before.misses, "a repeated call must not need new blocks"
-    assert a.last_encoder_path == path
+    assert a.last_backend == path
     torch.testing.assert_close(again.logits, want_a.logits, rtol=0, atol=0)
     for g, w in zip(again.hidden_states, want_a.hidden_states):
         torch.testing.assert_close(g, w, rtol=0, atol=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-GROUPS: tuple[str, ...] = ("hidden", "head", "mha", "intermediate", "ffn")
+from ..vocab import GROUPS, group_shape
 
 # log_alpha init means per group.
 # "reference" reproduces princeton-nlp/CoFiPruning (models/l0_module.py:reset_loga): every mask at
@@ -82,8 +82,7 @@ class MaskConfig:
 
     def shape(self, group: str) -> tuple[int, ...]:
         """Shape of ``group``'s mask: hidden (d,), head (L, H), mha (L,), intermediate (L, F), ffn (L,)."""
-        L, d, H, F = self.num_layers, self.hidden_size, self.num_heads, self.intermediate_size
-        return {"hidden": (d,), "head": (L, H), "mha": (L,), "intermediate": (L, F), "ffn": (L,)}[group]
+        return group_shape(group, self.num_layers, self.hidden_size, self.num_heads, self.intermediate_size)
 
     def numel(self, group: str) -> int:
         return math.prod(self.shape(group))

@@ -26,11 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..masks import Masks
+from ..vocab import HF_ACTIVATIONS as _ACT
 from . import _ops
 from .plan import CompactPolicy, LayerPlan, StepPlan, make_plan
-
-_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-        "relu": "relu"}
 
 
 def _rows(w: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:

@@ -32,6 +32,7 @@ from .reference.hard_concrete import (
     hard_concrete_keep_prob_ref,
     hard_concrete_sample_ref,
 )
+from ..vocab import GROUPS, group_shapes
 
 _FLOATS = (torch.float32, torch.float64)
 _GPU_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -476,8 +477,8 @@ def expected_size(
     """
     op = "expected_size"
     L, d, H, F = _check_sizes(op, num_layers, hidden_size, num_heads, intermediate_size)
-    groups = {"hidden": (hidden, (d,)), "head": (head, (L, H)), "mha": (mha, (L,)),
-              "intermediate": (intermediate, (L, F)), "ffn": (ffn, (L,))}
+    given = {"hidden": hidden, "head": head, "mha": mha, "intermediate": intermediate, "ffn": ffn}
+    groups = {g: (given[g], shape) for g, shape in group_shapes(L, d, H, F).items()}
     present = [(n, t) for n, (t, _) in groups.items() if t is not None]
     if not present:
         raise ValueError(f"cofi.ops.{op}: at least one group of keep probabilities is required")
@@ -493,11 +494,12 @@ def expected_size(
 # backward: a CoFi step's mask work costs one op call each way instead of six (the per-call overhead,
 # not the arithmetic, dominates at BERT size: ~38k gates).
 
-STEP_GROUPS = ("hidden", "head", "mha", "intermediate", "ffn")
+STEP_GROUPS = GROUPS  # cofi.vocab: the canonical group order, which the native op's arguments follow
 
 
 def _step_shapes(L: int, d: int, H: int, F: int) -> tuple[tuple[int, ...], ...]:
-    return (d,), (L, H), (L,), (L, F), (L,)
+    shapes = group_shapes(L, d, H, F)
+    return tuple(shapes[g] for g in STEP_GROUPS)
 
 
 def _step_views(flat: torch.Tensor, offsets: Sequence[int], L: int, d: int, H: int, F: int) -> list[torch.Tensor | None]:

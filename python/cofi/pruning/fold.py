@@ -25,10 +25,7 @@ import torch
 
 from ..runtime.config import CompactConfig
 from ..runtime.modeling import CompactModel
-
-_REF_NAMES = {"hidden_z": "hidden", "head_z": "head", "head_layer_z": "mha",
-              "intermediate_z": "intermediate", "mlp_z": "ffn"}
-_GROUPS = ("hidden", "head", "mha", "intermediate", "ffn")
+from ..vocab import GROUPS, REFERENCE_Z_NAMES, group_shapes
 
 
 def mask_values(masks: Any, num_layers: int, num_heads: int, hidden: int,
@@ -39,16 +36,15 @@ def mask_values(masks: Any, num_layers: int, num_heads: int, hidden: int,
     ``masks``: a ``cofi.masks.Masks`` (attributes hidden/head/mha/intermediate/ffn), a dict with those
     keys, or the reference's zs dict (hidden_z, head_z, head_layer_z, intermediate_z, mlp_z), or None.
     """
-    shapes = {"hidden": (hidden,), "head": (num_layers, num_heads), "mha": (num_layers,),
-              "intermediate": (num_layers, intermediate), "ffn": (num_layers,)}
+    shapes = group_shapes(num_layers, hidden, num_heads, intermediate)
     if masks is None:
         raw: dict[str, Any] = {}
     elif isinstance(masks, Mapping):
-        raw = {_REF_NAMES.get(k, k): v for k, v in masks.items()}
+        raw = {REFERENCE_Z_NAMES.get(k, k): v for k, v in masks.items()}
     else:
-        raw = {g: getattr(masks, g, None) for g in _GROUPS}
+        raw = {g: getattr(masks, g, None) for g in GROUPS}
     out = {}
-    for g in _GROUPS:
+    for g in GROUPS:
         v = raw.get(g)
         if v is None:
             out[g] = torch.ones(shapes[g], dtype=torch.float64)

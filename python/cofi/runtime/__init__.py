@@ -3,23 +3,13 @@
 from . import workspace
 from .config import CompactConfig
 from .inference import predict
-from .modeling import (
-    CompactBertForQuestionAnswering,
-    CompactBertForSequenceClassification,
-    CompactModel,
-    CompactOutput,
-    CompactRobertaForQuestionAnswering,
-    CompactRobertaForSequenceClassification,
-)
+from .modeling import BACKENDS, CompactModel, CompactOutput
 
 __all__ = [
-    "CompactBertForQuestionAnswering",
-    "CompactBertForSequenceClassification",
+    "BACKENDS",
     "CompactConfig",
     "CompactModel",
     "CompactOutput",
-    "CompactRobertaForQuestionAnswering",
-    "CompactRobertaForSequenceClassification",
     "predict",
     "workspace",
 ]

@@ -5,11 +5,11 @@ The per-op path (``CompactLayer.forward``) makes ~4 custom-op calls per layer, e
 Python dispatch: at batch 1 that is a third of a 95 %-sparse BERT-base's latency; the embedding
 step alone is ~6 more calls (~0.5 ms). The fused ops run the same native kernels (attention, FFN,
 LayerNorm) and the same ``addmm`` projections from C++, so their outputs are the per-op path's to
-rounding. They are used when all of these hold (``reasons`` lists the ones that do not): impl
-``'cofi'``; no gradient needed; not being traced by torch.compile / torch.export (they trace the
+rounding. They are used when all of these hold (``reasons`` lists the ones that do not): the model's
+backend is not ``'torch'``; no gradient needed; not being traced by torch.compile / torch.export (they trace the
 per-op path, whose ops have fake kernels); the backend choice (``use_backend`` / ``COFI_BACKEND``) is
 ``auto`` or ``native``; the native kernels can run the model's device and dtype.
-``CompactModel.encoder_path`` forces one path; ``last_encoder_path`` says which ran.
+``CompactModel.set_backend`` forces one path ('fused' or 'ops'); ``last_backend`` says which ran.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from ..ops.masked_attention import _native_reasons as _attention_reasons
 from ..ops.masked_ffn import ACT_CODES
 from ..ops.masked_ffn import _native_reasons as _ffn_reasons
 from ..ops.masked_layer_norm import _native_reasons as _layer_norm_reasons
+from ..vocab import op_activation
 
-PATHS = ("auto", "fused", "per_op")
 OP = "compact_encoder_fwd"
 EMBED_OP = "compact_embeddings_fwd"
 
@@ -44,8 +44,8 @@ def _native_reasons_for(device: torch.device, dtype: torch.dtype, head_dim: int)
 def reasons(model: torch.nn.Module) -> list[str]:
     """Why the fused path cannot run ``model`` now (empty = it can)."""
     why = []
-    if model.embeddings.impl != "cofi":
-        why.append(f"impl is {model.embeddings.impl!r}, not 'cofi'")
+    if model.backend == "torch":
+        why.append("backend is 'torch' (plain aten ops)")
     if torch.compiler.is_compiling():
         why.append("being traced by torch.compile / torch.export")
         return why
@@ -98,14 +98,12 @@ def encode(model: torch.nn.Module, x: torch.Tensor, key_padding_mask: torch.Tens
     """x: [B, S, d] embedding output -> [x, layer outputs...] (all_hidden_states), [last output], or
     with ``cls_only`` [last output at position 0, [B, 1, d]]. With ``model.unpad`` the layers run on
     the real tokens only and outputs are 0 at padding."""
-    from .modeling import activation_name
-
     params, heads, widths, present = flat_params(model)
     hz = model.embeddings.hidden_z
     kpm = None if key_padding_mask is None else key_padding_mask.contiguous()
     out = torch.ops.cofi.compact_encoder_fwd(
         x, kpm, params, heads, widths, present, model.config.head_dim,
-        ACT_CODES[activation_name(model.config.hidden_act)], float(model.config.layer_norm_eps), hz,
+        ACT_CODES[op_activation(model.config.hidden_act, "cofi.runtime")], float(model.config.layer_norm_eps), hz,
         all_hidden_states, bool(model.unpad), cls_only)
     B.record("compact_encoder", "native", x.device)
     return [x, *out] if all_hidden_states else list(out)

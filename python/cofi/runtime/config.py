@@ -11,13 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..vocab import HF_ACTIVATIONS, attention_params, ffn_params, layer_params
 
 TASKS = ("sequence_classification", "question_answering")
 MODEL_TYPES = ("bert", "roberta")
 CONFIG_NAME = "config.json"
-# HF hidden_act name -> the cofi op's activation name
-ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
-               "relu": "relu"}
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -100,8 +98,8 @@ class CompactConfig:
             return f"model_type must be one of {', '.join(MODEL_TYPES)}, got {self.model_type!r}"
         if self.task not in TASKS:
             return f"task must be one of {', '.join(TASKS)}, got {self.task!r}"
-        if self.hidden_act not in ACTIVATIONS:
-            return f"hidden_act must be one of {', '.join(sorted(ACTIVATIONS))}, got {self.hidden_act!r}"
+        if self.hidden_act not in HF_ACTIVATIONS:
+            return f"hidden_act must be one of {', '.join(sorted(HF_ACTIVATIONS))}, got {self.hidden_act!r}"
         for name in ("vocab_size", "max_position_embeddings", "type_vocab_size", "hidden_size",
                      "original_hidden_size", "head_dim", "original_num_heads", "original_intermediate_size",
                      "num_labels", "cofi_format"):
@@ -191,11 +189,9 @@ class CompactConfig:
         d, n = self.real_hidden_size, 0
         for i in range(self.num_layers):
             if self.attention_present[i]:
-                w = self.num_heads[i] * self.head_dim
-                n += 4 * w * d + 3 * w + d + 2 * d
+                n += attention_params(d, self.num_heads[i], self.head_dim, layer_norm=True)
             if self.ffn_present[i]:
-                f = self.intermediate_sizes[i] - self.zero_ffn_units[i]
-                n += 2 * f * d + f + d + 2 * d
+                n += ffn_params(d, self.intermediate_sizes[i] - self.zero_ffn_units[i], layer_norm=True)
         return n
 
     def to_dict(self) -> dict[str, Any]:
@@ -254,5 +250,4 @@ class CompactConfig:
     def full_encoder_params(self) -> int:
         """Encoder parameters of the unpruned model (BERT-base: 85,054,464)."""
         d, F = self.original_hidden_size, self.original_intermediate_size
-        per_layer = 4 * d * d + 4 * d + 2 * d * F + F + d + 4 * d
-        return self.num_layers * per_layer
+        return self.num_layers * layer_params(d, 1, d, F, layer_norm=True)  # all heads: width d

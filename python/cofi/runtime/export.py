@@ -72,8 +72,8 @@ def export_onnx(model: CompactModel, path: str, inputs: tuple[torch.Tensor, ...]
                 opset: int = 18, check: bool = True, atol: float = 1e-4) -> str:
     """Write ``path`` (.onnx; dynamic batch and sequence axes) and, with ``check``, compare
     onnxruntime's outputs with PyTorch's on two input shapes. The graph is traced with
-    ``impl="torch"`` (the same math in plain aten ops: ONNX has no cofi custom ops)."""
-    m = copy.deepcopy(model).float().cpu().set_impl("torch").eval()
+    ``set_backend("torch")`` (the same math in plain aten ops: ONNX has no cofi custom ops)."""
+    m = copy.deepcopy(model).float().cpu().set_backend("torch").eval()
     wrapper = _TupleOutputs(m).eval()
     inputs = tuple(t.cpu() for t in (inputs or example_inputs(m)))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

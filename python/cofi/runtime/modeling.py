@@ -1,7 +1,8 @@
 """The compact (ragged) BERT/RoBERTa model: per-layer head counts and FFN widths, reduced hidden size.
 
-Built on the cofi ops with no masks (``runtime._ops``); fused QKV projection per layer; sublayers
-that are gone cost nothing. Inference model: no dropout.
+Built on the cofi ops with no masks (``runtime._ops``; without gradients the whole encoder in one
+native call, ``runtime._fused``); fused QKV projection per layer; sublayers that are gone cost
+nothing. Inference model: no dropout.
 """
 from __future__ import annotations
 
@@ -16,17 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _fused, _ops, workspace
-from .config import ACTIVATIONS as _ACTIVATIONS
+from ..vocab import op_activation
 from .config import CONFIG_NAME, WEIGHTS_NAME, CompactConfig, ModelFolderError
 
 CHECKSUM_KEY = "cofi_sha256"  # safetensors metadata: tensors_checksum of the saved weights
-
-
-def activation_name(hf_act: str) -> str:
-    """Map an HF ``hidden_act`` name to the cofi op's activation name."""
-    if hf_act not in _ACTIVATIONS:
-        raise ValueError(f"cofi.runtime: hidden_act must be one of {sorted(_ACTIVATIONS)}, got {hf_act!r}")
-    return _ACTIVATIONS[hf_act]
+# CompactModel.set_backend: which implementation runs the encoder
+#   auto:  the fused native encoder when it can run (``_fused.reasons``), else "ops"
+#   fused: the fused native encoder (raise when it cannot run)
+#   ops:   one public cofi op per attention / FFN / LayerNorm step (autograd, torch.compile / export)
+#   torch: the same steps in plain aten ops (``cofi.ops.reference``; ONNX export)
+BACKENDS = ("auto", "fused", "ops", "torch")
 
 
 @dataclass
@@ -79,20 +79,20 @@ class CompactAttention(nn.Module):
         self.out_bias = _p(d)
         self.ln_weight = _p(d)
         self.ln_bias = _p(d)
-        self.impl = "cofi"
+        self.backend = "ops"  # "ops" | "torch" (CompactModel.set_backend)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         """x: [B, S, d] -> [B, S, d]."""
         if self.num_heads == 0:
             return _ops.layer_norm(self.out_bias.expand_as(x).contiguous(), x, self.ln_weight,
-                                   self.ln_bias, self.eps, self.impl, self.hidden_z)
+                                   self.ln_bias, self.eps, self.backend, self.hidden_z)
         B, S, _ = x.shape
         h, D = self.num_heads, self.head_dim
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(B, S, 3, h, D)
-        ctx = _ops.attention(qkv, key_padding_mask, self.impl)  # [B, h, S, D]
+        ctx = _ops.attention(qkv, key_padding_mask, self.backend)  # [B, h, S, D]
         ctx = ctx.transpose(1, 2).reshape(B, S, h * D)
         a = F.linear(ctx, self.out_weight, self.out_bias)
-        return _ops.layer_norm(a, x, self.ln_weight, self.ln_bias, self.eps, self.impl, self.hidden_z)
+        return _ops.layer_norm(a, x, self.ln_weight, self.ln_bias, self.eps, self.backend, self.hidden_z)
 
 
 class CompactFFN(nn.Module):
@@ -110,15 +110,15 @@ class CompactFFN(nn.Module):
         self.b2 = _p(d)
         self.ln_weight = _p(d)
         self.ln_bias = _p(d)
-        self.impl = "cofi"
+        self.backend = "ops"  # "ops" | "torch" (CompactModel.set_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, S, d] -> [B, S, d]."""
         if self.width == 0:
             y = self.b2.expand_as(x).contiguous()
         else:
-            y = _ops.ffn(x, self.w1, self.b1, self.w2, self.b2, self.activation, self.impl)
-        return _ops.layer_norm(y, x, self.ln_weight, self.ln_bias, self.eps, self.impl, self.hidden_z)
+            y = _ops.ffn(x, self.w1, self.b1, self.w2, self.b2, self.activation, self.backend)
+        return _ops.layer_norm(y, x, self.ln_weight, self.ln_bias, self.eps, self.backend, self.hidden_z)
 
 
 class CompactLayer(nn.Module):
@@ -127,7 +127,7 @@ class CompactLayer(nn.Module):
         d, eps = cfg.hidden_size, cfg.layer_norm_eps
         self.attention = (CompactAttention(d, cfg.num_heads[i], cfg.head_dim, eps, _hidden_z(cfg))
                           if cfg.attention_present[i] else None)
-        self.ffn = (CompactFFN(d, cfg.intermediate_sizes[i], activation_name(cfg.hidden_act), eps,
+        self.ffn = (CompactFFN(d, cfg.intermediate_sizes[i], op_activation(cfg.hidden_act, "cofi.runtime"), eps,
                                _hidden_z(cfg)) if cfg.ffn_present[i] else None)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
@@ -149,7 +149,7 @@ class CompactEmbeddings(nn.Module):
         self.ln_weight = _p(d)
         self.ln_bias = _p(d)
         self.register_buffer("hidden_z", _hidden_z(cfg), persistent=False)
-        self.impl = "cofi"
+        self.backend = "ops"  # "ops" | "torch" (CompactModel.set_backend)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         """input_ids: [B, S] -> [B, S, d]: LayerNorm of ``lookup``."""
@@ -157,7 +157,7 @@ class CompactEmbeddings(nn.Module):
 
     def norm(self, e: torch.Tensor) -> torch.Tensor:
         """The embedding LayerNorm (hidden_z-aware) of e [B, S, d]."""
-        return _ops.layer_norm(e, None, self.ln_weight, self.ln_bias, self.eps, self.impl, self.hidden_z)
+        return _ops.layer_norm(e, None, self.ln_weight, self.ln_bias, self.eps, self.backend, self.hidden_z)
 
     def position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, S] (RoBERTa: positions count non-pad tokens, offset by padding_idx) or [1, S] (BERT)."""
@@ -183,8 +183,9 @@ class CompactModel(nn.Module):
     ``CompactModel.from_pretrained(dir)``.
 
     Without gradients the encoder runs as one native call (``cofi::compact_encoder_fwd``, see
-    ``runtime._fused``); ``encoder_path`` ('auto' | 'fused' | 'per_op') forces a path and
-    ``last_encoder_path`` says which one ran. ``set_unpad(True)``: the fused path runs the layers on the real
+    ``runtime._fused``); ``set_backend`` ('auto' | 'fused' | 'ops' | 'torch', see ``BACKENDS``) forces
+    an implementation and ``last_backend`` says which one ran ('fused' | 'ops' | 'torch').
+    ``set_unpad(True)``: the fused path runs the layers on the real
     tokens only (packed rows; attention still sees the padded layout), faster for padded batches,
     and both paths then return 0 at padding positions (same results at real tokens). For sequence
     classification without ``output_hidden_states``, the fused path computes only the position-0
@@ -195,8 +196,8 @@ class CompactModel(nn.Module):
     def __init__(self, config: CompactConfig) -> None:
         super().__init__()
         self.config = config
-        self.encoder_path = "auto"
-        self.last_encoder_path: str | None = None
+        self.backend = "auto"
+        self.last_backend: str | None = None
         self.unpad = False
         self.cls_tail = True
         self.embeddings = CompactEmbeddings(config)
@@ -216,20 +217,16 @@ class CompactModel(nn.Module):
         self.eval()
 
     # ------------------------------------------------------------------ forward
-    def set_impl(self, impl: str) -> "CompactModel":
-        """'cofi' (public cofi ops, default) or 'torch' (the same math in plain aten ops, for ONNX)."""
-        if impl not in _ops.IMPLS:
-            raise ValueError(f"cofi.runtime: impl must be one of {_ops.IMPLS}, got {impl!r}")
+    def set_backend(self, backend: str) -> "CompactModel":
+        """Which implementation runs the encoder (``BACKENDS``): 'auto' (default: fused when it can
+        run, else 'ops'), 'fused' (raise when it cannot run), 'ops' (one public cofi op per step) or
+        'torch' (the same math in plain aten ops, for ONNX)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"cofi.runtime: backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
         for m in self.modules():
-            if hasattr(m, "impl"):
-                m.impl = impl
-        return self
-
-    def set_encoder_path(self, path: str) -> "CompactModel":
-        """'auto' (fused when it can run, else per-op), 'fused' (raise when it cannot) or 'per_op'."""
-        if path not in _fused.PATHS:
-            raise ValueError(f"cofi.runtime: encoder path must be one of {_fused.PATHS}, got {path!r}")
-        self.encoder_path = path
+            if isinstance(m, (CompactAttention, CompactFFN, CompactEmbeddings)):
+                m.backend = "torch" if backend == "torch" else "ops"
         return self
 
     def set_unpad(self, unpad: bool = True) -> "CompactModel":
@@ -249,15 +246,15 @@ class CompactModel(nn.Module):
         (only the last layer's output when ``all_hidden_states`` is False; with ``cls_only`` the
         fused path may return it for position 0 alone, [B, 1, hidden_size])."""
         kpm = None if attention_mask is None else attention_mask.to(torch.bool)
-        if self.encoder_path != "per_op":
+        if self.backend in ("auto", "fused"):
             why = _fused.reasons(self)
             if not why:  # the native calls use the CPU workspace themselves
-                self.last_encoder_path = "fused"
+                self.last_backend = "fused"
                 x = _fused.embed(self, input_ids, token_type_ids)
                 return _fused.encode(self, x, kpm, all_hidden_states, cls_only and not all_hidden_states)
-            if self.encoder_path == "fused":
-                raise RuntimeError("cofi.runtime: encoder path 'fused' cannot run: " + "; ".join(why))
-        self.last_encoder_path = "per_op"
+            if self.backend == "fused":
+                raise RuntimeError("cofi.runtime: backend 'fused' cannot run: " + "; ".join(why))
+        self.last_backend = "torch" if self.backend == "torch" else "ops"
         # inference reuses earlier calls' memory; with autograd, saved tensors would pin cached blocks
         scope = contextlib.nullcontext() if torch.is_grad_enabled() else workspace.scope(input_ids.device)
         with scope:
@@ -490,9 +487,3 @@ def state_dict_problem(want: dict[str, torch.Tensor], got: dict[str, torch.Tenso
                 "(a diverged run or a damaged file); refusing to load them")
     return None
 
-
-# Names from the models/pruning contract; one class serves all four (the config says which).
-CompactBertForSequenceClassification = CompactModel
-CompactBertForQuestionAnswering = CompactModel
-CompactRobertaForSequenceClassification = CompactModel
-CompactRobertaForQuestionAnswering = CompactModel

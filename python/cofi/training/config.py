@@ -18,6 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from ..errors import UserError
+from ..vocab import GROUPS
 
 
 class ConfigError(UserError):
@@ -81,8 +82,7 @@ class TrainConfig:
     lagrangian_warmup_epochs: float = _f(2.0, "epochs over which the target sparsity ramps up linearly from 0")
     lagrangian_warmup_steps: int | None = _f(None, "warm-up steps; overrides lagrangian_warmup_epochs when set")
     reg_learning_rate: float = _f(0.01, "learning rate of the masks' log_alpha and the Lagrange multipliers")
-    mask_groups: list[str] = _f(["hidden", "head", "mha", "intermediate", "ffn"],
-                                "mask groups to prune (comma-separated): hidden, head, mha, intermediate, ffn")
+    mask_groups: list[str] = _f(list(GROUPS), f"mask groups to prune (comma-separated): {', '.join(GROUPS)}")
     mask_init: Literal["reference", "uniform"] = _f("reference", "initial log_alpha per group "
                                                                  "(cofi.masks.INIT_PRESETS)")
     droprate_init: float = _f(0.5, "initial drop rate of the hard-concrete masks, in (0, 1)")
@@ -234,9 +234,8 @@ class TrainConfig:
         for n, ok in CHOICES.items():
             if getattr(self, n) not in ok:
                 bad(n, f"must be one of {', '.join(ok)}")
-        groups = ("hidden", "head", "mha", "intermediate", "ffn")
-        if not self.mask_groups or any(g not in groups for g in self.mask_groups):
-            bad("mask_groups", f"must be a non-empty subset of {groups}")
+        if not self.mask_groups or any(g not in GROUPS for g in self.mask_groups):
+            bad("mask_groups", f"must be a non-empty subset of {GROUPS}")
         if self.dropout is not None and not (0.0 <= self.dropout < 1.0):
             bad("dropout", "must be in [0, 1)")
         if command == "prune":

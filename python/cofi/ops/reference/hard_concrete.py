@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from ...vocab import reference_ffn_layer_params, reference_head_params
+
 TEMPERATURE = 2.0 / 3.0
 LIMIT_L = -0.1
 LIMIT_R = 1.1
@@ -100,8 +102,8 @@ def expected_size_ref(
     mha = ones(L) if mha is None else mha
     intermediate = ones(L, F) if intermediate is None else intermediate
     ffn = ones(L) if ffn is None else ffn
-    params_per_head = (4 * d * d + 4 * d) / H
-    params_per_mlp_layer = 2 * d * F + 5 * d
+    params_per_head = reference_head_params(d, H)
+    params_per_mlp_layer = reference_ffn_layer_params(d, F)
     full = L * H * params_per_head + L * params_per_mlp_layer
     head_score = (mha[:, None] * head).sum()
     int_score = (ffn[:, None] * intermediate).sum()

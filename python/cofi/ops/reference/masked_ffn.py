@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+from ...vocab import OP_ACTIVATIONS as ACTIVATIONS
 
 
 def activation_ref(h: torch.Tensor, activation: str) -> torch.Tensor:

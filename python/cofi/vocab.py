@@ -1,0 +1,95 @@
+"""cofi's shared vocabulary, in one place: mask group names and shapes, the activation table, and
+the parameter-counting formulas. Imports nothing from cofi, so every layer (ops, masks, models,
+pruning, runtime, training) can use it.
+"""
+from __future__ import annotations
+
+# ---------------------------------------------------------------------------- mask groups
+# The five CoFi mask groups, in canonical order (the order of MaskSet's flat buffer, of the
+# hard_concrete_step op's offsets and of the native kernels' arguments):
+#   hidden [d]: residual dims; head [L, H]: attention heads; mha [L]: attention-sublayer gates;
+#   intermediate [L, F]: FFN units; ffn [L]: FFN-sublayer gates.
+GROUPS: tuple[str, ...] = ("hidden", "head", "mha", "intermediate", "ffn")
+
+# The CoFi reference's names for the same groups (its ``zs`` dict) -> ours.
+REFERENCE_Z_NAMES: dict[str, str] = {"hidden_z": "hidden", "head_z": "head", "head_layer_z": "mha",
+                                     "intermediate_z": "intermediate", "mlp_z": "ffn"}
+
+
+def group_shapes(num_layers: int, hidden_size: int, num_heads: int,
+                 intermediate_size: int) -> dict[str, tuple[int, ...]]:
+    """Shape of every group, in ``GROUPS`` order: hidden (d,), head (L, H), mha (L,),
+    intermediate (L, F), ffn (L,)."""
+    L, d, H, F = num_layers, hidden_size, num_heads, intermediate_size
+    return {"hidden": (d,), "head": (L, H), "mha": (L,), "intermediate": (L, F), "ffn": (L,)}
+
+
+def group_shape(group: str, num_layers: int, hidden_size: int, num_heads: int,
+                intermediate_size: int) -> tuple[int, ...]:
+    """Shape of one group (see ``group_shapes``); KeyError for an unknown group."""
+    return group_shapes(num_layers, hidden_size, num_heads, intermediate_size)[group]
+
+
+# ---------------------------------------------------------------------------- activations
+# The cofi ops' activations; the position is the native kernels' activation code (gelu=0,
+# gelu_tanh=1, relu=2).
+OP_ACTIVATIONS: tuple[str, ...] = ("gelu", "gelu_tanh", "relu")
+
+# transformers' ``hidden_act`` name -> the cofi op's activation (transformers/activations.py):
+#   gelu: GELUActivation = F.gelu (erf, exact).
+#   gelu_new: NewGELUActivation, gelu_pytorch_tanh: GELUTanh = F.gelu(approximate="tanh"),
+#   gelu_fast: FastGELUActivation 0.5 x (1 + tanh(0.7978845608 x (1 + 0.044715 x^2))): all the tanh
+#   approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (gelu_fast writes sqrt(2/pi) to
+#   10 digits: the same function to float rounding). "gelu_tanh" is cofi's own name for it.
+#   relu: nn.ReLU.
+HF_ACTIVATIONS: dict[str, str] = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                                  "gelu_fast": "gelu_tanh", "gelu_tanh": "gelu_tanh", "relu": "relu"}
+
+
+def op_activation(hidden_act: str, who: str = "cofi") -> str:
+    """The cofi op's activation for an HF ``hidden_act`` name (ValueError naming ``who`` when the
+    name is not supported)."""
+    if not isinstance(hidden_act, str) or hidden_act not in HF_ACTIVATIONS:
+        raise ValueError(f"{who}: hidden_act must be one of {sorted(HF_ACTIVATIONS)}, got {hidden_act!r}")
+    return HF_ACTIVATIONS[hidden_act]
+
+
+# ---------------------------------------------------------------------------- parameter counting
+# Exact counts of what a (pruned) encoder layer holds, with d the (kept) hidden size. LayerNorm
+# weights and biases (2 d per sublayer) are counted only with ``layer_norm=True`` (the paper's
+# encoder count, cofi-reference.md 4.5, includes them; the masks' prunable size does not).
+
+def attention_params(hidden: int, heads: int, head_dim: int, layer_norm: bool = False) -> int:
+    """An attention sublayer with ``heads`` heads: Q, K, V, O weights (4 d w), Q, K, V biases (3 w)
+    and b_O (d; kept with 0 heads: the sublayer then adds its bias), w = heads * head_dim."""
+    w = heads * head_dim
+    return 4 * w * hidden + 3 * w + hidden + (2 * hidden if layer_norm else 0)
+
+
+def ffn_params(hidden: int, units: int, layer_norm: bool = False) -> int:
+    """An FFN sublayer with ``units`` units: W_1, W_2 (2 d f), b_1 (f) and b_2 (d)."""
+    return 2 * units * hidden + units + hidden + (2 * hidden if layer_norm else 0)
+
+
+def layer_params(hidden: int, num_heads: int, head_dim: int, intermediate: int, layer_norm: bool = False) -> int:
+    """One full encoder layer (attention + FFN). BERT-base: 7,084,800 without LayerNorms,
+    7,087,872 with them."""
+    return attention_params(hidden, num_heads, head_dim, layer_norm) + ffn_params(hidden, intermediate, layer_norm)
+
+
+# The CoFi reference's own prunable size M (its l0_module; used by the expected size): per head
+# (4 d^2 + 4 d) / H, per FFN layer 2 d F + 5 d (BERT-base M = 85,017,600).
+
+def reference_head_params(hidden: int, num_heads: int) -> float:
+    return (4 * hidden * hidden + 4 * hidden) / num_heads
+
+
+def reference_ffn_layer_params(hidden: int, intermediate: int) -> int:
+    return 2 * hidden * intermediate + 5 * hidden
+
+
+__all__ = [
+    "GROUPS", "HF_ACTIVATIONS", "OP_ACTIVATIONS", "REFERENCE_Z_NAMES", "attention_params", "ffn_params",
+    "group_shape", "group_shapes", "layer_params", "op_activation", "reference_ffn_layer_params",
+    "reference_head_params",
+]
