@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _hooks import KillAt, run
 from _tiny import base_args
 from test_training import PRUNE, _ddp_child, _forked, _prune_args, _read_jsonl, _weights
 
@@ -41,12 +42,7 @@ def ref(tiny):
 
 
 def _kill_at(args, stage, step):
-    import cofi.training.trainer as T
-
-    T._KILL_AT = (stage, step)
-    from cofi.cli import main
-
-    sys.exit(main(args))
+    sys.exit(run(args, [KillAt(stage, step)]))
 
 
 def _same_run(a: Path, b: Path) -> None:
@@ -294,10 +290,7 @@ class TestZeroHiddenMask:
 
 
 def _ddp_kill_child(rank, world, port, args, step):
-    import cofi.training.trainer as T
-
-    T._KILL_AT = ("prune", step)
-    _ddp_child(rank, world, port, args)
+    _ddp_child(rank, world, port, args, [KillAt("prune", step)])
 
 
 def _two_processes(target, args, *extra) -> list[int]:

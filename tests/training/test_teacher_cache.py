@@ -13,7 +13,7 @@ from cofi import data as D
 from cofi.training import losses as LS
 from cofi.training.config import TrainConfig
 from cofi.training.teacher_cache import TeacherCache, cache_bytes
-from cofi.training.trainer import forward, load_task_bundle
+from cofi.training.task import forward, load_task_bundle
 from cofi.training.modeling import load_model
 
 from test_training import _prune_args, _read_jsonl

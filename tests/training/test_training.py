@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _hooks import DumpRanks, KillAt, run
 from _tiny import base_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -99,23 +100,16 @@ def _forked(target, *args) -> int:
 
 
 def _kill_child(args, step):
-    os.environ["COFI_TEST_KILL_AT"] = step
-    import importlib
-
-    import cofi.training.trainer as T
-
-    T._KILL_AT = ("prune", int(step.split(":")[1]))
-    from cofi.cli import main
-
-    sys.exit(main(args))
+    stage, at = step.split(":")
+    sys.exit(run(args, [KillAt(stage, int(at))]))
 
 
-def _ddp_child(rank, world, port, args):
+def _ddp_child(rank, world, port, args, callbacks=None):
+    """One of ``world`` data-parallel processes (env://, as torchrun starts them); every rank dumps
+    its final weights (DumpRanks) unless other ``callbacks`` are given."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), COFI_TEST_DUMP_RANKS="1")
-    from cofi.cli import main
-
-    rc = main(args)
+                      MASTER_PORT=str(port))
+    rc = run(args, [DumpRanks()] if callbacks is None else callbacks)
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -248,12 +242,8 @@ class TestDistributed:
         kw = dict(target_sparsity=0.5, max_steps=16, prepruning_steps=4, lagrangian_warmup_steps=8, eval_steps=8,
                   skip_compact="true", max_grad_norm=0.0, adam_eps=0.1)  # large eps: no sign-amplified noise
         single = tiny["root"] / "ddp1"
-        os.environ["COFI_TEST_DUMP_RANKS"] = "1"
-        try:
-            args = ["prune"] + base_args(tiny["model"], train, dev, single, teacher=tiny["teacher"], **{**PRUNE, **kw})
-            assert main(args) == 0
-        finally:
-            del os.environ["COFI_TEST_DUMP_RANKS"]
+        args = ["prune"] + base_args(tiny["model"], train, dev, single, teacher=tiny["teacher"], **{**PRUNE, **kw})
+        assert run(args, [DumpRanks()]) == 0
         two = tiny["root"] / "ddp2"
         args = ["prune"] + base_args(tiny["model"], train, dev, two, teacher=tiny["teacher"], **{**PRUNE, **kw})
         # two gloo processes, as torchrun starts them (env://), forked so they skip the imports

@@ -131,8 +131,8 @@ class MaskSet(nn.Module):
 
     def step(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> "MaskStep":
         """A training step's mask work in ONE fused op (cofi.ops.hard_concrete_step): sampled z, keep
-        probabilities and expected size/sparsity; pass ``keep`` and ``expected_sparsity`` on to
-        ``lagrangian`` so that the whole mask graph back-propagates through one backward op."""
+        probabilities and expected size/sparsity; pass the result on as ``lagrangian(step=...)`` so
+        that the whole mask graph (gates and constraint) back-propagates through one backward op."""
         c = self.cfg
         r = ops.hard_concrete_step(self.log_alpha, {g: a for g, (a, _) in self.offsets.items()},
                                    num_layers=c.num_layers, hidden_size=c.hidden_size, num_heads=c.num_heads,
@@ -214,9 +214,14 @@ class MaskSet(nn.Module):
         L_c = sum_g mean_rows[lambda_1[g] (s_row - p t_g) + lambda_2[g] (s_row - p t_g)^2], p the
         warm-up progress in [0, 1]: ``progress`` if given, else target / target_sparsity (so a
         trainer ramping a global target to ``target_sparsity`` works unchanged), else 1.
+        ``step``: this training step's ``step()`` result, whose keep probabilities and expected
+        sparsity are used (the same numbers; no second keep-probability and size op each way).
         """
-        keep = self.keep_prob()
-        _, s = self.expected_sparsity(keep)
+        if step is not None:
+            keep, s = step.keep, step.expected_sparsity
+        else:
+            keep = self.keep_prob()
+            _, s = self.expected_sparsity(keep)
         if self.target is None:
             if target is None:
                 raise ValueError("cofi.masks.MaskSet.lagrangian: target must be given (no target architecture)")

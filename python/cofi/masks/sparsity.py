@@ -45,6 +45,20 @@ def kept_units(masks: Masks, cfg: MaskConfig) -> dict[str, object]:
             "mha_alive": [bool(m) for m in mha], "ffn_alive": [bool(f) for f in ffn]}
 
 
+def structure_summary(masks: Masks, cfg: MaskConfig) -> dict[str, object]:
+    """``kept_units`` of the groups ``masks`` prunes, as the training log records them: hidden (if
+    the hidden group is masked), heads per layer (if heads are), ffn units per layer (if FFN units are)."""
+    k = kept_units(masks, cfg)
+    out: dict[str, object] = {}
+    if masks.hidden is not None:
+        out["hidden"] = k["hidden"]
+    if masks.head is not None:
+        out["heads"] = k["heads"]
+    if masks.intermediate is not None:
+        out["ffn"] = k["ffn"]
+    return out
+
+
 def real_size(masks: Masks, cfg: MaskConfig, count: str = "exact") -> int:
     """Kept prunable parameters of ``masks`` (zeros = pruned).
 

@@ -1,0 +1,155 @@
+"""Stage ``prune`` (``cofi prune``, stage 1): pre-pruning distillation for ``prepruning_steps`` /
+``prepruning_epochs``, then masks + Lagrangian + distillation with the target sparsity ramped
+linearly over the Lagrangian warm-up.
+
+A pruning step (cofi-reference.md 2.4, design.md 4): sample ONE mask set with the fused
+``MaskSet.step`` (shared generator, so every rank draws the same) -> student forward (``backend``
+compact or dense) -> teacher forward or cache lookup (no grad) -> loss = a_pred KL_T * T^2 +
+a_layer L_layer (+ a_ce CE) + L_c (from the same fused step's keep probabilities and expected
+sparsity) -> ``Optimizers.step``. ``best``: the best evaluation within ``sparsity_epsilon`` of the
+target; ``final``: the last masks."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from . import artifacts as A
+from . import distributed as dd
+from ..masks.sparsity import structure_summary
+from .config import ConfigError
+from .context import RunContext
+from .evaluate import best_note, describe, evaluate, metric_value
+from .loop import run_loop
+from .optim import Optimizers
+from .state import LoopState
+from .task import forward
+
+
+class PruneStage:
+    name = "prune"
+
+    def __init__(self, ctx: RunContext) -> None:
+        cfg = ctx.cfg
+        self.ctx = ctx
+        self.model = ctx.student
+        self.maskset = ctx.maskset
+        spe = ctx.steps_per_epoch(cfg.batch_size)
+        self.total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * spe))
+        self.pre_steps = cfg.prepruning_steps if cfg.prepruning_steps is not None else int(round(cfg.prepruning_epochs * spe))
+        self.warmup_steps = (cfg.lagrangian_warmup_steps if cfg.lagrangian_warmup_steps is not None
+                             else int(round(cfg.lagrangian_warmup_epochs * spe)))
+        if self.pre_steps >= self.total:
+            raise ConfigError(f"cofi config: pre-pruning ({self.pre_steps} steps) leaves no pruning steps of "
+                              f"{self.total}; lower prepruning_epochs/prepruning_steps or raise epochs/max_steps")
+        ctx.log(f"[prune] {len(ctx.task.train)} examples, {spe} steps/epoch, {self.total} steps: {self.pre_steps} "
+                f"pre-pruning, Lagrangian warm-up {self.warmup_steps}, target {cfg.target_sparsity}, backend {cfg.backend}")
+        self.best_dir = ctx.folder.out / "best"
+        self.phase = "pre" if self.pre_steps > 0 else "pruning"
+        self.optim = self._optimizers(self.phase)
+
+    def _optimizers(self, phase: str) -> Optimizers:
+        """The reference starts a fresh model optimizer + schedule (over the remaining steps) when pruning starts."""
+        cfg = self.ctx.cfg
+        pruning = phase == "pruning"
+        return Optimizers(self.ctx.student_named(), cfg, lr=cfg.learning_rate, kind=cfg.scheduler,
+                          total=self.total - self.pre_steps if pruning else self.total,
+                          maskset=self.maskset if pruning else None)
+
+    def set_phase(self, step: int, force: bool = False) -> None:
+        want = "pre" if step < self.pre_steps else "pruning"
+        if want != self.phase or force:
+            self.phase = want
+            self.optim = self._optimizers(want)
+            if want == "pruning" and not force:
+                self.ctx.log(f"[prune] step {step}: pre-pruning distillation done; masks on")
+
+    def target_at(self, step: int) -> float:
+        """The Lagrangian's target sparsity at ``step``: 0 before pruning, ramped linearly to
+        ``target_sparsity`` over the warm-up."""
+        if self.warmup_steps <= 0:
+            return self.ctx.cfg.target_sparsity
+        return self.ctx.cfg.target_sparsity * min(1.0, max(0, step - self.pre_steps) / self.warmup_steps)
+
+    def state_extras(self) -> dict:
+        st = {"maskset": self.maskset.state_dict()}
+        if self.ctx.proj is not None:
+            st["proj"] = self.ctx.proj.state_dict()
+        return st
+
+    def train_step(self, batch: dict, step: int) -> dict[str, Any]:
+        """One training step at loop step ``step`` (its record: losses, and while pruning the
+        target / expected sparsity and the lambdas, as tensors)."""
+        ctx, ms = self.ctx, self.maskset
+        pruning = self.phase == "pruning"
+        mstep = ms.step(generator=ctx.mask_gen) if pruning else None
+        masks = mstep.z if pruning else None
+        out = forward(self.model, batch, masks, ctx.cfg.backend, hidden=ctx.objective.layer_distill)
+        exists = None
+        if masks is not None and (masks.mha is not None or masks.ffn is not None):
+            L = self.model.config.num_hidden_layers
+            mha = masks.mha.detach() if masks.mha is not None else torch.zeros(L)
+            ffn = masks.ffn.detach() if masks.ffn is not None else torch.zeros(L)
+            exists = ((mha != 0) | (ffn != 0)).cpu()
+        terms = ctx.objective.terms(batch, out, exists, ctx.proj)
+        rec: dict[str, Any] = {}
+        if pruning:
+            t = self.target_at(step)
+            terms["lagrangian"], exp_s = ms.lagrangian(t, step=mstep)
+            rec.update(target_sparsity=t, expected_sparsity=exp_s.detach(), lambda_1=ms.lambda_1.detach().sum(),
+                       lambda_2=ms.lambda_2.detach().sum())
+        loss = ctx.objective.combine(terms)
+        self.optim.step(loss, ctx.dist)
+        rec.update({k: v.detach() for k, v in terms.items()}, loss=loss.detach(), phase=self.phase)
+        if pruning and (step + 1) % ctx.cfg.logging_steps == 0:
+            rec["real_sparsity"] = ms.real_sparsity(ms.deterministic(ctx.cfg.deterministic_mode))
+        return rec
+
+    def evaluate(self, ls: LoopState) -> None:
+        ctx, cfg, ms = self.ctx, self.ctx.cfg, self.maskset
+        pruning = ls.step >= self.pre_steps and ls.step > 0 or self.pre_steps == 0
+        masks = ms.deterministic(cfg.deterministic_mode) if pruning else None
+        m = evaluate(self.model, ctx.task, cfg, ctx.device, masks)
+        _, exp_s = ms.expected_sparsity()
+        real = ms.real_sparsity(masks) if masks is not None else 0.0
+        rec = {"stage": "prune", "step": ls.step, "eval": m, "real_sparsity": real,
+               "expected_sparsity": float(exp_s.detach()), "target_sparsity": self.target_at(ls.step) if pruning else 0.0,
+               "lambda_1": float(ms.lambda_1.detach().sum()), "lambda_2": float(ms.lambda_2.detach().sum())}
+        if masks is not None:
+            rec["structure"] = structure_summary(masks, ms.cfg)
+        ctx.metrics.write(rec)
+        ls.last_eval = {**m, "real_sparsity": real}
+        v = metric_value(m, ctx.metric_name)
+        # "best" only among evaluations whose real sparsity is within epsilon of the target
+        # (the reference accepts any overshoot; a much sparser model is a different operating point)
+        if pruning and v is not None and abs(real - cfg.target_sparsity) <= cfg.sparsity_epsilon and \
+                (ls.best_metric is None or v > ls.best_metric):
+            ls.best_metric, ls.best_step, ls.best_sparsity = v, ls.step, real
+            if ctx.dist.main:
+                self.save(self.best_dir, masks, {**m, "real_sparsity": real, "step": ls.step})
+        ctx.log(f"[prune] step {ls.step}: {describe(m, ctx.metric_name)}, real sparsity {real:.4f}, expected "
+                f"{float(exp_s.detach()):.4f}" + best_note(ls))
+
+    def save(self, d, masks, metrics: dict) -> None:
+        ctx = self.ctx
+        A.save_pruned(d, self.model, ctx.task.tokenizer, masks, self.maskset, ctx.proj, metrics)
+
+    def run(self, st: dict | None) -> dict:
+        """Runs the stage (from a prune-stage checkpoint, if given); saves ``final``; the pruning summary."""
+        ctx, cfg = self.ctx, self.ctx.cfg
+        if st is not None:
+            self.model.load_state_dict(st["model"])
+            self.maskset.load_state_dict(st["maskset"])
+            if ctx.proj is not None:
+                ctx.proj.load_state_dict(st["proj"])
+        ls = run_loop(ctx, self, bs=cfg.batch_size, total=self.total, resume_state=st)
+        if ctx.dist.main:
+            self.save(ctx.folder.out / "final", self.maskset.deterministic(cfg.deterministic_mode),
+                      {**ls.last_eval, "step": ls.step})
+        dd.barrier(ctx.dist)
+        if ls.best_metric is None:
+            ctx.log(f"[prune] no evaluation had real sparsity within {cfg.sparsity_epsilon} of {cfg.target_sparsity}; "
+                    "the final masks are used (consider more epochs or a higher reg_learning_rate)")
+        return {"best_metric": ls.best_metric, "best_step": ls.best_step, "best_sparsity": ls.best_sparsity,
+                "last_eval": ls.last_eval, "steps": ls.step}
