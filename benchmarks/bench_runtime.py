@@ -58,6 +58,7 @@ from _harness import env_tags, env_var, time_interleaved  # noqa: E402
 
 from cofi.pruning import prune  # noqa: E402
 from cofi.runtime import CompactModel  # noqa: E402
+from cofi.vocab import attention_params, ffn_params, layer_params  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "cpu"
 TARGETS = {"speedup_60": 2.2, "speedup_95": 13.0, "flop_efficiency": 0.9, "vs_eager": 1.2}
@@ -98,12 +99,10 @@ def mask_sparsity(cfg, m: dict) -> float:
     kept = 0
     for i in range(cfg.num_hidden_layers):
         if m["mha"][i] != 0:
-            w = int((m["head"][i] != 0).sum()) * D
-            kept += 4 * w * d + 3 * w + d + 2 * d
+            kept += attention_params(d, int((m["head"][i] != 0).sum()), D, layer_norm=True)
         if m["ffn"][i] != 0:
-            f = int((m["intermediate"][i] != 0).sum())
-            kept += 2 * f * d + f + d + 2 * d
-    full = cfg.num_hidden_layers * (4 * D0 * D0 + 4 * D0 + 2 * D0 * Fi + Fi + D0 + 4 * D0)
+            kept += ffn_params(d, int((m["intermediate"][i] != 0).sum()), layer_norm=True)
+    full = cfg.num_hidden_layers * layer_params(D0, 1, D0, Fi, layer_norm=True)
     return 1 - kept / full
 
 
