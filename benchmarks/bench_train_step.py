@@ -1,17 +1,20 @@
 """One full CoFi pruning step, compacted vs dense-masked vs a plain dense fine-tuning step.
 
-The CoFi step (cofi-reference.md sections 2-3): sample all masks (one fused op), teacher forward
-(no grad, no masks), student forward + backward with the masks (``backend="compact"`` or
-``backend="dense"``, the reference's method), prediction KL (T = 2) + layer distillation (v3 argmin
-matching over teacher layers, identity-initialised projection), Lagrangian, gradient clipping
-(model, 1.0), three AdamW optimisers (model: fused, embeddings frozen; log_alpha; lambdas by
-gradient ascent), log_alpha clamp. The plain step: transformers' BertForSequenceClassification
-(SDPA) forward + cross-entropy + backward + clip + fused AdamW over all parameters, same batch.
+The CoFi step is the trainer's own: ``Trainer.train_step`` of a ``cofi prune`` trainer in the
+pruning phase (cofi.training.prune: one fused mask step, student forward + backward with the masks
+(``backend="compact"`` or ``backend="dense"``, the reference's method), teacher forward or cache
+lookup, prediction KL + layer distillation, Lagrangian, gradient clipping, three AdamW optimisers
+(model: fused, embeddings frozen; log_alpha; lambdas by gradient ascent), log_alpha clamp), with
+the trainer's default loss weights. The trainer is built from a random model folder of the shape
+and a csv of ``--batch`` examples of exactly ``--seq`` tokens (compare_train_step.make_inputs); it
+is its own teacher. The plain step: transformers' BertForSequenceClassification (SDPA) forward +
+cross-entropy + backward + clip + fused AdamW over all parameters, same weights and batch.
 
 Sparsity levels: 0 = a fresh MaskSet (reference init, clamped as after the first step); s > 0 =
 log_alphas set to the clamp bounds, a random fraction f of head / FFN units and f^(1/4) of hidden
 dims "on" (+4.6), the rest "off" (-4.6; still sampled nonzero with p = 0.047), layer gates on, f
-found by bisection so the expected sparsity equals s. Masks are sampled fresh every step.
+found by bisection so the expected sparsity equals s; log_alpha is restored after every step.
+Masks are sampled fresh every step. The Lagrangian's target is the largest sparsity timed.
 
 Teacher: a forward pass per step (the reference), or the trainer's teacher cache (one pass per
 example per run; its cost amortised over `--amortize-epochs` in the table).
@@ -23,10 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,92 +39,41 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path += [str(ROOT / "python"), str(ROOT)]  # PYTHONPATH (if set) wins
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars
+sys.path += [str(ROOT / "python"), str(ROOT), str(ROOT / "benchmarks")]  # PYTHONPATH (if set) wins
 
 import cofi  # noqa: E402
 from cofi import ops as cops  # noqa: E402
-from cofi import data as D  # noqa: E402
-from cofi.masks import MaskSet  # noqa: E402
-from cofi.models import CoFiBertForSequenceClassification  # noqa: E402
-from cofi.training.losses import (default_teacher_layers, identity_projection, layer_distill_loss,  # noqa: E402
-                                  prediction_distill_loss)
-from cofi.training.teacher_cache import TeacherCache  # noqa: E402
-from cofi.training.trainer import forward  # noqa: E402
-
-SHAPES = {
-    "bert-base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
-    "minilm-l6": dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536),
-}
-LOGA_ON, LOGA_OFF = math.log(100.0), math.log(0.01)
+from cofi.training.trainer import Trainer  # noqa: E402
+from compare_train_step import SHAPES, config, make_inputs, set_sparsity  # noqa: E402
 
 
-def set_sparsity(ms: MaskSet, s: float, seed: int = 0) -> float:
-    """Set log_alphas so the expected sparsity is ~s (see module docstring); returns it."""
-    ms.reset_parameters(torch.Generator().manual_seed(seed))
-    ms.clamp_()
-    if s <= 0:
-        return float(ms.expected_sparsity()[1])
-    g = torch.Generator().manual_seed(seed)
-    ranks = {n: torch.rand(ms.cfg.shape(n), generator=g) for n in ("hidden", "head", "intermediate")}
-
-    def apply(f: float) -> float:
-        with torch.no_grad():
-            ms.log_alpha.fill_(LOGA_ON)
-            for n, r in ranks.items():
-                frac = f ** 0.25 if n == "hidden" else f
-                ms.group_view(ms.log_alpha, n).copy_(torch.where(r < frac, LOGA_ON, LOGA_OFF))
-        return float(ms.expected_sparsity()[1])
-
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if apply(mid) > s:
-            lo = mid
-        else:
-            hi = mid
-    return apply((lo + hi) / 2)
-
-
-def timeit(fn, warmup: int, reps: int) -> dict:
-    for _ in range(warmup):
-        fn()
+def timeit(fn, warmup: int, reps: int, after=None) -> dict:
+    """Seconds per ``fn()`` call; ``after()`` runs untimed after each call."""
     ts = []
-    for _ in range(reps):
+    for i in range(warmup + reps):
         t0 = time.perf_counter()
         fn()
-        ts.append(time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        if after is not None:
+            after()
+        if i >= warmup:
+            ts.append(dt)
     ts.sort()
     q = lambda p: ts[min(len(ts) - 1, int(p * len(ts)))]  # noqa: E731
     return {"median_s": statistics.median(ts), "p10_s": q(0.1), "p90_s": q(0.9), "reps": reps, "all_s": ts}
 
 
-def build(shape: str, batch: int, seq: int, seed: int = 0):
-    from transformers import BertConfig, BertForSequenceClassification
+def plain_step_fn(model_dir: Path, batch: dict):
+    from transformers import BertForSequenceClassification
 
-    cfg = BertConfig(vocab_size=30522, num_labels=2, attn_implementation="sdpa", **SHAPES[shape])
-    torch.manual_seed(seed)
-    hf = BertForSequenceClassification(cfg).train()
-    student = CoFiBertForSequenceClassification(cfg).train()
-    student.load_state_dict(hf.state_dict(), strict=False)
-    teacher = CoFiBertForSequenceClassification(cfg).eval()
-    teacher.load_state_dict(hf.state_dict(), strict=False)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 30000, (batch, seq), generator=g)
-    am = torch.ones(batch, seq, dtype=torch.long)
-    tt = torch.zeros(batch, seq, dtype=torch.long)
-    labels = torch.randint(0, 2, (batch,), generator=g)
-    return cfg, hf, student, teacher, (ids, am, tt), labels
-
-
-def plain_step_fn(hf, batch, labels):
+    hf = BertForSequenceClassification.from_pretrained(str(model_dir), attn_implementation="sdpa").train()
     opt = torch.optim.AdamW(hf.parameters(), lr=2e-5, fused=True)
-    ids, am, tt = batch
 
     def step():
-        out = hf(input_ids=ids, attention_mask=am, token_type_ids=tt)
-        loss = torch.nn.functional.cross_entropy(out.logits, labels)
+        out = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 token_type_ids=batch["token_type_ids"])
+        loss = torch.nn.functional.cross_entropy(out.logits, batch["labels"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
@@ -128,57 +81,21 @@ def plain_step_fn(hf, batch, labels):
     return step
 
 
-def teacher_cache_for(teacher, batch, layers) -> TeacherCache:
-    """The trainer's cache (teacher_cache.py) built for the examples of ``batch``."""
-    ids, am, tt = batch
-    lens = am.sum(1).tolist()
-    enc = D.Encoded(input_ids=[r[:n] for r, n in zip(ids.tolist(), lens)],
-                    token_type_ids=[r[:n] for r, n in zip(tt.tolist(), lens)], labels=None)
-    return TeacherCache.build(teacher, enc, layers, len(lens), torch.device("cpu"), forward)
+def trainer_for(model_dir: Path, data: Path, out: Path, batch: int, seq: int, variant: str, target: float) -> Trainer:
+    """A pruning trainer in the pruning phase from step 0; ``variant``: compact|dense[_cached]."""
+    backend, cached = variant.split("_")[0], variant.endswith("_cached")
+    cfg = config(model_dir, data, out, batch, seq, backend=backend, teacher_cache="on" if cached else "off",
+                 target=target, threads=torch.get_num_threads())
+    tr = Trainer(cfg, "prune", log=lambda m: None)
+    tr.model.train()
+    return tr
 
 
-def cofi_step_fn(cfg, student, teacher, ms: MaskSet, batch, mode: str, target: float, cached: bool = False):
-    for n, p in student.named_parameters():
-        p.requires_grad_("embeddings" not in n)  # CoFi freezes embeddings: no grads computed at all
-    proj = identity_projection(cfg.hidden_size)
-    params = [p for p in student.parameters() if p.requires_grad] + list(proj.parameters())
-    opt = torch.optim.AdamW(params, lr=2e-5, fused=True)
-    opt_l0 = torch.optim.AdamW([ms.log_alpha], lr=0.01, weight_decay=0.0)
-    opt_lam = torch.optim.AdamW([ms.lambda_1, ms.lambda_2], lr=0.01, weight_decay=0.0)
-    layers = default_teacher_layers(cfg.num_hidden_layers)
-    ids, am, tt = batch
-    gen = torch.Generator().manual_seed(1)
-    la0 = ms.log_alpha.detach().clone()
-
-    cache = teacher_cache_for(teacher, batch, layers) if cached else None
-    rows = np.arange(ids.shape[0])
-
-    def step():
-        z = ms.sample(generator=gen)
-        if cache is not None:
-            t = cache.lookup(rows, am)
-        else:
-            with torch.no_grad():
-                t = teacher(ids, am, tt, output_hidden_states=True)
-        out = student(ids, am, tt, masks=z, backend=mode, output_hidden_states=True)
-        l_pred = prediction_distill_loss(out.logits, t.logits, 2.0)
-        l_layer, _ = layer_distill_loss(out.hidden_states, t.hidden_states, proj, layers,
-                                        student_index=out.hidden_index, token_mask=am)
-        lag, _ = ms.lagrangian(target)
-        loss = 0.5 * l_pred + 0.5 * l_layer + lag
-        loss.backward()
-        ms.ascend_lambdas_()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt_l0.step()
-        opt_lam.step()
-        ms.clamp_()
-        opt.zero_grad(set_to_none=True)
-        opt_l0.zero_grad(set_to_none=True)
-        opt_lam.zero_grad(set_to_none=True)
-        with torch.no_grad():  # keep the sparsity level fixed across repetitions
-            ms.log_alpha.copy_(la0)
-    return step
+def example_batch(tr: Trainer, n: int) -> dict:
+    idx = np.arange(n)
+    batch = dict(tr.ctx.task.train.collate(idx))
+    batch["example_index"] = idx
+    return batch
 
 
 def main() -> None:
@@ -207,40 +124,50 @@ def main() -> None:
     batch, seq = a.batch or (8 if a.quick else 32), a.seq or (64 if a.quick else 128)
     reps = a.reps or (1 if a.quick else 3)
     rows = []
+    target = max([x for x in sps if x < 1.0] + [0.0])
     for shape in shapes:
-        cfg, hf, student, teacher, bt, labels = build(shape, batch, seq)
-        plain = timeit(plain_step_fn(hf, bt, labels), a.warmup, reps)
-        print(f"{shape}: plain dense step {plain['median_s']:.3f} s", flush=True)
-        rows.append({"shape": shape, "provider": "hf_plain_dense", "sparsity": None, **plain})
-        ids, am, tt = bt
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir, data = make_inputs(Path(tmp), shape, batch, seq)
+            for vi, v in enumerate(variants):
+                tr = trainer_for(model_dir, data, Path(tmp) / f"run_{v}", batch, seq, v, target)
+                bt = example_batch(tr, batch)
+                if vi == 0:
+                    plain = timeit(plain_step_fn(model_dir, bt), a.warmup, reps)
+                    print(f"{shape}: plain dense step {plain['median_s']:.3f} s", flush=True)
+                    rows.append({"shape": shape, "provider": "hf_plain_dense", "sparsity": None, **plain})
+                    from cofi.training.task import forward
 
-        def teacher_fwd():
-            with torch.no_grad():
-                teacher(ids, am, tt, output_hidden_states=True)
-        tf = timeit(teacher_fwd, a.warmup, reps)
-        print(f"{shape}: teacher forward {tf['median_s']:.3f} s", flush=True)
-        rows.append({"shape": shape, "provider": "teacher_forward", "sparsity": None, **tf})
-        for s in sps:
-            ms = MaskSet(student.mask_config())
-            es = set_sparsity(ms, s)
-            with torch.no_grad():
-                zs = ms.sample(generator=torch.Generator().manual_seed(5))
-                live = {g: float((t != 0).float().mean()) for g, t in zs.items()}
-            for v in variants:
-                mode, cached = v.split("_")[0], v.endswith("_cached")
-                cops.reset_stats()
-                r = timeit(cofi_step_fn(cfg, student, teacher, ms, bt, mode, target=max(s, 0.0), cached=cached),
-                           a.warmup, reps)
-                ran = sorted({f"{op}:{be}" for (op, be, *_), _ in cops.backend_stats().items()})
-                name = f"cofi_{mode}" + ("_cached_teacher" if cached else "")
-                rows.append({"shape": shape, "provider": name, "sparsity": s, "expected_sparsity": es,
-                             "live_fraction_sampled": live, "ratio_vs_plain": r["median_s"] / plain["median_s"],
-                             "backends": ran, **r})
-                print(f"{shape} s={s:.2f} (exp {es:.3f}) {name:28s} {r['median_s']:.3f} s  "
-                      f"{r['median_s'] / plain['median_s']:.2f}x plain", flush=True)
-        del hf, student, teacher
+                    def teacher_fwd(teacher=tr.ctx.objective.teacher):
+                        with torch.no_grad():
+                            forward(teacher, bt, hidden=True)
+                    tf = timeit(teacher_fwd, a.warmup, reps)
+                    print(f"{shape}: teacher forward {tf['median_s']:.3f} s", flush=True)
+                    rows.append({"shape": shape, "provider": "teacher_forward", "sparsity": None, **tf})
+                ms = tr.ctx.maskset
+                for sp in sps:
+                    es = set_sparsity(ms, sp)
+                    la0 = ms.log_alpha.detach().clone()
+                    with torch.no_grad():
+                        zs = ms.sample(generator=torch.Generator().manual_seed(5))
+                        live = {g: float((t != 0).float().mean()) for g, t in zs.items()}
+
+                    def restore(ms=ms, la0=la0):  # keep the sparsity level fixed across repetitions
+                        with torch.no_grad():
+                            ms.log_alpha.copy_(la0)
+                    cops.reset_stats()
+                    r = timeit(lambda: tr.train_step(bt, 0), a.warmup, reps, after=restore)
+                    ran = sorted({f"{op}:{be}" for (op, be, *_), _ in cops.backend_stats().items()})
+                    name = f"cofi_{v.split('_')[0]}" + ("_cached_teacher" if v.endswith("_cached") else "")
+                    rows.append({"shape": shape, "provider": name, "sparsity": sp, "expected_sparsity": es,
+                                 "live_fraction_sampled": live, "ratio_vs_plain": r["median_s"] / plain["median_s"],
+                                 "backends": ran, "step": "Trainer.train_step", **r})
+                    print(f"{shape} s={sp:.2f} (exp {es:.3f}) {name:28s} {r['median_s']:.3f} s  "
+                          f"{r['median_s'] / plain['median_s']:.2f}x plain", flush=True)
+                tr.release()
+                del tr
     meta = {"torch": torch.__version__, "cofi": cofi.__version__, "machine": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "batch": batch, "seq": seq, "quick": a.quick, "amortize_epochs": a.amortize_epochs,
+            "lagrangian_target": target,
             "timestamp": datetime.now(timezone.utc).isoformat(), "device": "cpu"}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

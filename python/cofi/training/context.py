@@ -43,9 +43,6 @@ class RunContext:
     def steps_per_epoch(self, bs: int) -> int:
         return D.num_batches(len(self.task.train), bs)
 
-    def load(self, path: str) -> torch.nn.Module:
-        return load_for_task(path, self.task, self.cfg, self.device)
-
     def shapes_of(self, stage: str | None) -> dict:
         """The tensor shapes a checkpoint of ``stage`` must have to load into this run's models."""
         return current_shapes(stage, self.student, self.maskset, self.proj)
