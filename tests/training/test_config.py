@@ -8,7 +8,9 @@ from typing import Literal
 import pytest
 
 from cofi.training import config as C
-from cofi.training.config import ConfigError, TrainConfig, add_config_arguments, resolve
+from cofi.training import config_cli as CC
+from cofi.training.config import ConfigError, TrainConfig
+from cofi.training.config_cli import add_config_arguments, resolve
 
 KEYS = [f.name for f in fields(TrainConfig)]
 
@@ -40,7 +42,7 @@ def test_choice_keys_are_the_literal_types_and_validate_checks_them():
                          "backend": ("compact", "dense"), "layer_distill": ("v3", "v4", "none"),
                          "teacher_cache": ("auto", "on", "off")}
     for name, ok in C.CHOICES.items():
-        assert f"one of {', '.join(ok)}" in C.field_help(name)
+        assert f"one of {', '.join(ok)}" in CC.field_help(name)
         with pytest.raises(ConfigError, match=f"{name} must be one of {', '.join(ok)}, got 'nope'"):
             _parse("--set", f"{name}=nope")
 

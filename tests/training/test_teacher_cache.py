@@ -3,7 +3,6 @@ hidden states at real tokens, same distillation losses (float64), and a pruning 
 cache logs the same losses as one with a teacher forward per step (float32 rounding only)."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest

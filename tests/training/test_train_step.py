@@ -68,7 +68,7 @@ def test_structure_summary_counts_live_units():
 def _config(tiny, out, command, **kw):
     import argparse
 
-    from cofi.training.config import add_config_arguments, resolve
+    from cofi.training.config_cli import add_config_arguments, resolve
 
     p = argparse.ArgumentParser()
     add_config_arguments(p, command)

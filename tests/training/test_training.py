@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -218,7 +217,8 @@ class TestConfig:
     def test_yaml_roundtrip_and_precedence(self, tmp_path):
         import argparse
 
-        from cofi.training.config import TrainConfig, add_config_arguments, resolve
+        from cofi.training.config import TrainConfig
+        from cofi.training.config_cli import add_config_arguments, resolve
 
         y = tmp_path / "c.yaml"
         y.write_text("model: m\nteacher: t\nlearning_rate: 3.0e-5\nepochs: 2\n")
@@ -234,7 +234,6 @@ class TestConfig:
 
 class TestDistributed:
     def test_two_process_gloo(self, tiny):
-        from cofi.cli import main
 
         from _tiny import make_task
 

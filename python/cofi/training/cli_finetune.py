@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import add_config_arguments, resolve
+from .config_cli import add_config_arguments, resolve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

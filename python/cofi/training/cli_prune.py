@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .config import add_config_arguments, resolve
+from .config_cli import add_config_arguments, resolve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
