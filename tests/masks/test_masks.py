@@ -198,6 +198,20 @@ class TestTargetArchitecture:
         with pytest.raises(ValueError, match="exact_target"):
             MaskSet(MaskConfig(**TINY)).deterministic(exact_target=True)
 
+    def test_size_formulas_equal_the_spelled_out_ones(self):
+        # cofi.vocab's formulas give, bitwise, the counts spelled out: M = L (4 d^2 + 4 d) + L (2 d F + 5 d)
+        for L, d, H, F in ((3, 16, 4, 24), (12, 768, 12, 3072), (5, 96, 3, 100), (1, 7, 7, 1)):
+            cfg = MaskConfig(num_layers=L, hidden_size=d, num_heads=H, intermediate_size=F)
+            assert full_size(cfg) == L * (4 * d * d + 4 * d) + L * (2 * d * F + F + d)
+            m = expected_full_size(cfg)
+            assert type(m) is float and m == float(L * (4 * d * d + 4 * d) + L * (2 * d * F + 5 * d))
+        tgt = TargetArchitecture(hidden_size=10, num_heads=3, num_layers=2)
+        ms = MaskSet(MaskConfig(**TINY), target=tgt)
+        assert ms.target_counts == {"hidden": 10, "head": 3, "mha": 2, "ffn": 2}
+        L, d, F = 2, 10, 24
+        m = float(3 * (4 * 16 * 16 + 4 * 16) + 3 * (2 * 16 * 24 + 5 * 16))
+        assert ms.target_sparsity == 1.0 - float(L * (4 * d * d + 4 * d) + L * (2 * d * F + 5 * d)) / m
+
     def test_bad_target(self):
         with pytest.raises(ValueError, match="hidden"):
             MaskSet(MaskConfig(**TINY), target=TargetArchitecture(hidden_size=99))

@@ -8,9 +8,16 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..vocab import group_shapes
 from .config import GROUPS, MaskConfig
 from .masks import Masks
-from .sparsity import expected_full_size, full_size, real_size, real_sparsity
+from .sparsity import expected_full_size, full_size, real_size, real_sparsity, reference_prunable_size
+
+# The groups' shapes in symbols (cofi.vocab.group_shapes): hidden (d,), head (L, H), mha (L,),
+# intermediate (L, F), ffn (L,). One-row groups: hidden, mha, ffn; per-layer gates: mha, ffn.
+_SYMBOLIC_SHAPES = group_shapes("L", "d", "H", "F")  # type: ignore[arg-type]
+_ONE_ROW = tuple(g for g in GROUPS if len(_SYMBOLIC_SHAPES[g]) == 1)
+_LAYER_GATES = tuple(g for g in GROUPS if _SYMBOLIC_SHAPES[g] == ("L",))
 
 
 @dataclass(frozen=True)
@@ -28,12 +35,11 @@ class TargetArchitecture:
 
     def group_targets(self, cfg: MaskConfig) -> dict[str, int]:
         """Target number of kept units per row, for every constrained group present in ``cfg``."""
-        want = {"hidden": (self.hidden_size, cfg.hidden_size), "head": (self.num_heads, cfg.num_heads),
-                "intermediate": (self.intermediate_size, cfg.intermediate_size),
-                "mha": (self.num_layers, cfg.num_layers), "ffn": (self.num_layers, cfg.num_layers)}
+        # a group's row size (last dim of its shape): hidden d, head H, intermediate F, mha / ffn L
+        target = group_shapes(self.num_layers, self.hidden_size, self.num_heads, self.intermediate_size)
         out = {}
         for g in GROUPS:
-            t, full = want[g]
+            t, full = target[g][-1], cfg.shape(g)[-1]
             if t is None or g not in cfg.groups:
                 continue
             if not 0 <= int(t) <= full:
@@ -162,7 +168,7 @@ class MaskSet(nn.Module):
         for g in c.groups:
             la = self.group_view(la_all, g)
             if exact_target and g in self.target_counts:
-                rows = la.reshape(1, -1) if g in ("mha", "ffn", "hidden") else la
+                rows = la.reshape(1, -1) if g in _ONE_ROW else la
                 k = self.target_counts[g]
                 val = torch.sigmoid(rows / c.temperature * 0.8) if mode == "soft" else torch.ones_like(rows)
                 keep = torch.zeros_like(rows, dtype=torch.bool)
@@ -170,7 +176,7 @@ class MaskSet(nn.Module):
                     keep.scatter_(-1, torch.topk(rows, k, dim=-1).indices, True)
                 out[g] = torch.where(keep, val, torch.zeros_like(val)).reshape(la.shape)
                 continue
-            rows = la.reshape(-1, 1) if g in ("mha", "ffn") else la
+            rows = la.reshape(-1, 1) if g in _LAYER_GATES else la
             out[g] = ops.hard_concrete_deterministic(rows, mode, c.temperature, c.limit_l, c.limit_r, c.eps).reshape(la.shape)
         return Masks(**out)
 
@@ -191,9 +197,8 @@ class MaskSet(nn.Module):
         """Target-architecture mode: the overall sparsity of the target shape (expected-size formula)."""
         if self.target is None:
             return None
-        L, d, H, F = self.target.sizes(self.cfg)
-        t = float(L * (4 * d * d + 4 * d) + L * (2 * d * F + 5 * d))
-        return 1.0 - t / expected_full_size(self.cfg)
+        L, d, _, F = self.target.sizes(self.cfg)
+        return 1.0 - reference_prunable_size(L, d, F) / expected_full_size(self.cfg)
 
     def group_sparsity(self, keep: Masks | None = None) -> dict[str, torch.Tensor]:
         """Expected sparsity per row of each group: 1 - sum(keep) / row size (hidden: [1]; head,
@@ -201,7 +206,7 @@ class MaskSet(nn.Module):
         keep = self.keep_prob() if keep is None else keep
         out = {}
         for g, k in keep.items():
-            rows = k.reshape(1, -1) if g in ("hidden", "mha", "ffn") else k
+            rows = k.reshape(1, -1) if g in _ONE_ROW else k
             out[g] = 1.0 - rows.sum(-1) / rows.shape[-1]
         return out
 
@@ -233,7 +238,7 @@ class MaskSet(nn.Module):
         rows = self.group_sparsity(keep)
         loss = s.new_zeros(())
         for i, g in enumerate(self.target_groups):
-            n = self.cfg.shape(g)[-1] if g in ("head", "intermediate") else self.cfg.numel(g)
+            n = self.cfg.shape(g)[-1]  # row size (1-D groups: one row of all their elements)
             tg = (1.0 - self.target_counts[g] / n) * float(progress)
             d = rows[g] - tg
             loss = loss + (self.lambda_1[i] * d + self.lambda_2[i] * d * d).mean()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..vocab import GROUPS, attention_params, ffn_params, layer_params, reference_ffn_layer_params, reference_head_params
 from .config import MaskConfig
 from .masks import Masks
 
@@ -11,14 +12,20 @@ def full_size(cfg: MaskConfig) -> int:
     """Exact prunable parameters of the unpruned encoder: per layer Q, K, V, O weights and biases
     (4 d^2 + 4 d) and the FFN (2 d F + F + d). Embeddings, LayerNorms, pooler and heads excluded.
     Equals the reference's prunable size M when F = 4 d (85,017,600 for BERT-base)."""
-    L, d, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
-    return L * (4 * d * d + 4 * d) + L * (2 * d * F + F + d)
+    # one "head" of width d stands for all heads (H * head_dim = d even when H does not divide d)
+    return cfg.num_layers * layer_params(cfg.hidden_size, 1, cfg.hidden_size, cfg.intermediate_size)
+
+
+def reference_prunable_size(num_layers: int, hidden_size: int, intermediate_size: int) -> float:
+    """The reference's prunable size M = L (4 d^2 + 4 d) + L (2 d F + 5 d) of an L-layer encoder
+    (cofi.vocab's reference formulas; one head of width d per layer, exact in floats)."""
+    L, d, F = num_layers, hidden_size, intermediate_size
+    return L * reference_head_params(d, 1) + L * reference_ffn_layer_params(d, F)
 
 
 def expected_full_size(cfg: MaskConfig) -> float:
     """The reference's prunable size M = L (4 d^2 + 4 d) + L (2 d F + 5 d) (used by expected_size)."""
-    L, d, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
-    return float(L * (4 * d * d + 4 * d) + L * (2 * d * F + 5 * d))
+    return reference_prunable_size(cfg.num_layers, cfg.hidden_size, cfg.intermediate_size)
 
 
 def _kept(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
@@ -33,12 +40,8 @@ def kept_units(masks: Masks, cfg: MaskConfig) -> dict[str, object]:
     Returns hidden (int d'), heads (list per layer; 0 where the MHA gate is 0), ffn (list per layer;
     0 where the FFN gate is 0), mha_alive / ffn_alive (lists of bool: the sublayer is computed at all).
     """
-    L, H, F, d = cfg.num_layers, cfg.num_heads, cfg.intermediate_size, cfg.hidden_size
-    hid = _kept(masks.hidden, (d,))
-    head = _kept(masks.head, (L, H))
-    mha = _kept(masks.mha, (L,))
-    inter = _kept(masks.intermediate, (L, F))
-    ffn = _kept(masks.ffn, (L,))
+    L = cfg.num_layers
+    hid, head, mha, inter, ffn = (_kept(getattr(masks, g), cfg.shape(g)) for g in GROUPS)
     heads = [int(head[l].sum()) if mha[l] else 0 for l in range(L)]
     units = [int(inter[l].sum()) if ffn[l] else 0 for l in range(L)]
     return {"hidden": int(hid.sum()), "heads": heads, "ffn": units,
@@ -77,11 +80,9 @@ def real_size(masks: Masks, cfg: MaskConfig, count: str = "exact") -> int:
     total = 0
     for l in range(cfg.num_layers):
         if k["mha_alive"][l]:
-            h = k["heads"][l]
-            total += 4 * dp * h * dh + 3 * h * dh + dp
+            total += attention_params(dp, k["heads"][l], dh)
         if k["ffn_alive"][l]:
-            f = k["ffn"][l]
-            total += 2 * dp * f + f + dp
+            total += ffn_params(dp, k["ffn"][l])
     return total
 
 

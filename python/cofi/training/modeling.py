@@ -1,21 +1,16 @@
 """Model loading for training: CoFi masked models (cofi.models) for students and teachers."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line, read_json_object
 
 
 class ModelLoadError(UserError):
     pass
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _model_type(path: str) -> str:
@@ -25,12 +20,7 @@ def _model_type(path: str) -> str:
         if not cfg.is_file():
             what = "is empty" if not any(p.iterdir()) else "has no config.json"
             raise ModelLoadError(f"cofi: model folder {p} {what} (not a transformers model folder)")
-        try:
-            d = json.loads(cfg.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise ModelLoadError(f"cofi: {cfg} is not valid JSON ({_first_line(e)}); the file is damaged") from None
-        if not isinstance(d, dict):
-            raise ModelLoadError(f"cofi: {cfg} must hold a JSON object, got {type(d).__name__}")
+        d = read_json_object(cfg, ModelLoadError, "cofi")
         if "num_heads" in d and "cofi_format" in d:
             raise ModelLoadError(f"cofi: {p} is a compact (pruned) model folder; finetune/prune start from a "
                                  "transformers model folder (evaluate compact folders with cofi eval)")
@@ -47,15 +37,12 @@ def _model_type(path: str) -> str:
             mt = AutoConfig.from_pretrained(path).model_type
         except Exception as e:  # noqa: BLE001
             raise ModelLoadError(f"cofi: model {path!r} not found locally and not loadable from the hub: "
-                                 f"{_first_line(e)}") from e
+                                 f"{first_line(e)}") from e
     return mt
 
 
 def model_class(path: str, qa: bool):
-    try:
-        from .. import models
-    except ImportError as e:  # pragma: no cover - package lands separately
-        raise ModelLoadError(f"cofi: cofi.models is not available ({e})") from e
+    from .. import models
     mt = _model_type(path)
     names = {("bert", False): "CoFiBertForSequenceClassification", ("bert", True): "CoFiBertForQuestionAnswering",
              ("roberta", False): "CoFiRobertaForSequenceClassification",
@@ -72,7 +59,7 @@ def _from_pretrained(cls, path: str, kw: dict[str, Any]) -> torch.nn.Module:
     except TypeError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        msg = _first_line(e)
+        msg = first_line(e)
         if "mismatched_sizes" in msg or "size mismatch" in msg:
             msg = (f"weights and config.json disagree in shape, or the task head has another number of labels "
                    f"than num_labels={kw.get('num_labels')} ({msg})")
@@ -80,7 +67,7 @@ def _from_pretrained(cls, path: str, kw: dict[str, Any]) -> torch.nn.Module:
     except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError and other reader errors
         if type(e).__module__.split(".")[0] not in ("safetensors", "huggingface_hub", "pydantic"):
             raise
-        raise ModelLoadError(f"cofi: cannot load model {path}: {type(e).__name__}: {_first_line(e)} "
+        raise ModelLoadError(f"cofi: cannot load model {path}: {type(e).__name__}: {first_line(e)} "
                              "(the weights file is damaged or truncated)") from e
 
 
@@ -107,7 +94,7 @@ def load_model(path: str, *, qa: bool, num_labels: int, dropout: float | None = 
         try:
             m = _from_pretrained(cls, path, kw)
         except TypeError as e:  # e.g. config.json values of the wrong type
-            raise ModelLoadError(f"cofi: cannot load model {path}: {_first_line(e)}") from e
+            raise ModelLoadError(f"cofi: cannot load model {path}: {first_line(e)}") from e
         if dropout is not None:
             for mod in m.modules():
                 if isinstance(mod, torch.nn.Dropout):
