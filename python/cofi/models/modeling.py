@@ -6,7 +6,6 @@ transformers' own classes.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path

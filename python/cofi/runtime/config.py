@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..errors import UserError, read_json_object
 from ..vocab import HF_ACTIVATIONS, attention_params, ffn_params, layer_params
 
 TASKS = ("sequence_classification", "question_answering")
@@ -229,12 +229,7 @@ class CompactConfig:
         if not f.is_file():
             what = "is empty" if not any(d.iterdir()) else f"has no {CONFIG_NAME}"
             raise ModelFolderError(f"cofi.runtime: model folder {d} {what}; {hint}")
-        try:
-            obj = json.loads(f.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise ModelFolderError(f"cofi.runtime: {f} is not valid JSON ({e}); the file is damaged") from None
-        if not isinstance(obj, dict):
-            raise ModelFolderError(f"cofi.runtime: {f} must hold a JSON object, got {type(obj).__name__}")
+        obj = read_json_object(f, ModelFolderError, "cofi.runtime")
         if "num_heads" not in obj and "cofi_format" not in obj:
             if (d / "masks.safetensors").exists():
                 raise ModelFolderError(f"cofi.runtime: {d} is a pruning checkpoint (full model + masks), not a "

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 _NAME = re.compile(r"ckpt-([0-9]+)-([0-9]{8})\.pt")
 # atomic_write_bytes' temp files: ".<name>.tmp-<pid>"
@@ -165,12 +165,6 @@ def verify(path: Path) -> str | None:
         return f"unreadable ({e.strerror or e})"
     got = h.hexdigest()
     return None if got == want else f"sha256 mismatch (file {got[:12]}..., recorded {want[:12]!r})"
-
-
-def first_line(e: BaseException, n: int = 160) -> str:
-    """The first line of an exception's message, at most ``n`` characters."""
-    s = (str(e).strip().splitlines() or [""])[0]
-    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Protocol
 import torch
 
 from .. import data as D
+from ..errors import first_line
 from . import checkpoint as C
 from . import distributed as dd
 from . import state as S
@@ -59,7 +60,7 @@ def restore(ctx: RunContext, stage: Stage, resume_state: dict) -> S.LoopState:
         stage.optim.load_state_dict(resume_state["optim"])
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise C.CheckpointError(f"cofi: --resume: the checkpoint's optimizer state does not fit this run "
-                                f"({type(e).__name__}: {C.first_line(e)})") from e
+                                f"({type(e).__name__}: {first_line(e)})") from e
     C.set_rng_state(resume_state["rng"], ctx.mask_gen)
     S.set_rank_rng(resume_state, ctx.dist, ctx.device, ctx.log)
     return ls
