@@ -57,7 +57,7 @@ def op_activation(hidden_act: str, who: str = "cofi") -> str:
 # ---------------------------------------------------------------------------- parameter counting
 # Exact counts of what a (pruned) encoder layer holds, with d the (kept) hidden size. LayerNorm
 # weights and biases (2 d per sublayer) are counted only with ``layer_norm=True`` (the paper's
-# encoder count, cofi-reference.md 4.5, includes them; the masks' prunable size does not).
+# encoder count, docs/cofi-reference.md 4.5, includes them; the masks' prunable size does not).
 
 def attention_params(hidden: int, heads: int, head_dim: int, layer_norm: bool = False) -> int:
     """An attention sublayer with ``heads`` heads: Q, K, V, O weights (4 d w), Q, K, V biases (3 w)

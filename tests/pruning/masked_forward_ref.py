@@ -1,4 +1,4 @@
-"""Test helpers: the dense-masked forward of cofi-reference.md 1.7 on HF-named weights, tiny HF models
+"""Test helpers: the dense-masked forward of docs/cofi-reference.md 1.7 on HF-named weights, tiny HF models
 and random CoFi-like masks. (Stand-in for cofi.models' backend="dense" until that package lands.)"""
 from __future__ import annotations
 

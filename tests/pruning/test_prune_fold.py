@@ -1,4 +1,4 @@
-"""cofi.pruning: the compact model equals the dense-masked model (cofi-reference.md 1.7) exactly."""
+"""cofi.pruning: the compact model equals the dense-masked model (docs/cofi-reference.md 1.7) exactly."""
 from __future__ import annotations
 
 import os

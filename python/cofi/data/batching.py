@@ -3,7 +3,7 @@
 The order of epoch ``e`` depends only on (seed, e), so a run resumed at (epoch, batch index)
 sees exactly the batches an uninterrupted run would. With ``group_by_length`` the indices are
 shuffled, cut into mega-batches of ``mega`` batches, sorted by length inside each, chunked into
-batches and the batch order shuffled: padding drops ~2x on short-sentence tasks (measuring.md).
+batches and the batch order shuffled: padding drops ~2x on short-sentence tasks (docs/measuring.md).
 """
 from __future__ import annotations
 

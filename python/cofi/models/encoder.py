@@ -1,6 +1,6 @@
 """The masked BERT/RoBERTa encoder shared by every task model (HF parameter names).
 
-Two ways to run the same math (cofi-reference.md section 1.7 mask points):
+Two ways to run the same math (docs/cofi-reference.md section 1.7 mask points):
 
 - ``backend="dense"``: the reference's method. Full-width GEMMs; the masks multiply the activations
   (embeddings pre/post LN, head gate after softmax.V, MHA gate on W_O output incl. bias,

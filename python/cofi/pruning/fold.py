@@ -1,6 +1,6 @@
 """Fold deterministic mask values into weights and cut dead units: masked model -> CompactModel.
 
-Exact for soft values too. The masked model (cofi-reference.md 1.7) computes, with hidden gate z:
+Exact for soft values too. The masked model (docs/cofi-reference.md 1.7) computes, with hidden gate z:
   residual r_0 = z * LN_K(z * e)                       (embeddings; LN_K = stats over kept dims K)
   sublayer:  r' = z * LN_K(z * g * (W x + b) + r)      (g = MHA/FFN gate, head/int values inside)
 so every residual stream is z times an LN output and is 0 outside K. The compact model stores

@@ -183,7 +183,7 @@ class CompactConfig:
         return self.hidden_size - self.zero_hidden_dims
 
     def encoder_params(self) -> int:
-        """Kept encoder parameters counted the paper's way (cofi-reference.md 4.5): every layer's
+        """Kept encoder parameters counted the paper's way (docs/cofi-reference.md 4.5): every layer's
         weights, biases and LayerNorms over the real hidden dims and real FFN units; no embeddings,
         pooler, classifier or distillation projection; zero padding (dims or units) not counted."""
         d, n = self.real_hidden_size, 0
@@ -241,7 +241,7 @@ class CompactConfig:
         except ModelFolderError as e:
             raise ModelFolderError(f"cofi.runtime: {f}: {e.detail}", detail=e.detail) from None
 
-    # ---- parameter counting the paper's way (cofi-reference.md 4.5) ----
+    # ---- parameter counting the paper's way (docs/cofi-reference.md 4.5) ----
     def full_encoder_params(self) -> int:
         """Encoder parameters of the unpruned model (BERT-base: 85,054,464)."""
         d, F = self.original_hidden_size, self.original_intermediate_size

@@ -305,7 +305,7 @@ class CompactModel(nn.Module):
         return self.config.encoder_params()
 
     def sparsity(self) -> float:
-        """1 - kept encoder params / full encoder params (cofi-reference.md 4.5)."""
+        """1 - kept encoder params / full encoder params (docs/cofi-reference.md 4.5)."""
         return 1.0 - self.num_encoder_params() / self.config.full_encoder_params()
 
     def flops_per_token(self, seq_len: int) -> int:

@@ -17,7 +17,7 @@ from .config import CHOICES, RENAMED, ConfigError, TrainConfig, _coerce, _one_li
 
 # ---------------------------------------------------------------------- presets
 PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's recipes (cofi-reference.md 4.2): bs 32, lr 2e-5 (SQuAD bs 16, 3e-5), reg lr 0.01,
+    # The paper's recipes (docs/cofi-reference.md 4.2): bs 32, lr 2e-5 (SQuAD bs 16, 3e-5), reg lr 0.01,
     # T=2, 20 pruning epochs (100 small GLUE), pre-pruning 1 epoch (4), warm-up 2 epochs (20),
     # compact fine-tuning 20 epochs at bs 64 with a constant lr.
     "glue-large": dict(batch_size=32, learning_rate=2e-5, epochs=20, prepruning_epochs=1, lagrangian_warmup_epochs=2,

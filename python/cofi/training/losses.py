@@ -1,4 +1,4 @@
-"""CoFi distillation losses as pure functions (cofi-reference.md section 3).
+"""CoFi distillation losses as pure functions (docs/cofi-reference.md section 3).
 
 - ``prediction_distill_loss``: KL(softmax(t/T) || softmax(s/T)) * T^2, batchmean (classification).
 - ``qa_prediction_distill_loss``: the same for start and end logits, averaged (SQuAD).

@@ -2,7 +2,7 @@
 ``prepruning_epochs``, then masks + Lagrangian + distillation with the target sparsity ramped
 linearly over the Lagrangian warm-up.
 
-A pruning step (cofi-reference.md 2.4, design.md 4): sample ONE mask set with the fused
+A pruning step (docs/cofi-reference.md 2.4, docs/design.md 4): sample ONE mask set with the fused
 ``MaskSet.step`` (shared generator, so every rank draws the same) -> student forward (``backend``
 compact or dense) -> teacher forward or cache lookup (no grad) -> loss = a_pred KL_T * T^2 +
 a_layer L_layer (+ a_ce CE) + L_c (from the same fused step's keep probabilities and expected
