@@ -3,7 +3,8 @@
 Timing uses torch.utils.benchmark (CPU and GPU). Each case reports p50 with p20/p80 in ms; ratios
 are only ever taken between providers timed in the same run. Results go to
 benchmarks/results/<device>/<op>.json (list of rows) and are merged on
-(op, provider, mode, shape, dtype, device) so reruns replace their own rows.
+(op, provider, mode, shape, dtype, device) so reruns replace their own rows (``write_rows``); a
+benchmark with its own layout writes one JSON object per run (``write_result``), with ``env_tags``.
 """
 from __future__ import annotations
 
@@ -23,12 +24,18 @@ import torch.utils.benchmark as tb
 RESULTS = Path(__file__).parent / "results"
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+def base_parser(description: str, cpu_only: bool = False) -> argparse.ArgumentParser:
+    """--quick, --threads, --out and (unless ``cpu_only``: the CPU benchmarks timed in interleaved
+    rounds or whole steps, whose ``args.device`` is then always "cpu") --device and --min-run-time."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="small sweep that finishes fast on CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    if cpu_only:
+        p.set_defaults(device="cpu", min_run_time=None)
+    else:
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (2 on the reference machine)")
-    p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per case")
+    if not cpu_only:
+        p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per case")
     p.add_argument("--out", default=None, help="results file (default results/<device>/<op>.json)")
     return p
 
@@ -143,6 +150,18 @@ def write_rows(op: str, rows: list[dict], device: str, out: str | None = None) -
     merged = [r for r in old if key(r) not in new_keys] + rows
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(merged, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_result(name: str, result: dict, device: str = "cpu", out: str | Path | None = None,
+                 indent: int = 1, newline: bool = False) -> Path:
+    """Write one run's result (a JSON object, replacing the file) to ``out`` or
+    results/<device>/<name>.json, atomically; returns the path."""
+    path = Path(out) if out else RESULTS / device_name(device) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=indent) + ("\n" if newline else ""))
     os.replace(tmp, path)
     return path
 

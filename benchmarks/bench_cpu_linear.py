@@ -19,7 +19,6 @@ rows' ratios are the noise floor of the run. fp32, no gradient.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -79,10 +78,8 @@ def main() -> None:
                       f"({row['gflops']['split']:5.1f} GF/s)  blas {t['blas']['p50_ms']:8.3f} "
                       f"({row['gflops']['blas']:5.1f})  eager {t['eager']['p50_ms']:8.3f} | split vs blas "
                       f"{row['split_vs_blas']:.2f}x  vs eager {row['split_vs_eager']:.2f}x", flush=True)
-    out = Path(args.out) if args.out else H.RESULTS / "cpu" / "cpu_linear.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"bench": "cpu_linear", "env": H.env_tags("cpu"), "quick": args.quick,
-                               "rows": rows_out}, indent=1) + "\n")
+    out = H.write_result("cpu_linear", {"bench": "cpu_linear", "env": H.env_tags("cpu"), "quick": args.quick,
+                                        "rows": rows_out}, "cpu", args.out, indent=1, newline=True)
     print("wrote", out)
 
 

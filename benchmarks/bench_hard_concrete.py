@@ -16,13 +16,14 @@ import torch
 import _harness as H
 from cofi import ops
 from cofi.ops.reference import expected_size_ref, hard_concrete_keep_prob_ref, hard_concrete_sample_ref
+from cofi.vocab import GROUPS, group_shapes
 
 CONFIGS = {"bert-base": (12, 768, 12, 3072), "minilm-l6": (6, 384, 12, 1536)}
 
 
 def make_groups(L, d, Hh, F, device, dtype):
     g = torch.Generator().manual_seed(0)
-    shapes = {"hidden": (d,), "head": (L, Hh), "mha": (L,), "intermediate": (L, F), "ffn": (L,)}
+    shapes = group_shapes(L, d, Hh, F)  # in GROUPS order: the flat layout of MaskSet / hard_concrete_step
     flat = torch.cat([torch.randn(*s, generator=g).reshape(-1) * 2 + 1 for s in shapes.values()]).to(device, dtype)
     return flat.requires_grad_(), shapes
 
@@ -42,7 +43,7 @@ def reference_step(flat, u, shapes, cfg, target):
     us = split(u, shapes)
     zs = {k: hard_concrete_sample_ref(la[k], us[k]) for k in la}
     ps = {k: hard_concrete_keep_prob_ref(la[k]) for k in la}
-    _, s = expected_size_ref(ps["hidden"], ps["head"], ps["mha"], ps["intermediate"], ps["ffn"], *cfg)
+    _, s = expected_size_ref(*(ps[g] for g in GROUPS), *cfg)
     loss = 0.5 * (s - target) + 0.1 * (s - target) ** 2 + sum(z.sum() * 1e-4 for z in zs.values())
     loss.backward()
     return loss

@@ -43,8 +43,6 @@ bound. "best" = the faster of compact and compact_padded in that row (the runtim
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -54,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import env_tags, env_var, time_interleaved  # noqa: E402
+from _harness import base_parser, env_tags, env_var, time_interleaved, write_result  # noqa: E402
 
 from cofi.pruning import prune  # noqa: E402
 from cofi.runtime import CompactModel  # noqa: E402
@@ -215,13 +213,11 @@ def encoder_flops(num_heads, widths, d, D, S) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer rounds, batch 8 instead of 32")
+    ap = base_parser(__doc__.splitlines()[0], cpu_only=True)  # --quick: fewer rounds, batch 8 instead of 32
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sparsities", default="0.6,0.8,0.95")
     ap.add_argument("--batches", default=None, help="comma list (default 32,1; --quick 8,1)")
-    ap.add_argument("--out", default=str(RESULTS / "runtime.json"))
+    ap.set_defaults(out=str(RESULTS / "runtime.json"))
     ap.add_argument("--pad", type=int, default=16, help="padding multiple of the padded providers")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -318,8 +314,7 @@ def main() -> None:
               "dense_model": "transformers BertForSequenceClassification, BERT-base config, sdpa, fp32",
               "backends_ran": {op: cofi.ops.last_backend(op) for op in ("compact_encoder", "masked_attention", "masked_ffn", "masked_layer_norm")},
               "targets": TARGETS, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_result("runtime", result, "cpu", args.out, indent=1)
     plot(rows, Path(args.out).with_name("runtime_speedup.png"))
     print("wrote", args.out)
 

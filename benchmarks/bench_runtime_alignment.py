@@ -8,38 +8,36 @@ with or without FFN widths zero-padded to multiples of 64 (``CompactModel.pad_ff
 
     PYTHONPATH=python:. python benchmarks/bench_runtime_alignment.py [--rounds 5]
 
-Writes results/cpu/runtime_alignment.json. The 768 variants are a different (slightly larger)
+Timed with ``_harness.time_interleaved`` (one warm-up round, then one call of each model per round).
+Writes results/cpu/runtime_alignment.json (with ``_harness.env_tags``). The 768 variants are a different (slightly larger)
 model: they bound what padding the hidden size (a zero dim left out of LayerNorm statistics) could
 gain; the runtime does not do that yet.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import _harness as H  # noqa: E402
 import bench_runtime as R  # noqa: E402
 
 from cofi.pruning import prune  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = H.base_parser(__doc__.splitlines()[0], cpu_only=True)  # --quick: one round, results not written (make bench)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sparsity", type=float, default=0.6)
-    ap.add_argument("--quick", action="store_true", help="one round, results not written (make bench)")
     args = ap.parse_args()
     if args.quick:
         args.rounds = 1
     import transformers as tf
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = tf.BertConfig(num_labels=3, attn_implementation="sdpa")
     dense = tf.BertForSequenceClassification(cfg).eval()
@@ -56,30 +54,21 @@ def main() -> None:
     tt = torch.zeros_like(ids)
     fns = {"dense": lambda: dense(input_ids=ids, attention_mask=am, token_type_ids=tt)}
     fns.update({k: (lambda m=m: m(ids, am, tt)) for k, m in models.items()})
-    times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.inference_mode():
-        for f in fns.values():
-            f()
-        for _ in range(args.rounds):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+        t = H.time_interleaved(fns, args.rounds, warmup=1)
+    med = {k: v["p50_ms"] for k, v in t.items()}  # median ms over the rounds
     res = {"sparsity": args.sparsity, "batch": B, "seq": S, "rounds": args.rounds,
            "hidden_sizes": {k: m.config.hidden_size for k, m in models.items()},
            "ffn_widths": {k: list(m.config.intermediate_sizes) for k, m in models.items()},
-           "median_ms": {k: v * 1e3 for k, v in med.items()},
+           "median_ms": med,
            "speedup_vs_dense": {k: med["dense"] / v for k, v in med.items() if k != "dense"},
-           "torch": torch.__version__, "threads": torch.get_num_threads()}
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "env": H.env_tags("cpu")}
     for k, v in med.items():
-        print(f"{k:22s} {v * 1e3:8.1f} ms  speedup {med['dense'] / v:.2f}x")
+        print(f"{k:22s} {v:8.1f} ms  speedup {med['dense'] / v:.2f}x")
     if args.quick:
         print(json.dumps(res, indent=2))
         return
-    out = Path(__file__).parent / "results" / "cpu" / "runtime_alignment.json"
-    out.write_text(json.dumps(res, indent=2))
-    print("wrote", out)
+    print("wrote", H.write_result("runtime_alignment", res, "cpu", args.out, indent=2))
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ Masks are sampled fresh every step. The Lagrangian's target is the largest spars
 Teacher: a forward pass per step (the reference), or the trainer's teacher cache (one pass per
 example per run; its cost amortised over `--amortize-epochs` in the table).
 
-Run: PYTHONPATH=python:. python benchmarks/bench_train_step.py [--quick]
-Writes benchmarks/results/cpu/train_step.json (and a markdown table next to it).
+Run: PYTHONPATH=python:. python benchmarks/bench_train_step.py [--quick] (MiniLM shape, batch 8 x 64,
+sparsity 0 and 0.9, 1 rep). Each provider is timed alone, call after call (the mask restore between
+calls untimed; one trainer alive at a time), so not by ``_harness.measure`` / ``time_interleaved``.
+Writes benchmarks/results/cpu/train_step.json (with ``_harness.env_tags``; a markdown table next to it).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars
 sys.path += [str(ROOT / "python"), str(ROOT), str(ROOT / "benchmarks")]  # PYTHONPATH (if set) wins
 
+import _harness as H  # noqa: E402
 import cofi  # noqa: E402
 from cofi import ops as cops  # noqa: E402
 from cofi.training.trainer import Trainer  # noqa: E402
@@ -99,8 +100,7 @@ def example_batch(tr: Trainer, n: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="MiniLM shape, batch 8 x 64, sparsity 0 and 0.9, 1 rep")
+    ap = H.base_parser(__doc__.split("\n")[0], cpu_only=True)
     ap.add_argument("--shapes", nargs="*", default=None)
     ap.add_argument("--sparsities", nargs="*", type=float, default=None)
     ap.add_argument("--batch", type=int, default=None)
@@ -112,9 +112,9 @@ def main() -> None:
                          "trainer's teacher cache instead of a teacher forward per step)")
     ap.add_argument("--amortize-epochs", type=float, default=20.0,
                     help="epochs over which the teacher cache's one pass is amortised (paper: 20 pruning epochs)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu/train_step.json"))
+    ap.set_defaults(out=str(ROOT / "benchmarks/results/cpu/train_step.json"))
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     bad = sorted(set(variants) - {"compact", "compact_cached", "dense", "dense_cached"})
     if bad:
@@ -165,13 +165,12 @@ def main() -> None:
                           f"{r['median_s'] / plain['median_s']:.2f}x plain", flush=True)
                 tr.release()
                 del tr
-    meta = {"torch": torch.__version__, "cofi": cofi.__version__, "machine": platform.processor() or platform.machine(),
+    meta = {**H.env_tags("cpu"),  # git sha, device name; the keys below as before (timestamp in UTC)
+            "torch": torch.__version__, "cofi": cofi.__version__, "machine": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "batch": batch, "seq": seq, "quick": a.quick, "amortize_epochs": a.amortize_epochs,
             "lagrangian_target": target,
             "timestamp": datetime.now(timezone.utc).isoformat(), "device": "cpu"}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out = H.write_result("train_step", {"meta": meta, "rows": rows}, "cpu", a.out, indent=1)
     E = a.amortize_epochs
     names = {"compact": "cofi_compact", "compact_cached": "cofi_compact_cached_teacher", "dense": "cofi_dense",
              "dense_cached": "cofi_dense_cached_teacher"}

@@ -5,8 +5,11 @@ round so that drift of the machine's speed hits both alike. Reports new/old per 
 min, max).
 
 Run: python benchmarks/compare_train_step.py --old /path/to/old/checkout [--new .] [--rounds 5]
-(an old checkout needs its built extension: copy python/cofi/_C*.so into it). Writes
-benchmarks/results/cpu/refactor_train_step.json. ``--child ROOT`` is one measurement (internal).
+(an old checkout needs its built extension: copy python/cofi/_C*.so into it; ``--quick``: one round
+of one step per tree, nothing written). Writes benchmarks/results/cpu/refactor_train_step.json
+(``_harness.env_tags`` plus both trees' git shas). ``--child ROOT`` is one measurement (internal).
+Steps are timed one after another in the child (mask restore between them untimed), not by
+``_harness.measure`` / ``time_interleaved``: the two trees cannot share a process.
 
 The helpers here (model folder, data, config, sparsity) use only what both trees have; the
 full benchmark (bench_train_step.py) builds its trainers with them.
@@ -26,6 +29,8 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+import _harness as H
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars
@@ -87,6 +92,7 @@ def set_sparsity(ms, s: float, seed: int = 0) -> float:
     if s <= 0:
         return float(ms.expected_sparsity()[1])
     g = torch.Generator().manual_seed(seed)
+    # group names spelled out, not cofi.vocab's: the helpers also run in checkouts that predate it
     ranks = {n: torch.rand(ms.cfg.shape(n), generator=g) for n in ("hidden", "head", "intermediate")}
 
     def apply(f: float) -> float:
@@ -185,8 +191,16 @@ def measure(root: Path, a) -> list[dict]:
     return json.loads(line[len("RESULT "):])
 
 
+def git_sha(root: Path) -> str:
+    try:
+        return subprocess.check_output(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = H.base_parser(__doc__.split("\n")[0], cpu_only=True)
     ap.add_argument("--old", help="checkout of the baseline tree")
     ap.add_argument("--new", default=str(ROOT), help="checkout of the tree to compare (default: this one)")
     ap.add_argument("--rounds", type=int, default=5)
@@ -195,13 +209,14 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sparsities", nargs="*", type=float, default=[0.0, 0.9])
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu/refactor_train_step.json"))
+    ap.set_defaults(out=str(ROOT / "benchmarks/results/cpu/refactor_train_step.json"))
     a = ap.parse_args()
     if a.child:
         return child(a)
+    if a.quick:
+        a.rounds, a.reps, a.warmup = 1, 1, 1
     if not a.old:
         ap.error("--old is required")
     old, new = Path(a.old).resolve(), Path(a.new).resolve()
@@ -230,13 +245,16 @@ def main() -> None:
               f"{len(ratios)} rounds)")
     import torch
 
-    meta = {"old": str(old), "new": str(new), "shape": a.shape, "batch": a.batch, "seq": a.seq, "reps": a.reps,
+    meta = {**H.env_tags("cpu"), "git_sha": git_sha(new), "git_sha_old": git_sha(old),
+            "old": str(old), "new": str(new), "shape": a.shape, "batch": a.batch, "seq": a.seq, "reps": a.reps,
             "warmup": a.warmup, "threads": a.threads, "rounds": a.rounds, "torch": torch.__version__,
             "machine": platform.processor() or platform.machine(), "device": "cpu",
             "timestamp": datetime.now(timezone.utc).isoformat(),
             "command": "python benchmarks/compare_train_step.py " + " ".join(sys.argv[1:])}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"meta": meta, "summary": summary, "rounds": rounds}, indent=1))
+    if a.quick:
+        return
+    print("wrote", H.write_result("refactor_train_step", {"meta": meta, "summary": summary, "rounds": rounds},
+                                  "cpu", a.out, indent=1))
 
 
 if __name__ == "__main__":

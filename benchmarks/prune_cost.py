@@ -14,7 +14,8 @@ Teacher outputs: ``--pairs`` lists the pairs to run, each ``COMPACT_CACHE:DENSE_
 ``on`` (cached once per example, ``teacher_cache=on``) or ``off`` (one teacher forward per step, as
 the reference does). Default ``on:on,off:off,on:off``: both modes with the cache (same config), both
 without, and our full system against the reference's full method. Each pair runs side by side.
-Writes benchmarks/results/cpu/prune_cost.json.
+Writes benchmarks/results/cpu/prune_cost.json (with ``_harness.env_tags``; the timings are whole
+``cofi prune`` processes' wall times, so not ``_harness.measure`` / ``time_interleaved``).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "python"), str(ROOT)]
 
 
 def main() -> int:
@@ -87,9 +89,10 @@ def main() -> int:
         c, d = (runs[f"pair{i}_{m}_cache_{caches[m]}"]["wall_s"] for m in ("compact", "dense"))
         res["pairs"].append({"pair": pair, "runs": runs, "dense_over_compact": d / c})
         print(f"pair {pair}: dense / compact wall time {d / c:.2f}x", flush=True)
-    dst = ROOT / "benchmarks" / "results" / "cpu" / f"prune_cost{'_' + args.tag if args.tag else ''}.json"
-    dst.write_text(json.dumps(res, indent=2))
-    print("wrote", dst)
+    import _harness as H  # torch: not in the parent while the runs go
+
+    res["env"] = H.env_tags("cpu")
+    print("wrote", H.write_result(f"prune_cost{'_' + args.tag if args.tag else ''}", res, "cpu", indent=2))
     return 0
 
 

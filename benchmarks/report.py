@@ -294,8 +294,9 @@ def render_runtime_alignment(rel: str, data: dict[str, Any]) -> str:
             continue
         ffn = "padded to 64" if name.endswith("ffnpad64") else "as pruned"
         body.append([name, str(data["hidden_sizes"][name]), ffn, fmt_ms(ms), fmt_x(data["median_ms"]["dense"], ms)])
-    env = {"torch": data.get("torch"), "threads": data.get("threads")}
-    return (f"{env_line(rel, env)} · no git sha or timestamp in the file · sparsity {data['sparsity']}, batch "
+    env = data.get("env") or {"torch": data.get("torch"), "threads": data.get("threads")}
+    note = "" if "env" in data else " · no git sha or timestamp in the file"
+    return (f"{env_line(rel, env)}{note} · sparsity {data['sparsity']}, batch "
             f"{data['batch']} x {data['seq']}, {data['rounds']} interleaved rounds\n\n" + table(head, body))
 
 
@@ -338,10 +339,31 @@ def render_train_step(rel: str, data: dict[str, Any]) -> str:
             body.append([shape, f"teacher forward alone: {fmt_ms(tfw)} s = {fmt_x(tfw, plain)} plain"]
                         + [""] * (len(head) - 2))
     env = {"device": meta.get("device"), "torch": meta.get("torch"), "threads": meta.get("threads"),
-           "timestamp": meta.get("timestamp")}
+           "git_sha": meta.get("git_sha"), "timestamp": meta.get("timestamp")}
     quick = " · `--quick`" if meta.get("quick") else ""
     return (f"{env_line(rel, env)}{quick} · batch {meta['batch']} x {meta['seq']} · median seconds per step\n\n"
             + table(head, body))
+
+
+def render_refactor_train_step(rel: str, data: dict[str, Any]) -> str:
+    """refactor_train_step: the trainer step of two checkouts, alternating processes per round."""
+    meta = data["meta"]
+    head = ["masks (expected sparsity)", "old median ms", "new median ms", "**new / old** (median of rounds)",
+            "new / old min - max", "rounds"]
+    body = []
+    for r in data["summary"]:
+        q = r["ratio_new_over_old"]
+        masks = "initial" if r["sparsity"] <= 0 else f"{r['sparsity']:g}"
+        body.append([f"{masks} ({r['expected_sparsity']:.3f})", fmt_ms(1e3 * r["old_median_s"]), fmt_ms(1e3 * r["new_median_s"]),
+                     fmt_r(q["median"], 3), f"{fmt_r(q['min'], 3)} - {fmt_r(q['max'], 3)}",
+                     str(len(q.get("rounds", [])) or meta.get("rounds"))])
+    env = {"device": meta.get("device"), "torch": meta.get("torch"), "threads": meta.get("threads"),
+           "git_sha": meta.get("git_sha"), "timestamp": meta.get("timestamp")}
+    old = f"git {meta['git_sha_old']}" if meta.get("git_sha_old") else f"`{meta.get('old')}`"
+    return (f"{env_line(rel, env)} · {meta['shape']}, batch {meta['batch']} x {meta['seq']}, {meta['reps']} steps "
+            f"per process after {meta['warmup']} warm-up · old tree {old}\n\nms = median over rounds of each "
+            f"process's median step; new / old is taken per round (both trees timed back to back, order "
+            f"alternating), below 1: the new tree is faster.\n\n" + table(head, body))
 
 
 def render_prune_cost(rel: str, data: dict[str, Any]) -> str:
@@ -362,7 +384,8 @@ def render_prune_cost(rel: str, data: dict[str, Any]) -> str:
                      f"{100 * c['final_eval']['accuracy']:.1f} / {100 * d['final_eval']['accuracy']:.1f}"])
     keys = ("samples", "epochs", "prepruning_epochs", "warmup_epochs", "target", "threads")
     setup = ", ".join(f"{k} {cfg[k]:g}" for k in keys if isinstance(cfg.get(k), (int, float)))
-    return f"`{rel}` · no timestamp in the file · {setup}\n\n" + table(head, body)
+    where = env_line(rel, data["env"]) if "env" in data else f"`{rel}` · no timestamp in the file"
+    return f"{where} · {setup}\n\n" + table(head, body)
 
 
 def render_sst2_table(rel: str, data: dict[str, Any]) -> str:
@@ -379,8 +402,9 @@ def render_sst2_table(rel: str, data: dict[str, Any]) -> str:
                      fmt_x(r["teacher_ms_b1"], r["compact_ms_b1"]),
                      "-" if not paper else f"{paper[0]:.1f}, {paper[1]:.1f}x"])
     pad = data.get("compact_pad")
-    env = {"torch": data.get("torch"), "threads": data.get("threads")}
-    text = (f"{env_line(rel, env)} · no timestamp in the file · compact models "
+    env = data.get("env") or {"torch": data.get("torch"), "threads": data.get("threads")}
+    note = "" if "env" in data else " · no timestamp in the file"
+    text = (f"{env_line(rel, env)}{note} · compact models "
             f"{'padded to ' + str(pad) if pad else 'unpadded'}\n\n" + table(head, body))
     plots = data.get("plots") or []
     if plots:
@@ -396,6 +420,7 @@ RENDERERS: list[tuple[str, str, Callable[[str, Any], str]]] = [
     ("runtime", "runtime — compact models vs dense BERT-base", render_runtime),
     ("sst2_table", "SST-2: MiniLM-L6 pruned to 60 / 90 / 95 %", render_sst2_table),
     ("train_step", "train_step — one CoFi pruning step", render_train_step),
+    ("refactor_train_step", "refactor_train_step — the trainer step, old vs new checkout", render_refactor_train_step),
     ("prune_cost", "prune_cost — a pruning run, compact vs `backend=\"dense\"`", render_prune_cost),
     ("hard_concrete", "hard_concrete — one step's mask work, fused vs eager", render_hard_concrete),
     ("masked_attention", "masked_attention — gated MHA", render_masked_attention),

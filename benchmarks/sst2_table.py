@@ -9,7 +9,9 @@ Data: ../shared/data/sst2 (read in place). Subsets (CPU budget, documented in be
 the teacher sees the first ``--teacher-samples`` training sentences for one epoch, each pruning run the
 first ``--prune-samples`` for ``--prune-epochs`` (Lagrangian warm-up over the first half), then one
 compact fine-tuning epoch on the same subset. Dev = the full 872-sentence GLUE dev set.
-Writes runs/sst2/... and benchmarks/results/cpu/sst2_table.json; prints the markdown table.
+Writes runs/sst2/... and benchmarks/results/cpu/sst2_table.json (with ``_harness.env_tags``); prints
+the markdown table. Stages are whole ``cofi`` processes (wall time); latency is cofi.pipeline.latency,
+teacher and compact interleaved.
 """
 from __future__ import annotations
 
@@ -98,6 +100,8 @@ def main() -> int:
 def table(out: Path, wall: dict, threads: int, pad: int | None = None) -> None:
     import torch
 
+    import _harness as H
+
     from cofi.pipeline import latency
     from cofi.runtime import CompactModel
     from cofi.training.modeling import load_model
@@ -133,7 +137,7 @@ def table(out: Path, wall: dict, threads: int, pad: int | None = None) -> None:
                      "paper_bert_base": PAPER.get(s)})
     res = {"teacher_dev_acc": t_res["best_metric"], "rows": rows, "stage_wall_s": wall, "threads": threads,
            "torch": torch.__version__, "compact_pad": pad,
-           "compact_backend": {str(s): m.last_backend for s, m in compacts.items()}}
+           "compact_backend": {str(s): m.last_backend for s, m in compacts.items()}, "env": H.env_tags("cpu")}
     dst = ROOT / "benchmarks" / "results" / "cpu" / "sst2_table.json"
     dst.parent.mkdir(parents=True, exist_ok=True)
     from cofi.pipeline import plots
@@ -143,7 +147,7 @@ def table(out: Path, wall: dict, threads: int, pad: int | None = None) -> None:
             os.path.relpath(f, ROOT) for f in plots(dst.parent, out / f"prune_{s}" / "metrics.jsonl", f"sst2_{s}_"))
     old = json.loads(dst.read_text()) if dst.exists() else {}
     res["stage_wall_s"] = {**old.get("stage_wall_s", {}), **wall}
-    dst.write_text(json.dumps(res, indent=2))
+    H.write_result("sst2_table", res, "cpu", dst, indent=2)
     print(f"\nteacher (MiniLM-L6 fine-tuned on SST-2): dev acc {100 * t_res['best_metric']:.2f}\n")
     print("| target | real sparsity | encoder params | dev acc | vs teacher | speedup 32x128 | speedup 1x128 "
           "| paper BERT-base (acc, speedup) |")
