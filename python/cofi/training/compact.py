@@ -3,7 +3,6 @@
 compact model with distillation; ``compact_folded`` (as folded) and ``compact`` (best) folders."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -62,8 +61,7 @@ class CompactStage:
     def __init__(self, ctx: RunContext, compact: torch.nn.Module, src: Path, prune_result: dict | None) -> None:
         cfg = ctx.cfg
         self.ctx, self.model, self.src, self.prune_result = ctx, compact, src, prune_result
-        spe = ctx.steps_per_epoch(cfg.compact_batch_size)
-        self.total = cfg.compact_max_steps if cfg.compact_max_steps is not None else math.ceil(cfg.compact_epochs * spe)
+        self.total = ctx.total_steps(cfg.compact_max_steps, cfg.compact_epochs, cfg.compact_batch_size, at_least=0)
         compact.train()
         self.phase = "compact"
         self.use_proj = ctx.objective.layer_distill and compact.layer_transformation is not None

@@ -3,6 +3,7 @@ task, the student, and for ``prune`` the teacher (and its output cache), the lay
 projection, the mask set and its generator."""
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -42,6 +43,12 @@ class RunContext:
 
     def steps_per_epoch(self, bs: int) -> int:
         return D.num_batches(len(self.task.train), bs)
+
+    def total_steps(self, max_steps: int | None, epochs: float, bs: int, at_least: int = 1) -> int:
+        """A stage's step count: ``max_steps`` when set, else ``epochs`` of batches of ``bs``."""
+        if max_steps is not None:
+            return max_steps
+        return max(at_least, math.ceil(epochs * self.steps_per_epoch(bs)))
 
     def shapes_of(self, stage: str | None) -> dict:
         """The tensor shapes a checkpoint of ``stage`` must have to load into this run's models."""

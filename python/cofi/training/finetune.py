@@ -2,7 +2,6 @@
 ``best`` (by the eval metric) and ``final`` model folders, ``results.json``."""
 from __future__ import annotations
 
-import math
 
 from . import artifacts as A
 from . import distributed as dd
@@ -21,8 +20,7 @@ class FinetuneStage:
         cfg = ctx.cfg
         self.ctx = ctx
         self.model = ctx.student
-        spe = ctx.steps_per_epoch(cfg.batch_size)
-        self.total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * spe))
+        self.total = ctx.total_steps(cfg.max_steps, cfg.epochs, cfg.batch_size)
         self.phase = "train"
         self.optim = Optimizers(ctx.student_named(), cfg, lr=cfg.learning_rate, kind=cfg.scheduler, total=self.total)
         self.best_dir = ctx.folder.out / "best"

@@ -17,6 +17,7 @@ from . import distributed as dd
 from . import state as S
 from .context import RunContext
 from .optim import Optimizers
+from .task import example_batch
 
 
 class Callback:
@@ -44,7 +45,7 @@ class Stage(Protocol):
 def save_checkpoint(ctx: RunContext, stage: Stage, ls: S.LoopState) -> None:
     rank_rng = S.rank_rng(ctx.dist, ctx.device)  # a collective: every rank
     if ctx.dist.main:
-        config = {k: v for k, v in ctx.cfg.to_dict().items() if k != "overwrite"}
+        config = ctx.folder.saved_config()
         st = S.build_state(stage.name, stage.phase, ls, config, stage.model, stage.optim.state_dict(), ctx.mask_gen,
                            stage.state_extras())
         st["rng_ranks"] = rank_rng
@@ -90,8 +91,7 @@ def run_loop(ctx: RunContext, stage: Stage, *, bs: int, total: int, resume_state
         while ls.batch_in_epoch < len(batches) and ls.step < total:
             stage.set_phase(ls.step)
             mine = D.rank_slice(batches[ls.batch_in_epoch], ctx.dist.rank, ctx.dist.world)
-            batch = {k: v.to(ctx.device) for k, v in ctx.task.train.collate(mine).items()}
-            batch["example_index"] = mine
+            batch = example_batch(ctx.task, mine, ctx.device)
             rec = stage.train_step(batch, ls.step)
             ls.step += 1
             ls.batch_in_epoch += 1

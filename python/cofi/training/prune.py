@@ -10,7 +10,6 @@ sparsity) -> ``Optimizers.step``. ``best``: the best evaluation within ``sparsit
 target; ``final``: the last masks."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -36,7 +35,7 @@ class PruneStage:
         self.model = ctx.student
         self.maskset = ctx.maskset
         spe = ctx.steps_per_epoch(cfg.batch_size)
-        self.total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * spe))
+        self.total = ctx.total_steps(cfg.max_steps, cfg.epochs, cfg.batch_size)
         self.pre_steps = cfg.prepruning_steps if cfg.prepruning_steps is not None else int(round(cfg.prepruning_epochs * spe))
         self.warmup_steps = (cfg.lagrangian_warmup_steps if cfg.lagrangian_warmup_steps is not None
                              else int(round(cfg.lagrangian_warmup_epochs * spe)))

@@ -125,10 +125,13 @@ class RunFolder:
             self._lock_fd = None
 
     # ------------------------------------------------------------------ resume checks
+    def saved_config(self) -> dict:
+        """The run's config as config.yaml and checkpoints hold it (``overwrite`` is not part of a run)."""
+        return {k: v for k, v in self.cfg.to_dict().items() if k != "overwrite"}
+
     def save_config(self) -> None:
         if self.dist.main:
-            d = {k: v for k, v in self.cfg.to_dict().items() if k != "overwrite"}
-            C.atomic_write_bytes(self.out / "config.yaml", yaml.safe_dump(d, sort_keys=False).encode())
+            C.atomic_write_bytes(self.out / "config.yaml", yaml.safe_dump(self.saved_config(), sort_keys=False).encode())
 
     def _saved_config_diff(self) -> list[str]:
         """config_diff against the folder's config.yaml (none: nothing to compare)."""
