@@ -108,11 +108,17 @@ def get_spec(task: str, *, text_fields: Sequence[str] | None = None, label_field
 
 
 # ------------------------------------------------------------------ file readers
-def first_line_of_row(path: str | os.PathLike) -> int | None:
-    """File line of data row 0 (csv/tsv: 2, after the header; jsonl: 1), None for other formats."""
+def _format_name(path: str | os.PathLike) -> str:
+    """The file name, lower case, without a compression suffix (``a.csv.bz2`` -> ``a.csv``)."""
     name = Path(path).name.lower()
     for comp in (".bz2", ".gz", ".xz", ".zip"):
         name = name.removesuffix(comp)
+    return name
+
+
+def first_line_of_row(path: str | os.PathLike) -> int | None:
+    """File line of data row 0 (csv/tsv: 2, after the header; jsonl: 1), None for other formats."""
+    name = _format_name(path)
     if name.endswith((".csv", ".tsv")):
         return 2
     return 1 if name.endswith(".jsonl") else None
@@ -131,10 +137,7 @@ def read_table(path: str | os.PathLike):
         raise TaskError(f"cofi.data: file not found: {p}")
     if p.is_dir():
         raise TaskError(f"cofi.data: {p} is a folder; give a csv/tsv/json/jsonl/parquet file")
-    name = p.name.lower()
-    for comp in (".bz2", ".gz", ".xz", ".zip"):
-        if name.endswith(comp):
-            name = name[: -len(comp)]
+    name = _format_name(p)
     if not name.endswith((".tsv", ".csv", ".jsonl", ".json", ".parquet")):
         raise TaskError(f"cofi.data: unsupported file type {p.name!r} (csv, tsv, json, jsonl, parquet)")
     try:

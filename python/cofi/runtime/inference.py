@@ -54,15 +54,15 @@ def predict(model: torch.nn.Module, features: Sequence[Mapping[str, Sequence[int
 
 def _check_finite(out: dict[str, object]) -> None:
     if "logits" in out:
-        per_example = [bool(torch.isfinite(row).all()) for row in out["logits"]]
+        ok = torch.isfinite(out["logits"]).flatten(1).all(dim=1)
     else:
-        per_example = [bool(torch.isfinite(s).all() and torch.isfinite(e).all())
-                       for s, e in zip(out["start_logits"], out["end_logits"])]
-    if not all(per_example):
-        first = per_example.index(False)
+        ok = torch.tensor([bool(torch.isfinite(s).all() and torch.isfinite(e).all())
+                           for s, e in zip(out["start_logits"], out["end_logits"])], dtype=torch.bool)
+    if not bool(ok.all()):
+        first = int((~ok).nonzero()[0])
         raise NonFiniteOutputError(
-            f"cofi.runtime.predict: the model gave NaN/inf outputs for {per_example.count(False)} of "
-            f"{len(per_example)} examples (first: example {first}); its weights overflow on these inputs, "
+            f"cofi.runtime.predict: the model gave NaN/inf outputs for {int((~ok).sum())} of "
+            f"{len(ok)} examples (first: example {first}); its weights overflow on these inputs, "
             "so nothing is predicted from them")
 
 

@@ -412,16 +412,15 @@ class CompactModel(nn.Module):
         The config is checked (``CompactConfig.load``) and so is every tensor against it: names,
         shapes, floating dtypes and finite values; any problem is one :class:`ModelFolderError`."""
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         cfg = CompactConfig.load(directory)
         path = os.path.join(directory, WEIGHTS_NAME)
         if not os.path.isfile(path):
             raise ModelFolderError(f"cofi.runtime: {directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
         try:
-            sd = load_file(path)
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
+                sd = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # noqa: BLE001 - safetensors' errors for a damaged file vary
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ModelFolderError(f"cofi.runtime: {path} is not a readable safetensors file ({first}); "
