@@ -59,7 +59,7 @@ def on_tensor_device(fn: Callable[P, R]) -> Callable[P, R]:
         t = next((a for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"), None)
         if t is None:
             return fn(*args, **kwargs)
-        with torch.cuda.device(t.device):
+        with device_guard(t):
             return fn(*args, **kwargs)
 
     return wrapper
@@ -158,7 +158,7 @@ def attention_smem_bytes(dtype: torch.dtype, cfg: AttentionConfig) -> dict[str, 
     Triton 3.9 allocates for every shipped tile (tools/triton_aot_check.py checks it), tight for
     the fp32 forward and dQ kernels, up to 2.5x high for half precision.
     """
-    e = torch.empty((), dtype=dtype).element_size()
+    e = dtype.itemsize
     d = cfg.block_d
 
     def stages(t: Tile) -> int:

@@ -21,12 +21,13 @@ COFI_HD T sample(T log_alpha, T u, T t, T l, T r) {
   return sbar <= T(0) ? T(0) : (sbar >= T(1) ? T(1) : sbar);
 }
 
-// d z / d log_alpha, zero where the clip is active (hardtanh's rule: strict interior only).
+// g * d z / d log_alpha, zero where the clip is active (hardtanh's rule: strict interior only) even
+// for a non-finite g: the reference's where(inside, g * dz, 0), on every device.
 template <typename T>
-COFI_HD T sample_grad(T log_alpha, T u, T t, T l, T r) {
+COFI_HD T sample_grad_times(T g, T log_alpha, T u, T t, T l, T r) {
   T s = sigmoid((log(u) - log1p(-u) + log_alpha) / t);
   T sbar = s * (r - l) + l;
-  return (sbar > T(0) && sbar < T(1)) ? (r - l) * s * (T(1) - s) / t : T(0);
+  return (sbar > T(0) && sbar < T(1)) ? g * ((r - l) * s * (T(1) - s) / t) : T(0);
 }
 
 // keep probability 1 - clamp(sigmoid(q0_logit - log_alpha), eps, 1 - eps)
@@ -37,10 +38,11 @@ COFI_HD T keep_prob(T log_alpha, T q0_logit, T eps) {
   return T(1) - q;
 }
 
+// g * d keep / d log_alpha, zero where the clamp is active (even for a non-finite g)
 template <typename T>
-COFI_HD T keep_prob_grad(T log_alpha, T q0_logit, T eps) {
+COFI_HD T keep_prob_grad_times(T g, T log_alpha, T q0_logit, T eps) {
   T q = sigmoid(q0_logit - log_alpha);
-  return (q > eps && q < T(1) - eps) ? q * (T(1) - q) : T(0);
+  return (q > eps && q < T(1) - eps) ? g * (q * (T(1) - q)) : T(0);
 }
 
 }  // namespace cofi_hc

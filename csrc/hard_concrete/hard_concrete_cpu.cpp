@@ -182,7 +182,7 @@ at::Tensor sample_bwd(const at::Tensor& grad, const at::Tensor& log_alpha, const
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, la.numel(), kGrain, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i)
-        po[i] = pg[i] * cofi_hc::sample_grad<scalar_t>(pa[i], pu[i], scalar_t(t), scalar_t(l), scalar_t(r));
+        po[i] = cofi_hc::sample_grad_times<scalar_t>(pg[i], pa[i], pu[i], scalar_t(t), scalar_t(l), scalar_t(r));
     });
   });
   return out;
@@ -226,7 +226,7 @@ at::Tensor keep_bwd(const at::Tensor& grad, const at::Tensor& log_alpha, double 
     const scalar_t* pg = g.const_data_ptr<scalar_t>();
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, la.numel(), kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) po[i] = pg[i] * cofi_hc::keep_prob_grad<scalar_t>(pa[i], scalar_t(q0), scalar_t(eps));
+      for (int64_t i = b; i < e; ++i) po[i] = cofi_hc::keep_prob_grad_times<scalar_t>(pg[i], pa[i], scalar_t(q0), scalar_t(eps));
     });
   });
   return out;

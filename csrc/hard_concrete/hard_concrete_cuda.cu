@@ -13,20 +13,7 @@ inline unsigned blocks_for(int64_t n) {
 
 // NaN or out-of-range noise gives a NaN gate, as the reference: log(u) - log1p(-u) is NaN there and
 // the clip in cofi_hc::sample is a compare-and-select that passes NaN (fminf / fmaxf would not).
-// Backward: the reference's where(inside, g * dz, 0), so outside the clip (NaN gates included) the
-// gradient is 0 even for a non-finite g.
-template <typename T>
-__device__ __forceinline__ T sample_grad_times(T g, T la, T u, T t, T l, T r) {
-  const T s = cofi_hc::sigmoid((log(u) - log1p(-u) + la) / t);
-  const T sbar = s * (r - l) + l;
-  return (sbar > T(0) && sbar < T(1)) ? g * (r - l) * s * (T(1) - s) / t : T(0);
-}
-
-template <typename T>
-__device__ __forceinline__ T keep_grad_times(T g, T la, T q0, T eps) {
-  const T q = cofi_hc::sigmoid(q0 - la);
-  return (q > eps && q < T(1) - eps) ? g * q * (T(1) - q) : T(0);
-}
+// Backward: cofi_hc::*_grad_times, the reference's where(inside, g * dz, 0).
 
 template <typename T>
 __global__ void sample_fwd(const T* __restrict__ la, const T* __restrict__ u, T* __restrict__ z, int64_t n, T t, T l, T r) {
@@ -38,7 +25,7 @@ template <typename T>
 __global__ void sample_bwd(const T* __restrict__ g, const T* __restrict__ la, const T* __restrict__ u, T* __restrict__ out,
                            int64_t n, T t, T l, T r) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-    out[i] = sample_grad_times<T>(g[i], la[i], u[i], t, l, r);
+    out[i] = cofi_hc::sample_grad_times<T>(g[i], la[i], u[i], t, l, r);
 }
 
 template <typename T>
@@ -50,7 +37,7 @@ __global__ void keep_fwd(const T* __restrict__ la, T* __restrict__ p, int64_t n,
 template <typename T>
 __global__ void keep_bwd(const T* __restrict__ g, const T* __restrict__ la, T* __restrict__ out, int64_t n, T q0, T eps) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-    out[i] = keep_grad_times<T>(g[i], la[i], q0, eps);
+    out[i] = cofi_hc::keep_prob_grad_times<T>(g[i], la[i], q0, eps);
 }
 
 }  // namespace

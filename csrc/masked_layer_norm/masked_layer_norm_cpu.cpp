@@ -328,8 +328,7 @@ std::vector<at::Tensor> masked_layer_norm_bwd_cpu(const at::Tensor& grad_, const
   if (N > 0 && (needs[0] || needs[1] || want_cols)) {
     AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), "masked_layer_norm_bwd_cpu", [&] {
       Args<scalar_t> A = make_args<scalar_t>(p.x, p.r, p.w, p.b, p.z, p.k, eps);
-      A.n = scalar_t(p.n);
-    A.inv_n = scalar_t(p.inv_n);
+      A.inv_n = scalar_t(p.inv_n);  // ln_bwd reads the saved mean / rstd, not n
       ln_bwd<scalar_t>(A, g.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(),
                        needs[0] ? dx.data_ptr<scalar_t>() : nullptr, dr.numel() ? dr.data_ptr<scalar_t>() : nullptr,
                        want_cols ? cols.data_ptr<scalar_t>() : nullptr, nblocks, want_cols);

@@ -248,6 +248,26 @@ def test_step_noise_outside_open_interval_matches_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_direct_native_backward_nonfinite_upstream_gradient_is_zero_outside_clip(dtype):
+    """where(inside, g * dz, 0) as the reference's autograd: a NaN/inf upstream gradient gives 0
+    where the clip (sample) or the clamp (keep prob) is active, in every dtype (float64 used to give
+    NaN)."""
+    t, l, r, eps = 2 / 3, -0.1, 1.1, 1e-6
+    la = torch.tensor([-30.0, 30.0, 0.0, 0.0], dtype=dtype)  # clipped low, clipped high, interior x2
+    u = torch.full_like(la, 0.5)
+    g = torch.tensor([NAN, INF, 1.0, 2.0], dtype=dtype)
+    for native, ref in (
+            (torch.ops.cofi.hard_concrete_sample_bwd_native(g, la, u, t, l, r),
+             lambda x: hard_concrete_sample_ref(x, u, t, l, r)),
+            (torch.ops.cofi.hard_concrete_keep_prob_bwd_native(g, la, t, l, r, eps),
+             lambda x: hard_concrete_keep_prob_ref(x, t, l, r, eps))):
+        leaf = la.clone().requires_grad_(True)
+        (want,) = torch.autograd.grad(ref(leaf), leaf, g)
+        assert native[:2].tolist() == [0.0, 0.0]
+        torch.testing.assert_close(native, want, **tol("hard_concrete", "bwd", dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_direct_native_nan_log_alpha_propagates_like_reference(dtype):
     la = torch.tensor([0.0, NAN, 2.0, -INF, INF], dtype=dtype)
     u = torch.full_like(la, 0.3)
