@@ -30,6 +30,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 
 Scheduler = Literal["linear", "constant"]
+Precision = Literal["fp32", "bf16", "fp16"]
 
 
 @dataclass
@@ -113,6 +114,8 @@ class TrainConfig:
     num_threads: int | None = _f(None, "CPU threads of torch; None = torch's default")
     progress: bool = _f(True, "show a progress bar")
     device: str = _f("cpu", "cpu, cuda or cuda:N")
+    precision: Precision = _f("fp32", "training/eval precision: fp32, or bf16 / fp16 autocast (weights, optimizer "
+                                      "state, masks and the Lagrangian stay fp32; fp16 adds a gradient scaler)")
     max_eval_batches: int | None = _f(None, "evaluate on the first N batches only; None = all")
     # run control, not saved with the run
     overwrite: bool = _f(False, "clear a previous run's outputs in output_dir first")
@@ -175,6 +178,8 @@ class TrainConfig:
                                   "device(s) here")
         elif dev.type != "cpu":
             raise ConfigError(f"cofi config: device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"cofi config: precision bf16: device {self.device!r} has no bf16 support (use fp16)")
 
     def validate(self, command: str = "prune") -> "TrainConfig":
         def bad(name: str, msg: str) -> None:
