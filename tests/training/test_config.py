@@ -40,7 +40,7 @@ def test_choice_keys_are_the_literal_types_and_validate_checks_them():
     assert C.CHOICES == {"scheduler": ("linear", "constant"), "compact_scheduler": ("linear", "constant"),
                          "mask_init": ("reference", "uniform"), "deterministic_mode": ("soft", "binary"),
                          "backend": ("compact", "dense"), "layer_distill": ("v3", "v4", "none"),
-                         "teacher_cache": ("auto", "on", "off")}
+                         "teacher_cache": ("auto", "on", "off"), "precision": ("fp32", "bf16", "fp16")}
     for name, ok in C.CHOICES.items():
         assert f"one of {', '.join(ok)}" in CC.field_help(name)
         with pytest.raises(ConfigError, match=f"{name} must be one of {', '.join(ok)}, got 'nope'"):
