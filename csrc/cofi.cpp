@@ -35,6 +35,10 @@ TORCH_LIBRARY(cofi, m) {
   m.def("masked_layer_norm_fwd_native(Tensor x, Tensor? residual, Tensor weight, Tensor bias, Tensor? hidden_z, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("masked_layer_norm_bwd_native(Tensor grad, Tensor x, Tensor? residual, Tensor weight, Tensor bias, Tensor? hidden_z, Tensor mean, Tensor rstd, float eps, bool[] needs) -> Tensor[]");
   // --- end masked_layer_norm ---
+  // --- masked_rms_norm ---
+  m.def("masked_rms_norm_fwd_native(Tensor x, Tensor? residual, Tensor weight, Tensor? hidden_z, float eps, bool want_sum) -> (Tensor, Tensor, Tensor)");
+  m.def("masked_rms_norm_bwd_native(Tensor grad, Tensor? grad_sum, Tensor x, Tensor? residual, Tensor weight, Tensor? hidden_z, Tensor rstd, bool[] needs) -> Tensor[]");
+  // --- end masked_rms_norm ---
   // --- compact_encoder (runtime; composite over the ops above) ---
   m.def("compact_encoder_fwd(Tensor x, Tensor? key_padding_mask, Tensor[] params, int[] num_heads, int[] widths, int[] present, int head_dim, int activation, float eps, Tensor? hidden_z, bool all_hidden_states, bool unpad, bool cls_only) -> Tensor[]");
   m.def("compact_embeddings_fwd(Tensor input_ids, Tensor? token_type_ids, Tensor? position_ids, Tensor word, Tensor position, Tensor token_type, Tensor ln_weight, Tensor ln_bias, Tensor? hidden_z, float eps) -> Tensor");

@@ -16,6 +16,7 @@ from .hard_concrete import (
 from .masked_attention import masked_attention, masked_attention_packed
 from .masked_ffn import masked_ffn
 from .masked_layer_norm import masked_layer_norm
+from .masked_rms_norm import masked_add_rms_norm, masked_rms_norm
 
 __all__ = [
     "BackendError",
@@ -27,10 +28,12 @@ __all__ = [
     "hard_concrete_sample",
     "hard_concrete_step",
     "last_backend",
+    "masked_add_rms_norm",
     "masked_attention",
     "masked_attention_packed",
     "masked_ffn",
     "masked_layer_norm",
+    "masked_rms_norm",
     "reset_stats",
     "use_backend",
 ]
