@@ -29,6 +29,10 @@ TOL: dict[str, dict[str, dict[torch.dtype, tuple[float, float]]]] = {
         "fwd": {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5)},
         "bwd": {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4)},
     },
+    "masked_rms_norm": {
+        "fwd": {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5)},
+        "bwd": {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4)},
+    },
 }
 
 
