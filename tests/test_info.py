@@ -24,7 +24,10 @@ def test_cli_info_json(capsys):
     assert main(["info", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["torch"]
-    assert set(out["backends"]["hard_concrete_sample"]) == {"native", "triton", "reference"}
+    assert set(out["backends"]["hard_concrete_sample"]) == {"native", "triton", "sdpa", "reference"}
+    # sdpa is masked_attention's only: every other op reports it as not implemented
+    assert out["backends"]["hard_concrete_sample"]["sdpa"]["cpu"] == ["not implemented for this op"]
+    assert out["backends"]["masked_attention"]["sdpa"] == {"cpu": "available", "cuda": "available"}
 
 
 def test_python_m_cofi_info_runs():

@@ -2,11 +2,17 @@
 
 Backend names are fixed: ``native`` (the C++ extension ``cofi._C``: CPU kernels, and CUDA kernels in
 a CUDA build), ``triton`` (GPU; interpreted on CPU under ``TRITON_INTERPRET=1``, only when forced),
+``sdpa`` (masked_attention only: torch's ``scaled_dot_product_attention`` on the live heads),
 ``reference`` (eager PyTorch). The choice order for a call is: the ``backend=`` argument, then the
 innermost ``use_backend(...)`` context, then ``COFI_BACKEND``, then ``auto``. The chosen string is
 passed into the registered op, so a traced graph records it; ``auto`` resolves per input from the
 PRIORITY table below. An explicit backend that cannot run raises with its reasons; ``auto`` with no
 feasible backend raises with every backend's reasons. Nothing falls back silently.
+
+Composite backends (``sdpa``) are plain differentiable torch code that the public function runs
+*instead of* the registered custom op (``torch.ops.cofi.<op>``), with autograd through torch's own
+derivatives; ``composite(...)`` decides per call whether one runs. The custom op itself never runs
+them: inside it ``auto`` skips them and naming one is an error.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import torch
 
 from .. import _ext
 
-BACKENDS = ("native", "triton", "reference")
+BACKENDS = ("native", "triton", "sdpa", "reference")
 CHOICES = BACKENDS + ("auto",)
 
 # Auto-selection order per device type. CPU: the native C++ kernels (measured faster than the eager
@@ -31,8 +37,12 @@ PRIORITY: dict[str, tuple[str, ...]] = {
     "cpu": ("native", "reference"),
     "cuda": ("native", "triton", "reference"),
 }
-# Per-op overrides of PRIORITY, {op: {device_type: order}}; set from benchmark results only.
-OP_PRIORITY: dict[str, dict[str, tuple[str, ...]]] = {}
+# Per-op overrides of PRIORITY, {op: {device_type: order}}. masked_attention on CUDA: SDPA (torch's
+# flash / memory-efficient kernels) then the eager reference, the lowest-risk order until a lent GPU
+# measures the hand kernels (native CUDA and Triton are opt-in until then; docs/backends.md).
+OP_PRIORITY: dict[str, dict[str, tuple[str, ...]]] = {
+    "masked_attention": {"cuda": ("sdpa", "reference")},
+}
 
 
 class BackendError(RuntimeError):
@@ -54,12 +64,17 @@ class BackendImpl:
     reasons: ReasonsFn
     fwd: Callable[..., object]
     bwd: Callable[..., object] | None = None
+    composite: bool = False  # plain torch code run by the public function, outside the custom op
 
 
 @dataclass
 class OpRecord:
     name: str
-    impls: dict[str, BackendImpl] = field(default_factory=dict)
+    impls: dict[str, BackendImpl] = field(default_factory=dict)  # backends of the registered custom op
+    composites: dict[str, BackendImpl] = field(default_factory=dict)  # backends that replace it
+
+    def get(self, name: str) -> BackendImpl | None:
+        return self.impls.get(name) or self.composites.get(name)
 
 
 _REGISTRY: dict[str, OpRecord] = {}
@@ -72,10 +87,11 @@ _stats: Counter[tuple[str, str, str]] = Counter()
 
 
 def register(op: str, impl: BackendImpl) -> None:
-    """Register ``impl`` as backend ``impl.name`` of ``op``."""
+    """Register ``impl`` as backend ``impl.name`` of ``op`` (a composite one if ``impl.composite``)."""
     if impl.name not in BACKENDS:
         raise ValueError(f"backend name must be one of {BACKENDS}, got {impl.name!r}")
-    _REGISTRY.setdefault(op, OpRecord(op)).impls[impl.name] = impl
+    rec = _REGISTRY.setdefault(op, OpRecord(op))
+    (rec.composites if impl.composite else rec.impls)[impl.name] = impl
 
 
 def ops() -> list[str]:
@@ -83,7 +99,16 @@ def ops() -> list[str]:
 
 
 def impl(op: str, name: str) -> BackendImpl:
-    return _REGISTRY[op].impls[name]
+    impl_ = _REGISTRY[op].get(name)
+    if impl_ is None:
+        raise KeyError(f"cofi.ops.{op} has no backend {name!r}")
+    return impl_
+
+
+def op_backends(op: str) -> tuple[str, ...]:
+    """The backends ``op`` has (custom-op and composite), in BACKENDS order."""
+    rec = _REGISTRY[op]
+    return tuple(n for n in BACKENDS if rec.get(n) is not None)
 
 
 def _check_choice(name: str, where: str) -> str:
@@ -178,30 +203,65 @@ def first_input_reasons(
 
 # --- resolution and recording -------------------------------------------------------------------
 
-def resolve(op: str, chosen: str, *inputs: object) -> BackendImpl:
-    """Pick the implementation of ``op`` for this call; raise BackendError listing reasons."""
+def priority(op: str, device_type: str) -> tuple[str, ...]:
+    """The order ``auto`` tries the backends of ``op`` in on ``device_type``."""
+    return OP_PRIORITY.get(op, {}).get(device_type, PRIORITY.get(device_type, ("reference",)))
+
+
+def _explicit(op: str, chosen: str, inputs: tuple[object, ...]) -> BackendImpl:
+    impl_ = _REGISTRY[op].get(chosen)
+    if impl_ is None:
+        raise BackendError(f"cofi.ops.{op}: backend {chosen!r} is not implemented for this op")
+    why = impl_.reasons(*inputs)
+    if why:
+        raise BackendError(f"cofi.ops.{op}: backend {chosen!r} cannot run this call: " + "; ".join(why))
+    return impl_
+
+
+def resolve(op: str, chosen: str, *inputs: object, allow_composite: bool = False) -> BackendImpl:
+    """Pick the implementation of ``op`` for this call; raise BackendError listing reasons.
+
+    With ``allow_composite=False`` (inside the custom op) composite backends are never picked: ``auto``
+    skips them and naming one raises.
+    """
     rec = _REGISTRY[op]
     if chosen != "auto":
-        impl_ = rec.impls.get(chosen)
-        if impl_ is None:
-            raise BackendError(f"cofi.ops.{op}: backend {chosen!r} is not implemented for this op")
-        why = impl_.reasons(*inputs)
-        if why:
-            raise BackendError(f"cofi.ops.{op}: backend {chosen!r} cannot run this call: " + "; ".join(why))
+        impl_ = _explicit(op, chosen, inputs)
+        if impl_.composite and not allow_composite:
+            raise BackendError(f"cofi.ops.{op}: backend {chosen!r} is plain torch code run by cofi.ops.{op}, "
+                               f"not a backend of torch.ops.cofi.{op}")
         return impl_
     device = _first_device(inputs)
-    order = OP_PRIORITY.get(op, {}).get(device.type, PRIORITY.get(device.type, ("reference",)))
     rejected = []
-    for name in order:
-        impl_ = rec.impls.get(name)
+    for name in priority(op, device.type):
+        impl_ = rec.get(name)
         if impl_ is None:
             rejected.append(f"{name}: not implemented")
+            continue
+        if impl_.composite and not allow_composite:
+            rejected.append(f"{name}: runs only through cofi.ops.{op}, not inside torch.ops.cofi.{op}")
             continue
         why = impl_.reasons(*inputs)
         if not why:
             return impl_
         rejected.append(f"{name}: " + "; ".join(why))
     raise BackendError(f"cofi.ops.{op}: no backend can run this call on {device.type}: " + " | ".join(rejected))
+
+
+def composite(op: str, chosen: str, *inputs: object) -> BackendImpl | None:
+    """The composite backend the public function of ``op`` should run instead of its custom op, or
+    None (then the custom op runs with ``chosen``, and resolves ``auto`` to the same backend this
+    walk would have picked: the priority order minus the composites). Raises BackendError like
+    ``resolve`` when nothing can run."""
+    rec = _REGISTRY[op]
+    if not rec.composites:
+        return None
+    if chosen != "auto":
+        return _explicit(op, chosen, inputs) if chosen in rec.composites else None
+    if not any(n in rec.composites for n in priority(op, _first_device(inputs).type)):
+        return None
+    impl_ = resolve(op, chosen, *inputs, allow_composite=True)
+    return impl_ if impl_.composite else None
 
 
 def _first_device(inputs: tuple[object, ...]) -> torch.device:

@@ -21,7 +21,7 @@ def _native(op: str, device: torch.device) -> list[str]:
 
 def _device_reasons(op: str, backend: str, device: str) -> list[str]:
     dev = torch.device(device)
-    if backend == "reference":
+    if backend in ("reference", "sdpa"):  # plain torch code: runs wherever torch runs
         return []
     if backend == "triton":
         why = B.triton_reasons(dev)
@@ -41,8 +41,9 @@ def backends() -> dict[str, dict[str, dict[str, str | list[str]]]]:
     out: dict[str, dict[str, dict[str, str | list[str]]]] = {}
     for op in B.ops():
         row = out.setdefault(op, {})
+        have = B.op_backends(op)
         for backend in B.BACKENDS:
-            if backend not in B._REGISTRY[op].impls:
+            if backend not in have:
                 row[backend] = {d: ["not implemented for this op"] for d in DEVICES}
                 continue
             row[backend] = {d: (_device_reasons(op, backend, d) or "available") for d in DEVICES}

@@ -21,6 +21,10 @@ distinct (row stride < D: ``expand`` / ``broadcast_to`` along S, ``unfold`` / ``
 windows) or not unit-strided along D are copied first, here and in the C++ entry points
 (docs/ops-inputs.md).
 
+Backends: ``native``, ``triton`` and ``reference`` implement the registered ops; ``sdpa``
+(``masked_attention_sdpa``) is plain torch code around ``scaled_dot_product_attention`` that
+``masked_attention`` runs instead of them (first on CUDA under ``auto``; no dropout).
+
 Dropout: the seed (int64 [2]) is drawn from ``generator``; the keep mask is a counter-based hash of
 (seed, b, h, i, j) that the reference and every kernel compute identically
 (``reference/masked_attention.py``), so results are reproducible and testable across backends.
@@ -34,6 +38,7 @@ import torch
 from .. import _ext
 from . import _backends as B
 from ._validate import FLOAT_DTYPES, check_float, check_tensor
+from . import masked_attention_sdpa  # noqa: F401  registers the composite 'sdpa' backend
 from .reference.masked_attention import dropout_keep, dropout_seed, masked_attention_core_ref
 
 OP = "masked_attention"
@@ -244,8 +249,9 @@ def masked_attention(
     exactly 0 are skipped (zero output and zero gradients). key_padding_mask: [B, S], True / nonzero
     = keep (transformers' attention_mask); a query whose keys are all masked gives 0, never NaN.
     scale: default 1/sqrt(D). dropout_p in [0, 1) on the attention probabilities, seeded from
-    ``generator`` (reproducible across backends). Differentiable in q, k, v and head_z (first order
-    only: double backward is not supported).
+    ``generator`` (reproducible across backends; the ``sdpa`` backend refuses dropout).
+    Differentiable in q, k, v and head_z (first order only: double backward is not supported, except
+    through the ``sdpa`` backend, which is plain torch code).
     """
     _validate(q, k, v, head_z, key_padding_mask, scale, dropout_p, generator)
     D = q.shape[-1]
@@ -255,9 +261,15 @@ def masked_attention(
         head_z = head_z.to(q.dtype)
     if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
         key_padding_mask = key_padding_mask != 0
+    chosen = B.choice(backend)
+    impl = B.composite(OP, chosen, q, k, v, head_z, key_padding_mask, float(scale), float(dropout_p))
+    if impl is not None:
+        if not torch.compiler.is_compiling():  # a compiled graph holds the torch ops themselves
+            B.record(OP, impl.name, q.device)
+        return impl.fwd(q, k, v, head_z, key_padding_mask, float(scale), float(dropout_p)).contiguous()
     seed = dropout_seed(generator, q.device) if dropout_p > 0.0 else None
     out, _ = torch.ops.cofi.masked_attention(q, k, v, head_z, key_padding_mask, float(scale), float(dropout_p),
-                                             seed, B.choice(backend))
+                                             seed, chosen)
     return out
 
 
