@@ -93,3 +93,10 @@ __all__ = [
     "group_shape", "group_shapes", "layer_params", "op_activation", "reference_ffn_layer_params",
     "reference_head_params",
 ]
+
+
+# ---------------------------------------------------------------------------- precision
+# Run / inference precision names (``precision`` of a training config, ``cofi eval --precision``) ->
+# the torch dtype attribute: fp32 runs as is; bf16 / fp16 train under autocast with fp32 master
+# weights (cofi.training.precision) and run a compact model cast to that dtype (cofi.runtime).
+PRECISION_DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
