@@ -23,7 +23,7 @@ from .state import check_train_state
 
 LOCK = ".cofi.lock"
 # What a run writes in its output folder (``--overwrite`` deletes these and nothing else).
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "results.json", "checkpoints", "best", "final", "compact",
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "results.json", "budget.json", "checkpoints", "best", "final", "compact",
                "compact_folded")
 # Config keys that do not change what a run computes: they may differ on --resume.
 RESUME_FREE = frozenset({"output_dir", "progress", "num_threads", "device", "keep_checkpoints", "save_steps",
