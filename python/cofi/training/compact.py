@@ -14,6 +14,7 @@ from .context import RunContext
 from .evaluate import best_note, describe, evaluate, metric_value
 from .loop import run_loop
 from .optim import Optimizers
+from .precision import autocast
 from .state import LoopState, check_train_state, plain, shapes
 from .task import forward
 
@@ -82,7 +83,8 @@ class CompactStage:
 
     def train_step(self, batch: dict, step: int) -> dict:
         ctx = self.ctx
-        out = forward(self.model, batch, hidden=self.use_proj)
+        with autocast(ctx.cfg.precision, ctx.device):
+            out = forward(self.model, batch, hidden=self.use_proj)
         terms = ctx.objective.terms(batch, out, self.exists, self.model.layer_transformation if self.use_proj else None)
         if ctx.objective.teacher is not None and not self.use_proj:
             terms.pop("layer_loss", None)

@@ -17,6 +17,7 @@ from . import losses as LS
 from .config import ConfigError, TrainConfig
 from .metrics_log import JsonlLog
 from .modeling import load_model
+from .precision import autocast
 from .run_folder import RunFolder
 from .state import current_shapes
 from .task import Objective, TaskBundle, forward, load_task_bundle, uses_layer_distill
@@ -141,7 +142,11 @@ def teacher_cache(cfg: TrainConfig, task: TaskBundle, teacher: torch.nn.Module, 
             raise ConfigError(f"cofi config: teacher_cache=on is impossible here: {why}")
         log(f"[teacher] one teacher forward per step ({why})")
         return None
-    cache = TeacherCache.build(teacher, task.train, tl, cfg.eval_batch_size, device, forward)
+    def fwd(model: torch.nn.Module, batch: dict, hidden: bool = False):
+        with autocast(cfg.precision, device):
+            return forward(model, batch, hidden=hidden)
+
+    cache = TeacherCache.build(teacher, task.train, tl, cfg.eval_batch_size, device, fwd)
     log(f"[teacher] outputs of {len(task.train)} training examples cached in "
         f"{cache.build_s:.1f} s ({cache.nbytes / 2 ** 20:.0f} MiB, layers {list(tl)})")
     return cache

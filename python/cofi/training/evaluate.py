@@ -8,6 +8,7 @@ import torch
 
 from .. import data as D
 from .config import TrainConfig
+from .precision import autocast
 from .task import TaskBundle, forward, logits_of
 
 NONFINITE = "nonfinite"
@@ -17,7 +18,8 @@ NONFINITE = "nonfinite"
 def evaluate(model: torch.nn.Module, task: TaskBundle, cfg: TrainConfig, device: torch.device,
              masks=None) -> dict:
     """The task's metrics of ``model`` (with ``masks``, if given) on the eval set, at most
-    ``cfg.max_eval_batches`` batches; ``{"nonfinite": True}`` if any output is NaN or infinite."""
+    ``cfg.max_eval_batches`` batches, under ``cfg.precision``'s autocast; ``{"nonfinite": True}``
+    if any output is NaN or infinite."""
     was = model.training
     model.eval()
     enc = task.eval
@@ -28,7 +30,8 @@ def evaluate(model: torch.nn.Module, task: TaskBundle, cfg: TrainConfig, device:
     finite = True
     for b in batches:
         batch = {k: v.to(device) for k, v in enc.collate(b).items()}
-        out = forward(model, batch, masks, cfg.backend)
+        with autocast(cfg.precision, device):
+            out = forward(model, batch, masks, cfg.backend)
         ls = [x.float().cpu().numpy() for x in logits_of(out)]
         finite = finite and all(bool(np.isfinite(x).all()) for x in ls)
         for r, i in enumerate(b):

@@ -9,6 +9,7 @@ from .context import RunContext
 from .evaluate import best_note, describe, evaluate, metric_value
 from .loop import run_loop
 from .optim import Optimizers
+from .precision import autocast, outputs_fp32
 from .state import LoopState
 from .task import forward, task_loss
 
@@ -32,8 +33,9 @@ class FinetuneStage:
         return {}
 
     def train_step(self, batch: dict, step: int) -> dict:
-        out = forward(self.model, batch)
-        loss = task_loss(self.ctx.task.spec, out, batch["labels"])
+        with autocast(self.ctx.cfg.precision, self.ctx.device):
+            out = forward(self.model, batch)
+        loss = task_loss(self.ctx.task.spec, outputs_fp32(out), batch["labels"])
         self.optim.step(loss, self.ctx.dist)
         return {"loss": loss.detach()}
 

@@ -1,12 +1,14 @@
 """Optimizers of a training stage: the model's AdamW (weight-decay groups; fused where available)
 with its learning-rate schedule, and while masks are trained the log_alpha AdamW and the lambdas'
-AdamW (gradient ascent), stepped together by ``Optimizers.step``."""
+AdamW (gradient ascent), stepped together by ``Optimizers.step`` (with precision fp16, through a
+loss scaler: ``precision.grad_scaler``)."""
 from __future__ import annotations
 
 import torch
 
 from . import distributed as dd
 from .config import TrainConfig
+from .precision import grad_scaler, no_autocast
 
 
 def no_decay(name: str) -> bool:
@@ -64,6 +66,8 @@ class Optimizers:
             self.lam_opt = torch.optim.AdamW([maskset.lambda_1, maskset.lambda_2], lr=cfg.reg_learning_rate,
                                              weight_decay=0.0)
             self.params += [maskset.log_alpha, maskset.lambda_1, maskset.lambda_2]
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        self.scaler = grad_scaler(cfg.precision, self.device)
 
     @property
     def lr(self) -> float:
@@ -71,8 +75,16 @@ class Optimizers:
 
     def step(self, loss: torch.Tensor, dist: dd.DistInfo) -> None:
         """backward -> average gradients over ranks -> clip model grads -> model AdamW -> log_alpha
-        AdamW -> lambdas AdamW on negated gradients -> scheduler -> clamp log_alpha -> zero grads."""
-        loss.backward()
+        AdamW -> lambdas AdamW on negated gradients -> scheduler -> clamp log_alpha -> zero grads.
+        Autocast is off throughout. fp16: the loss is scaled for backward, the gradients unscaled
+        before clipping, and a step whose gradients are not finite is skipped by every optimizer
+        (the scaler then lowers its scale)."""
+        with no_autocast(self.device):
+            self._step(loss, dist)
+
+    def _step(self, loss: torch.Tensor, dist: dd.DistInfo) -> None:
+        sc = self.scaler
+        (sc.scale(loss) if sc is not None else loss).backward()
         # A compact step gives no gradient to the weights of units it cut out; dense mode (the
         # reference) gives them zeros, on which AdamW still moves them (momentum, weight decay).
         # Zeros here make both modes, and one process vs data parallel, take the same step.
@@ -80,13 +92,18 @@ class Optimizers:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         dd.average_grads(self.params, dist)
+        opts = [o for o in (self.opt, self.l0_opt, self.lam_opt) if o is not None]
+        if sc is not None:
+            for o in opts:
+                sc.unscale_(o)
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model_params, self.cfg.max_grad_norm)
-        self.opt.step()
         if self.maskset is not None:
-            self.l0_opt.step()
             self.maskset.ascend_lambdas_()
-            self.lam_opt.step()
+        for o in opts:
+            sc.step(o) if sc is not None else o.step()
+        if sc is not None:
+            sc.update()
         self.sched.step()
         if self.maskset is not None:
             self.maskset.clamp_()
@@ -100,6 +117,8 @@ class Optimizers:
         if self.maskset is not None:
             st["l0_opt"] = self.l0_opt.state_dict()
             st["lam_opt"] = self.lam_opt.state_dict()
+        if self.scaler is not None:
+            st["scaler"] = self.scaler.state_dict()
         return st
 
     def load_state_dict(self, st: dict) -> None:
@@ -108,3 +127,5 @@ class Optimizers:
         if self.maskset is not None:
             self.l0_opt.load_state_dict(st["l0_opt"])
             self.lam_opt.load_state_dict(st["lam_opt"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(st["scaler"])

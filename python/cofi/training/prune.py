@@ -22,6 +22,7 @@ from .context import RunContext
 from .evaluate import best_note, describe, evaluate, metric_value
 from .loop import run_loop
 from .optim import Optimizers
+from .precision import autocast
 from .state import LoopState
 from .task import forward
 
@@ -84,7 +85,8 @@ class PruneStage:
         pruning = self.phase == "pruning"
         mstep = ms.step(generator=ctx.mask_gen) if pruning else None
         masks = mstep.z if pruning else None
-        out = forward(self.model, batch, masks, ctx.cfg.backend, hidden=ctx.objective.layer_distill)
+        with autocast(ctx.cfg.precision, ctx.device):  # the masks and the Lagrangian stay outside: fp32
+            out = forward(self.model, batch, masks, ctx.cfg.backend, hidden=ctx.objective.layer_distill)
         exists = None
         if masks is not None and (masks.mha is not None or masks.ffn is not None):
             L = self.model.config.num_hidden_layers

@@ -12,6 +12,7 @@ from .. import data as D
 from . import distributed as dd
 from . import losses as LS
 from .config import TrainConfig
+from .precision import autocast, outputs_fp32
 from .teacher_cache import TeacherCache
 
 
@@ -85,7 +86,9 @@ def uses_layer_distill(cfg: TrainConfig) -> bool:
 class Objective:
     """A step's loss terms and their weighted sum: cross-entropy on labels without a teacher;
     with one, prediction distillation (a_pred), layer distillation (a_layer) and, if a_ce > 0,
-    cross-entropy; the Lagrangian (weight 1) is added by the pruning stage."""
+    cross-entropy; the Lagrangian (weight 1) is added by the pruning stage. The terms are computed in
+    fp32 outside autocast from the student's outputs cast to fp32; a per-step teacher forward runs
+    under the run's autocast (``precision.py``)."""
 
     def __init__(self, cfg: TrainConfig, spec: D.TaskSpec, dist: dd.DistInfo, teacher: torch.nn.Module | None = None,
                  teacher_cache: TeacherCache | None = None) -> None:
@@ -99,6 +102,7 @@ class Objective:
 
     def terms(self, batch: dict, out, layer_exists: torch.Tensor | None = None,
               proj: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+        out = outputs_fp32(out)
         if self.teacher is None:
             return {"ce_loss": task_loss(self.spec, out, batch["labels"])}
         return self.distill_terms(batch, out, layer_exists, proj)
@@ -110,8 +114,9 @@ class Objective:
         if self.teacher_cache is not None:
             t_out = self.teacher_cache.lookup(batch["example_index"], batch["attention_mask"])
         else:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(cfg.precision, batch["input_ids"].device):
                 t_out = forward(self.teacher, batch, hidden=self.layer_distill)
+            t_out = outputs_fp32(t_out)
         if cfg.distill_pred_alpha > 0:
             terms["pred_loss"] = pred_distill_loss(self.spec, out, t_out, cfg.distill_temp)
         if self.layer_distill:

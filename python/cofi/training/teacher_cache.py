@@ -13,6 +13,10 @@ inference pass over the training set stores
 states [B, S, d] at the distilled layers, zeros at padding). The layer-distillation loss reads real
 tokens only (``layer_distill_loss(token_mask=...)``), so the cached and the per-step teacher give
 the same loss up to float rounding (the GEMM shapes of the two passes differ).
+
+Under bf16 / fp16 the pass runs under the caller's autocast (``forward``) and the cache is stored
+in float32 (a float64 teacher's in float64): the values the per-step teacher gives after
+``precision.outputs_fp32``.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 
 from .. import data as D
+from .precision import fp32
 
 
 def cache_bytes(lengths: np.ndarray, num_layers: int, hidden: int, num_outputs: int) -> int:
@@ -69,7 +74,7 @@ class TeacherCache:
             if getattr(out, "logits", None) is None:
                 raise ValueError("cofi.training.TeacherCache: the teacher has no sequence-level logits "
                                  "(QA models are distilled with a per-step teacher forward)")
-            lg = out.logits
+            lg = fp32(out.logits)
             if logits is None:
                 logits = torch.empty((len(lengths), lg.shape[-1]), dtype=lg.dtype, device=device)
             rows = torch.as_tensor(idx, device=device)
@@ -78,7 +83,7 @@ class TeacherCache:
                 kpm = batch["attention_mask"].to(torch.bool)
                 dest = torch.as_tensor(_token_positions(offsets, idx), device=device)
                 for t in layers:
-                    h = out.hidden_states[t]
+                    h = fp32(out.hidden_states[t])
                     if t not in states:
                         states[t] = torch.empty((total, h.shape[-1]), dtype=h.dtype, device=device)
                     states[t].index_copy_(0, dest, h[kpm])
