@@ -6,9 +6,10 @@ step's mask values into the models (``cofi.models``).
 from .config import GROUPS, INIT_PRESETS, MaskConfig
 from .masks import Masks
 from .maskset import MaskSet, MaskStep, TargetArchitecture
-from .sparsity import expected_full_size, full_size, kept_units, real_size, real_sparsity
+from .projection import project_to_shape, project_to_sparsity
+from .sparsity import encoder_full_size, expected_full_size, full_size, kept_units, real_size, real_sparsity
 
 __all__ = [
     "GROUPS", "INIT_PRESETS", "MaskConfig", "MaskSet", "MaskStep", "Masks", "TargetArchitecture",
-    "expected_full_size", "full_size", "kept_units", "real_size", "real_sparsity",
+    "encoder_full_size", "expected_full_size", "full_size", "kept_units", "project_to_shape", "project_to_sparsity", "real_size", "real_sparsity",
 ]

@@ -155,27 +155,23 @@ class MaskSet(nn.Module):
         """Evaluation masks (no gradient). Per row (hidden: one row; head/intermediate: per layer;
         mha/ffn: each layer gate alone) zero the round(expected #zeros) smallest log_alpha; survivors
         keep sigmoid(0.8 log_alpha / T) ("soft", the reference) or 1 ("binary").
-        ``exact_target`` (target-architecture mode): keep exactly the target count per row instead
-        (top-k by log_alpha; mha/ffn: the num_layers best gates of all layers), as Sheared-LLaMA's
+        ``exact_target`` (target-architecture mode): exactly the target shape instead
+        (``cofi.masks.projection.project_to_shape``: top-k per row by log_alpha; layers: the
+        num_layers layers of highest mean gate score keep both gates), as Sheared-LLaMA's
         ``eval_target_model``."""
         if mode not in ("soft", "binary"):
             raise ValueError(f"cofi.masks.MaskSet.deterministic: mode must be 'soft' or 'binary', got {mode!r}")
         c = self.cfg
-        if exact_target and self.target is None:
-            raise ValueError("cofi.masks.MaskSet.deterministic: exact_target needs a target architecture")
+        if exact_target:
+            if self.target is None:
+                raise ValueError("cofi.masks.MaskSet.deterministic: exact_target needs a target architecture")
+            from .projection import project_to_shape
+
+            return project_to_shape(self, self.target_counts, mode)
         out = {}
         la_all = self.log_alpha.detach()
         for g in c.groups:
             la = self.group_view(la_all, g)
-            if exact_target and g in self.target_counts:
-                rows = la.reshape(1, -1) if g in _ONE_ROW else la
-                k = self.target_counts[g]
-                val = torch.sigmoid(rows / c.temperature * 0.8) if mode == "soft" else torch.ones_like(rows)
-                keep = torch.zeros_like(rows, dtype=torch.bool)
-                if k > 0:
-                    keep.scatter_(-1, torch.topk(rows, k, dim=-1).indices, True)
-                out[g] = torch.where(keep, val, torch.zeros_like(val)).reshape(la.shape)
-                continue
             rows = la.reshape(-1, 1) if g in _LAYER_GATES else la
             out[g] = ops.hard_concrete_deterministic(rows, mode, c.temperature, c.limit_l, c.limit_r, c.eps).reshape(la.shape)
         return Masks(**out)

@@ -16,6 +16,28 @@ def full_size(cfg: MaskConfig) -> int:
     return cfg.num_layers * layer_params(cfg.hidden_size, 1, cfg.hidden_size, cfg.intermediate_size)
 
 
+def encoder_full_size(cfg: MaskConfig) -> int:
+    """Encoder parameters of the unpruned model counted the paper's way (docs/cofi-reference.md
+    4.5): ``full_size`` plus every sublayer's LayerNorm (2 d each). What a folded model's
+    ``CompactModel.sparsity()`` divides by."""
+    return cfg.num_layers * layer_params(cfg.hidden_size, 1, cfg.hidden_size, cfg.intermediate_size, layer_norm=True)
+
+
+def structure_size(hidden: int, heads: list[int], ffn: list[int], mha_alive: list[bool], ffn_alive: list[bool],
+                   head_dim: int, layer_norm: bool = False) -> int:
+    """Exact parameters of an encoder with ``hidden`` residual dims, ``heads[l]`` heads and
+    ``ffn[l]`` FFN units in layer l; a sublayer whose gate is dead (``mha_alive[l]`` /
+    ``ffn_alive[l]`` False) holds nothing, a live one with 0 units keeps its output bias (and
+    LayerNorm with ``layer_norm``)."""
+    total = 0
+    for h, f, a, b in zip(heads, ffn, mha_alive, ffn_alive):
+        if a:
+            total += attention_params(hidden, h, head_dim, layer_norm)
+        if b:
+            total += ffn_params(hidden, f, layer_norm)
+    return total
+
+
 def reference_prunable_size(num_layers: int, hidden_size: int, intermediate_size: int) -> float:
     """The reference's prunable size M = L (4 d^2 + 4 d) + L (2 d F + 5 d) of an L-layer encoder
     (cofi.vocab's reference formulas; one head of width d per layer, exact in floats)."""
@@ -68,6 +90,8 @@ def real_size(masks: Masks, cfg: MaskConfig, count: str = "exact") -> int:
     count="exact": what physical pruning keeps. Per layer with a live MHA gate and h heads:
     4 d' h dh (Q, K, V, O) + 3 h dh (Q, K, V biases) + d' (b_O; kept even with h = 0, since the
     masked model then still adds b_O * gate); with a live FFN gate and f units: 2 d' f + f + d'.
+    count="encoder": "exact" plus the LayerNorms of live sublayers: the folded model's
+    ``CompactModel.num_encoder_params()`` (the paper's encoder count).
     count="reference": CoFi's ``calculate_model_size`` (binarised z): kept (head, hidden) pairs
     * 4 dh + kept (FFN unit, hidden) pairs * 2, no biases.
     """
@@ -75,18 +99,14 @@ def real_size(masks: Masks, cfg: MaskConfig, count: str = "exact") -> int:
     dp, dh = k["hidden"], cfg.head_dim
     if count == "reference":
         return sum(dp * h * 4 * dh for h in k["heads"]) + sum(dp * f * 2 for f in k["ffn"])
-    if count != "exact":
-        raise ValueError(f"cofi.masks.real_size: count must be 'exact' or 'reference', got {count!r}")
-    total = 0
-    for l in range(cfg.num_layers):
-        if k["mha_alive"][l]:
-            total += attention_params(dp, k["heads"][l], dh)
-        if k["ffn_alive"][l]:
-            total += ffn_params(dp, k["ffn"][l])
-    return total
+    if count not in ("exact", "encoder"):
+        raise ValueError(f"cofi.masks.real_size: count must be 'exact', 'encoder' or 'reference', got {count!r}")
+    return structure_size(dp, k["heads"], k["ffn"], k["mha_alive"], k["ffn_alive"], dh, layer_norm=count == "encoder")
 
 
 def real_sparsity(masks: Masks, cfg: MaskConfig, count: str = "exact") -> float:
-    """1 - real_size / full size (exact count over ``full_size``; reference count over M)."""
-    full = full_size(cfg) if count == "exact" else expected_full_size(cfg)
+    """1 - real_size / full size (exact count over ``full_size``; encoder count over
+    ``encoder_full_size``, equal to the folded model's ``CompactModel.sparsity()``; reference count
+    over M)."""
+    full = {"exact": full_size, "encoder": encoder_full_size}.get(count, expected_full_size)(cfg)
     return 1.0 - real_size(masks, cfg, count) / full
