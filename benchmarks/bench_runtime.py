@@ -26,6 +26,19 @@ more samples for about the time of one dense call: ``_harness.time_interleaved(m
 - eager_modules:  the same compact weights in plain eager PyTorch modules the way the reference's
                   pruned model runs them (separate Q/K/V nn.Linear, matmul-softmax-matmul attention
                   with an additive mask, nn.LayerNorm, nn.GELU; per-layer ragged sizes).
+- ort_compact:    what a user would deploy instead of cofi's runtime: the compact model exported with
+                  the project's ONNX export (``cofi.runtime.export.export_onnx``: plain aten math, every
+                  row computed, like ``compact``) run by onnxruntime's CPUExecutionProvider.
+- ort_dense:      the dense model exported the same way (``prune`` with all-ones masks gives the
+                  teacher-size CompactModel, whose logits equal the transformers model's) on
+                  onnxruntime: ort_compact vs ort_dense is the speedup pruning buys on onnxruntime.
+- ort_dense_fused: the transformers model exported with torch.onnx's TorchScript exporter and
+                  rewritten by ``onnxruntime.transformers.optimizer`` (model_type bert: fused Attention,
+                  EmbedLayerNormalization, SkipLayerNormalization, BiasGelu): the fastest dense BERT
+                  a user gets from onnxruntime (the compact graphs' ragged heads do not fuse).
+                  onnxruntime sessions: intra-op threads = torch's thread count, inter-op 1, all graph
+                  optimizations, no spin-waiting (spinning pool threads would steal the 2 cores from the
+                  provider timed next in the interleaved rounds).
 
 Structures ("CoFi-like", generated from masks): layer i of L has a depth d = i / (L - 1). A pruning
 level t in [0, 1] gives head keep fraction clip(1 - t * (0.35 + 0.9 d)) per layer (upper heads go
@@ -45,6 +58,7 @@ from __future__ import annotations
 
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -56,9 +70,11 @@ from _harness import base_parser, env_tags, env_var, time_interleaved, write_res
 
 from cofi.pruning import prune  # noqa: E402
 from cofi.runtime import CompactModel  # noqa: E402
+from cofi.runtime.export import export_onnx  # noqa: E402
 from cofi.vocab import attention_params, ffn_params, layer_params  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "cpu"
+DENSE_PROVIDERS = ("dense", "ort_dense", "ort_dense_fused")  # timed once per round (see time_interleaved)
 TARGETS = {"speedup_60": 2.2, "speedup_95": 13.0, "flop_efficiency": 0.9, "vs_eager": 1.2}
 
 
@@ -197,6 +213,72 @@ class EagerCompact(nn.Module):
         return self.classifier(torch.tanh(self.pooler(x[:, 0])))
 
 
+# ----------------------------------------------------------------------------- onnxruntime
+ORT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def ort_version() -> str:
+    import onnxruntime as ort
+
+    return ort.__version__
+
+
+def ort_session(path: str | Path, threads: int):
+    """An onnxruntime CPU session with ``threads`` intra-op threads (see the module doc)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def dense_as_compact(dense) -> CompactModel:
+    """The transformers model as a teacher-size CompactModel (all-ones masks: nothing pruned)."""
+    c = dense.config
+    L, H, d, Fi = c.num_hidden_layers, c.num_attention_heads, c.hidden_size, c.intermediate_size
+    one = lambda *shape: torch.ones(*shape, dtype=torch.float64)  # noqa: E731
+    return prune(dense, {"hidden": one(d), "head": one(L, H), "mha": one(L), "intermediate": one(L, Fi),
+                         "ffn": one(L)})
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+
+
+def export_dense_fused(dense, folder: Path, seq: int) -> Path:
+    """The transformers BERT (eager attention, the pattern the fusion matches) exported with the
+    TorchScript exporter, then fused by onnxruntime.transformers.optimizer; the fused graph's path."""
+    import transformers as tf
+    from onnxruntime.transformers import optimizer
+
+    cfg = tf.BertConfig(**{**dense.config.to_dict(), "attn_implementation": "eager"})
+    eager = tf.BertForSequenceClassification(cfg).eval()
+    eager.load_state_dict(dense.state_dict())
+    ids = torch.randint(1000, cfg.vocab_size, (2, seq))
+    am = torch.ones_like(ids)
+    raw, fused = folder / "dense_hf.onnx", folder / "dense_hf_fused.onnx"
+    with torch.no_grad():
+        torch.onnx.export(_Logits(eager).eval(), (ids, am, torch.zeros_like(ids)), str(raw), input_names=list(ORT_INPUTS),
+                          output_names=["logits"], dynamic_axes={n: {0: "batch", 1: "seq"} for n in ORT_INPUTS},
+                          opset_version=17, dynamo=False)
+    opt = optimizer.optimize_model(str(raw), model_type="bert", num_heads=cfg.num_attention_heads,
+                                   hidden_size=cfg.hidden_size)
+    stats = opt.get_fused_operator_statistics()
+    want = {"Attention": cfg.num_hidden_layers, "SkipLayerNormalization": 2 * cfg.num_hidden_layers}
+    assert all(stats.get(k, 0) == v for k, v in want.items()), f"onnxruntime fusion incomplete: {stats}"
+    opt.save_model_to_file(str(fused))
+    return fused
+
+
 # ----------------------------------------------------------------------------- FLOPs / timing
 def without_workspace(model: CompactModel, *inputs: torch.Tensor):
     with env_var("COFI_WORKSPACE", "0"):
@@ -233,8 +315,9 @@ def main() -> None:
     d, H, D, Fi, L = cfg.hidden_size, cfg.num_attention_heads, 64, cfg.intermediate_size, cfg.num_hidden_layers
     dense_flops = encoder_flops([H] * L, [Fi] * L, d, D, S)
     rows = []
-    with torch.inference_mode():
-        models = {}
+    models = {}
+    with torch.no_grad(), tempfile.TemporaryDirectory(prefix="cofi_bench_runtime_") as tmp:
+        folder = Path(tmp)  # the ONNX files: read into the sessions, then deleted
         for s in [float(x) for x in args.sparsities.split(",")]:
             masks, compact = masks_for_sparsity(dense, s)
             compact.set_cls_tail(False)
@@ -242,13 +325,17 @@ def main() -> None:
             per_op = prune(dense, masks).set_backend("ops")
             skip = prune(dense, masks).pad_(args.pad).set_unpad(True).set_cls_tail(True)
             eager = EagerCompact(compact).eval()
+            ort_compact = ort_session(export_onnx(compact, str(folder / f"compact_{s}.onnx")), args.threads)
             c = compact.config
             cf = encoder_flops([h if a else 0 for h, a in zip(c.num_heads, c.attention_present)],
                                [w if f else 0 for w, f in zip(c.intermediate_sizes, c.ffn_present)],
                                c.hidden_size, D, S)
-            models[s] = (compact, padded, per_op, skip, eager, cf)
+            models[s] = (compact, padded, per_op, skip, eager, ort_compact, cf)
             print(f"sparsity {s}: real {compact.sparsity():.4f} hidden {c.hidden_size} heads {c.num_heads} "
                   f"ffn {c.intermediate_sizes} FLOP ratio {dense_flops / cf:.2f}", flush=True)
+        ort_dense = ort_session(export_onnx(dense_as_compact(dense), str(folder / "dense.onnx")), args.threads)
+        ort_dense_fused = ort_session(export_dense_fused(dense, folder, S), args.threads)
+    with torch.inference_mode():
         for B in batches:
             g = torch.Generator().manual_seed(B)
             ids = torch.randint(1000, cfg.vocab_size, (B, S), generator=g)
@@ -256,12 +343,18 @@ def main() -> None:
             if B > 1:  # some padding, as real batches have
                 am[B // 2:, 96:] = 0
             tt = torch.zeros_like(ids)
-            for s, (compact, padded, per_op, skip, eager, cf) in models.items():
+            feed = {n: t.numpy() for n, t in zip(ORT_INPUTS, (ids, am, tt))}
+            dense_ref = dense(input_ids=ids, attention_mask=am, token_type_ids=tt).logits
+            for name, sess in (("ort_dense", ort_dense), ("ort_dense_fused", ort_dense_fused)):
+                err = float((torch.from_numpy(sess.run(None, feed)[0]) - dense_ref).abs().max())
+                assert err < 1e-3, f"{name} disagrees with the transformers model: {err}"
+            for s, (compact, padded, per_op, skip, eager, ort_compact, cf) in models.items():
                 ref = compact(ids, am, tt).logits
                 err = max(float((eager(ids, am, tt) - ref).abs().max()),
                           float((padded(ids, am, tt).logits - ref).abs().max()),
                           float((per_op(ids, am, tt).logits - ref).abs().max()),
-                          float((skip(ids, am, tt).logits - ref).abs().max()))
+                          float((skip(ids, am, tt).logits - ref).abs().max()),
+                          float((torch.from_numpy(ort_compact.run(None, feed)[0]) - ref).abs().max()))
                 assert err < 1e-3, f"providers disagree: {err}"
                 paths = (compact.last_backend, padded.last_backend, per_op.last_backend, skip.last_backend)
                 assert paths == ("fused", "fused", "ops", "fused"), paths
@@ -271,11 +364,14 @@ def main() -> None:
                        "compact_per_op": lambda: per_op(ids, am, tt),
                        "compact_skip": lambda: skip(ids, am, tt),
                        "compact_padded_no_workspace": lambda: without_workspace(padded, ids, am, tt),
-                       "eager_modules": lambda: eager(ids, am, tt)}
+                       "eager_modules": lambda: eager(ids, am, tt),
+                       "ort_dense": lambda: ort_dense.run(None, feed),
+                       "ort_dense_fused": lambda: ort_dense_fused.run(None, feed),
+                       "ort_compact": lambda: ort_compact.run(None, feed)}
                 # the compact providers are up to ~30x cheaper than the dense model: give them more
                 # samples (sub-rounds) for about the time of the dense calls, since one provider's
                 # median over few calls moves with machine noise (+-10 % at 95 % between runs)
-                t = time_interleaved(fns, rounds * (10 if B == 1 else 1), once=("dense",), max_sub_rounds=5)
+                t = time_interleaved(fns, rounds * (10 if B == 1 else 1), once=DENSE_PROVIDERS, max_sub_rounds=5)
                 sub = t["compact"]["n"] // t["dense"]["n"]
                 best_compact = min(t["compact"]["p50_ms"], t["compact_padded"]["p50_ms"])
                 row = {"batch": B, "seq": S, "target_sparsity": s, "sub_rounds": sub, "real_sparsity": compact.sparsity(),
@@ -294,7 +390,12 @@ def main() -> None:
                        "vs_eager_skip": t["eager_modules"]["p50_ms"] / t["compact_skip"]["p50_ms"],
                        "workspace_gain": t["compact_padded_no_workspace"]["p50_ms"] / t["compact_padded"]["p50_ms"],
                        "best_is_padded": t["compact_padded"]["p50_ms"] < t["compact"]["p50_ms"],
-                       "dense_gflops_s": dense_flops * B * S / t["dense"]["p50_ms"] / 1e6}
+                       "dense_gflops_s": dense_flops * B * S / t["dense"]["p50_ms"] / 1e6,
+                       "ort_speedup": t["ort_dense"]["p50_ms"] / t["ort_compact"]["p50_ms"],
+                       "vs_ort_compact": t["ort_compact"]["p50_ms"] / t["compact"]["p50_ms"],
+                       "vs_ort_compact_best": t["ort_compact"]["p50_ms"] / best_compact,
+                       "vs_ort_compact_skip": t["ort_compact"]["p50_ms"] / t["compact_skip"]["p50_ms"],
+                       "speedup_vs_ort_dense_fused": t["ort_dense_fused"]["p50_ms"] / best_compact}
                 row["flop_efficiency"] = row["speedup"] / row["flop_ratio"]
                 row["flop_efficiency_best"] = row["speedup_best"] / row["flop_ratio"]
                 rows.append(row)
@@ -305,13 +406,17 @@ def main() -> None:
                       f"{row['flop_efficiency']:.2f} (best {row['flop_efficiency_best']:.2f}) vs eager "
                       f"{row['vs_eager']:.2f}x (best {row['vs_eager_best']:.2f}x) fused/per-op {row['fused_vs_per_op']:.2f}x | "
                       f"skip {t['compact_skip']['p50_ms']:7.2f} ms {row['speedup_skip']:5.2f}x, vs eager {row['vs_eager_skip']:.2f}x | "
-                      f"workspace gain {row['workspace_gain']:.2f}x | {sub} sub-rounds",
+                      f"workspace gain {row['workspace_gain']:.2f}x | ort dense {t['ort_dense']['p50_ms']:.1f} "
+                      f"fused {t['ort_dense_fused']['p50_ms']:.1f} compact {t['ort_compact']['p50_ms']:.2f} ms, "
+                      f"cofi vs ort compact {row['vs_ort_compact']:.2f}x (best {row['vs_ort_compact_best']:.2f}x) | "
+                      f"{sub} sub-rounds",
                       flush=True)
     import cofi.ops
 
     result = {"bench": "runtime", "env": env_tags("cpu"), "quick": args.quick, "rounds": rounds,
               "rounds_batch1": rounds * 10, "pad_multiple": args.pad,
               "dense_model": "transformers BertForSequenceClassification, BERT-base config, sdpa, fp32",
+              "onnxruntime": ort_version(),
               "backends_ran": {op: cofi.ops.last_backend(op) for op in ("compact_encoder", "masked_attention", "masked_ffn", "masked_layer_norm")},
               "targets": TARGETS, "rows": rows}
     write_result("runtime", result, "cpu", args.out, indent=1)
