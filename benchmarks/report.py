@@ -142,11 +142,26 @@ def op_header(rel: str, rows: list[Row]) -> str:
 
 
 def index(rows: list[Row], group: Callable[[Row], tuple]) -> dict[tuple, dict[tuple[str, str], Row]]:
-    """rows -> {group key: {(provider, mode): row}}, groups in first-seen order."""
+    """rows -> {group key + (dtype,): {(provider, mode): row}}, groups in first-seen order; rows that
+    were not timed (skipped or wrong: no p50) are left out."""
     out: dict[tuple, dict[tuple[str, str], Row]] = {}
     for r in rows:
-        out.setdefault(group(r), {})[(r["provider"], r["mode"])] = r
+        if "p50_ms" in r:
+            out.setdefault(group(r) + (dtype_of(r),), {})[(r["provider"], r["mode"])] = r
     return out
+
+
+def dtype_of(r: Row) -> str:
+    return str(r.get("dtype") or "float32")
+
+
+def dtype_cell(rows: list[Row], dtype: str) -> list[str]:
+    """The 'dtype' column, only when a file holds rows of more than one dtype."""
+    return [dtype] if len({dtype_of(r) for r in rows}) > 1 else []
+
+
+def dtype_head(rows: list[Row]) -> list[str]:
+    return ["dtype"] if len({dtype_of(r) for r in rows}) > 1 else []
 
 
 def p50(cell: dict[tuple[str, str], Row], provider: str, mode: str) -> float | None:
@@ -166,12 +181,13 @@ def render_hard_concrete(rel: str, rows: list[Row]) -> str:
     """hard_concrete: one training step's mask work (fwd_bwd), ratios vs the eager reference."""
     groups = index(rows, lambda r: (r["shape"]["config"], r["shape"]["mask_elements"]))
     multi = len(runs_of(rows)) > 1
-    head = ["config", "mask elements", "reference ms", "native: hard_concrete_step", "native: three ops",
-            "reference under torch.compile"] + (["run"] if multi else [])
+    head = ["config", "mask elements"] + dtype_head(rows) + [
+        "reference ms", "native: hard_concrete_step", "native: three ops", "reference under torch.compile"] + (
+        ["run"] if multi else [])
     body = []
-    for (config, n), cell in groups.items():
+    for (config, n, dt), cell in groups.items():
         ref = p50(cell, "reference", "fwd_bwd")
-        cells = [config, f"{n:,}", fmt_ms(ref)]
+        cells = [config, f"{n:,}"] + dtype_cell(rows, dt) + [fmt_ms(ref)]
         for prov in ("native", "native_unfused", "reference_compiled"):
             t = p50(cell, prov, "fwd_bwd")
             cells.append("-" if t is None else f"{fmt_ms(t)} ms ({fmt_x(ref, t)})")
@@ -180,22 +196,30 @@ def render_hard_concrete(rel: str, rows: list[Row]) -> str:
             + table(head, body))
 
 
+ATTN_KERNELS = {"native": "native", "triton": "triton", "cofi_sdpa": "cofi sdpa backend (live heads)"}
+
+
 def render_masked_attention(rel: str, rows: list[Row]) -> str:
-    """masked_attention: native vs the eager reference and vs SDPA on all heads."""
+    """masked_attention: cofi's backends vs the eager reference and vs SDPA on all heads."""
     groups = index(rows, lambda r: (r["shape"]["B"], r["shape"]["S"], r["shape"]["H"], r["shape"]["D"],
                                     r["shape"]["live_frac"], r["shape"]["live_heads"]))
     multi = len(runs_of(rows)) > 1
-    head = ["B x S (H, D)", "live heads", "native ms fwd / fwd_bwd", "vs reference fwd / fwd_bwd",
-            "vs SDPA (all heads) fwd / fwd_bwd"] + (["run"] if multi else [])
+    present = [p for p in ATTN_KERNELS if any(r.get("provider") == p and "p50_ms" in r for r in rows)]
+    head = ["B x S (H, D)", "live heads"] + dtype_head(rows) + [
+        f"{ATTN_KERNELS[p]} ms fwd / fwd_bwd (vs reference; vs SDPA all heads)" for p in present] + (
+        ["run"] if multi else [])
     body = []
-    for (B, S, H, D, frac, live), cell in groups.items():
-        nf, nb = p50(cell, "native", "fwd"), p50(cell, "native", "fwd_bwd")
-        body.append([f"{B} x {S} ({H}, {D})", f"{live} ({frac:g})", f"{fmt_ms(nf)} / {fmt_ms(nb)}",
-                     f"{fmt_x(p50(cell, 'reference', 'fwd'), nf)} / {fmt_x(p50(cell, 'reference', 'fwd_bwd'), nb)}",
-                     f"{fmt_x(p50(cell, 'sdpa', 'fwd'), nf)} / {fmt_x(p50(cell, 'sdpa', 'fwd_bwd'), nb)}"]
-                    + run_col(cell, multi))
-    return (f"{op_header(rel, rows)}\n\nRatios = other provider's p50 / native's p50 (above 1: native is "
-            f"faster).\n\n" + table(head, body))
+    for (B, S, H, D, frac, live, dt), cell in groups.items():
+        cells = [f"{B} x {S} ({H}, {D})", f"{live} ({frac:g})"] + dtype_cell(rows, dt)
+        for p in present:
+            f, b = p50(cell, p, "fwd"), p50(cell, p, "fwd_bwd")
+            cells.append(f"{fmt_ms(f)} / {fmt_ms(b)} "
+                         f"({fmt_x(p50(cell, 'reference', 'fwd'), f)} / {fmt_x(p50(cell, 'reference', 'fwd_bwd'), b)}; "
+                         f"{fmt_x(p50(cell, 'sdpa', 'fwd'), f)} / {fmt_x(p50(cell, 'sdpa', 'fwd_bwd'), b)})")
+        body.append(cells + run_col(cell, multi))
+    return (f"{op_header(rel, rows)}\n\nRatios = other provider's p50 / this provider's p50 (above 1: this one "
+            f"is faster); SDPA all heads = torch's scaled_dot_product_attention on every head, then gated.\n\n"
+            + table(head, body))
 
 
 def render_masked_ffn(rel: str, rows: list[Row]) -> str:
@@ -203,15 +227,16 @@ def render_masked_ffn(rel: str, rows: list[Row]) -> str:
     groups = index(rows, lambda r: (r["shape"]["tokens"], r["shape"]["d"], r["shape"]["F"],
                                     r["shape"]["live_fraction"]))
     multi = len(runs_of(rows)) > 1
-    head = ["tokens x d x F", "live fraction", "native ms fwd / fwd_bwd", "vs reference fwd / fwd_bwd",
-            "native time / dense fwd / fwd_bwd"] + (["run"] if multi else [])
+    head = ["tokens x d x F", "live fraction"] + dtype_head(rows) + [
+        "native ms fwd / fwd_bwd", "vs reference fwd / fwd_bwd", "native time / dense fwd / fwd_bwd"] + (
+        ["run"] if multi else [])
     body = []
-    for (n, d, f, frac), cell in groups.items():
+    for (n, d, f, frac, dt), cell in groups.items():
         nf, nb = p50(cell, "native", "fwd"), p50(cell, "native", "fwd_bwd")
         df, db = p50(cell, "dense", "fwd"), p50(cell, "dense", "fwd_bwd")
         frac_f = None if nf is None or not df else nf / df
         frac_b = None if nb is None or not db else nb / db
-        body.append([f"{n} x {d} x {f}", f"{frac:g}", f"{fmt_ms(nf)} / {fmt_ms(nb)}",
+        body.append([f"{n} x {d} x {f}", f"{frac:g}"] + dtype_cell(rows, dt) + [f"{fmt_ms(nf)} / {fmt_ms(nb)}",
                      f"{fmt_x(p50(cell, 'reference', 'fwd'), nf)} / {fmt_x(p50(cell, 'reference', 'fwd_bwd'), nb)}",
                      f"{fmt_r(frac_f, 3)} / {fmt_r(frac_b, 3)}"] + run_col(cell, multi))
     return (f"{op_header(rel, rows)}\n\n`dense` = nn.Linear + GELU + nn.Linear without masks (the unpruned "
@@ -222,12 +247,14 @@ def render_masked_layer_norm(rel: str, rows: list[Row]) -> str:
     """masked_layer_norm: native vs the eager masked reference and vs F.layer_norm(x + r)."""
     groups = index(rows, lambda r: (r["shape"]["tokens"], r["shape"]["d"], r["shape"]["pruned_fraction"]))
     multi = len(runs_of(rows)) > 1
-    head = ["tokens x d", "hidden_z pruned", "native ms fwd / fwd_bwd", "vs reference fwd / fwd_bwd",
-            "vs F.layer_norm(x + r) fwd / fwd_bwd"] + (["run"] if multi else [])
+    head = ["tokens x d", "hidden_z pruned"] + dtype_head(rows) + [
+        "native ms fwd / fwd_bwd", "vs reference fwd / fwd_bwd", "vs F.layer_norm(x + r) fwd / fwd_bwd"] + (
+        ["run"] if multi else [])
     body = []
-    for (n, d, pruned), cell in groups.items():
+    for (n, d, pruned, dt), cell in groups.items():
         nf, nb = p50(cell, "native", "fwd"), p50(cell, "native", "fwd_bwd")
-        body.append([f"{n} x {d}", "no mask" if pruned is None else f"{pruned:g}", f"{fmt_ms(nf)} / {fmt_ms(nb)}",
+        body.append([f"{n} x {d}", "no mask" if pruned is None else f"{pruned:g}"] + dtype_cell(rows, dt) + [
+                     f"{fmt_ms(nf)} / {fmt_ms(nb)}",
                      f"{fmt_x(p50(cell, 'reference', 'fwd'), nf)} / {fmt_x(p50(cell, 'reference', 'fwd_bwd'), nb)}",
                      f"{fmt_x(p50(cell, 'dense', 'fwd'), nf)} / {fmt_x(p50(cell, 'dense', 'fwd_bwd'), nb)}"]
                     + run_col(cell, multi))

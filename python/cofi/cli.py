@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prune": ("cofi.training.cli_prune", "CoFi pruning with distillation, then fold and fine-tune the compact model"),
     "eval": ("cofi.runtime.cli_eval", "evaluate a compact model folder on a task"),
     "export": ("cofi.runtime.cli_export", "export a compact model folder to ONNX or torch.export"),
+    "bench": ("cofi.bench.cli", "op microbenchmarks on this machine: same-run ratios vs the references"),
     "demo": ("cofi.pipeline", "the whole pipeline on the bundled default (README command 1)"),
 }
 
