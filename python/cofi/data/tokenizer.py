@@ -60,6 +60,7 @@ def load_tokenizer(model_dir: str | os.PathLike, *, vocab_size: int | None = Non
     fix = f"give the tokenizer the model was trained with: {option} PATH"
     where = f"{option} {src}" if tokenizer is not None else f"model folder {src}"
     p = Path(src).expanduser()
+    kw: dict[str, Any] = {}
     if p.exists():
         if not p.is_dir():
             raise TokenizerError(f"cofi: {where} is a file; give a folder" +
@@ -72,15 +73,22 @@ def load_tokenizer(model_dir: str | os.PathLike, *, vocab_size: int | None = Non
         cfg = p / "config.json"
         if cfg.is_file():  # AutoTokenizer reads it to pick the tokenizer class
             try:
-                ok = isinstance(json.loads(cfg.read_text()), dict)
+                d = json.loads(cfg.read_text())
             except (OSError, UnicodeDecodeError, ValueError):
-                ok = False
-            if not ok:
+                d = None
+            if not isinstance(d, dict):
                 raise TokenizerError(f"cofi: {cfg} is not a JSON object; the file is damaged")
+            if d.get("model_type") == "cofi_compact":
+                # a compact folder's config names remote code (hf_export); the tokenizer is its base model's
+                # (without this, AutoTokenizer would ask whether to trust that code)
+                from transformers import AutoConfig
+
+                base = d.get("base_model_type")
+                kw["config"] = AutoConfig.for_model(base if base in ("bert", "roberta") else "bert")
     elif _looks_local(src):
         raise TokenizerError(f"cofi: {where}: no such folder")
     try:
-        tok = AutoTokenizer.from_pretrained(str(p) if p.exists() else src)
+        tok = AutoTokenizer.from_pretrained(str(p) if p.exists() else src, **kw)
     except Exception as e:  # noqa: BLE001 - any failure to read a user's folder or hub id
         raise TokenizerError(f"cofi: cannot load a tokenizer from {where}: {' '.join(str(e).split())[:300]}") from e
     if vocab_size is None and Path(model_dir).is_dir():

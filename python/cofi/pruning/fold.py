@@ -182,7 +182,8 @@ def prune_state_dict(state_dict: Mapping[str, torch.Tensor], hf_config: Any, mas
         layer_norm_eps=float(hf_config.layer_norm_eps), num_labels=int(num_labels),
         id2label=id2label, label2id={v: int(k) for k, v in id2label.items()},
         problem_type=getattr(hf_config, "problem_type", None), classifier_size=csize,
-        distill_proj_size=proj, kept_heads=kept_heads)
+        distill_proj_size=proj, kept_heads=kept_heads, task_spec=getattr(hf_config, "cofi_task", None),
+        base_model=getattr(hf_config, "cofi_base_model", None))
     return cfg, {k: v.to(out_dtype).contiguous() for k, v in new.items()}
 
 

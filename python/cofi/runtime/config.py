@@ -16,6 +16,7 @@ from ..vocab import HF_ACTIVATIONS, attention_params, ffn_params, layer_params
 TASKS = ("sequence_classification", "question_answering")
 MODEL_TYPES = ("bert", "roberta")
 CONFIG_NAME = "config.json"
+HF_MODEL_TYPE = "cofi_compact"  # config.json's model_type for transformers (the architecture: base_model_type)
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -37,6 +38,25 @@ def _bool(v: object) -> bool:
     return isinstance(v, bool)
 
 
+def read_folder_config(d: Path, hint: str) -> dict[str, Any]:
+    """The JSON object in model folder ``d``'s config.json; a missing, empty or unreadable folder
+    or file is one :class:`ModelFolderError` ending in ``hint`` (what to give instead)."""
+    if not d.exists():
+        raise ModelFolderError(f"cofi.runtime: model folder {d} not found; {hint}")
+    if not d.is_dir():
+        raise ModelFolderError(f"cofi.runtime: {d} is a file, not a model folder; {hint}")
+    f = d / CONFIG_NAME
+    if not f.is_file():
+        what = "is empty" if not any(d.iterdir()) else f"has no {CONFIG_NAME}"
+        raise ModelFolderError(f"cofi.runtime: model folder {d} {what}; {hint}")
+    return read_json_object(f, ModelFolderError, "cofi.runtime")
+
+
+def is_compact_config(obj: dict[str, Any]) -> bool:
+    """Whether a config.json object is a compact model's (not a transformers model's)."""
+    return "num_heads" in obj or "cofi_format" in obj
+
+
 @dataclass
 class CompactConfig:
     """Structure of a compact model.
@@ -51,6 +71,10 @@ class CompactConfig:
     padding (excluded from parameter counts). ``zero_hidden_dims`` counts all-zero residual dims
     appended at the end by hidden padding: ``hidden_size`` includes them, ``hidden_index`` does not,
     and every LayerNorm leaves them out of its statistics (so padding is exact).
+
+    config.json is also a transformers config (``cofi.runtime.hf_export``): ``model_type`` is
+    ``cofi_compact`` there, with this ``model_type`` as ``base_model_type``, and ``auto_map`` names
+    the self-contained modeling file saved beside it.
     """
 
     model_type: str
@@ -80,6 +104,8 @@ class CompactConfig:
     zero_ffn_units: list[int] = field(default_factory=list)
     kept_heads: list[list[int]] = field(default_factory=list)  # original head indices, per layer
     zero_hidden_dims: int = 0
+    task_spec: dict[str, Any] | None = None  # the training task (cofi.data.task_record), if known
+    base_model: str | None = None  # the pre-trained model the pruned one descends from, if known
     cofi_format: int = 1
 
     def __post_init__(self) -> None:
@@ -124,6 +150,10 @@ class CompactConfig:
             return f"layer_norm_eps must be a positive number, got {eps!r}"
         if self.problem_type is not None and not isinstance(self.problem_type, str):
             return f"problem_type must be a string or null, got {self.problem_type!r}"
+        if self.task_spec is not None and not isinstance(self.task_spec, dict):
+            return f"task_spec must be a JSON object or null, got {self.task_spec!r}"
+        if self.base_model is not None and not isinstance(self.base_model, str):
+            return f"base_model must be a string or null, got {self.base_model!r}"
         if not isinstance(self.id2label, dict) or not isinstance(self.label2id, dict):
             return "id2label and label2id must be JSON objects"
         # per-layer lists
@@ -195,13 +225,24 @@ class CompactConfig:
         return n
 
     def to_dict(self) -> dict[str, Any]:
+        """config.json's object: these fields plus the transformers keys (``hf_export.hf_keys``)."""
+        from .hf_export import hf_keys
+
         d = dataclasses.asdict(self)
-        d["architecture"] = "CompactModel"
+        for k in ("id2label", "label2id"):  # transformers reads {} as zero labels, null as "from num_labels"
+            d[k] = d[k] or None
+        d.update(hf_keys(self.model_type, self.task))
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CompactConfig":
         """From a config.json object; unknown keys are ignored, missing required keys refused."""
+        d = dict(d)
+        if d.get("model_type") == HF_MODEL_TYPE:
+            d["model_type"] = d.get("base_model_type")
+        for k in ("id2label", "label2id"):
+            if k in d and d[k] is None:
+                d[k] = {}
         fs = dataclasses.fields(cls)
         need = [f.name for f in fs if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         missing = [n for n in need if n not in d]
@@ -212,8 +253,13 @@ class CompactConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def save(self, directory: str) -> None:
+        """config.json, the transformers modeling file it names and a model card (README.md)."""
+        from .hf_export import write_model_card, write_remote_code
+
         with open(os.path.join(directory, CONFIG_NAME), "w") as f:
             json.dump(self.to_dict(), f, indent=2)
+        write_remote_code(directory)
+        write_model_card(directory, self)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "CompactConfig":
@@ -221,16 +267,9 @@ class CompactConfig:
         naming the folder (or file) and what is wrong."""
         d = Path(directory)
         hint = "give a folder written by CompactModel.save_pretrained (cofi prune writes <output_dir>/compact)"
-        if not d.exists():
-            raise ModelFolderError(f"cofi.runtime: model folder {d} not found; {hint}")
-        if not d.is_dir():
-            raise ModelFolderError(f"cofi.runtime: {d} is a file, not a model folder; {hint}")
+        obj = read_folder_config(d, hint)
         f = d / CONFIG_NAME
-        if not f.is_file():
-            what = "is empty" if not any(d.iterdir()) else f"has no {CONFIG_NAME}"
-            raise ModelFolderError(f"cofi.runtime: model folder {d} {what}; {hint}")
-        obj = read_json_object(f, ModelFolderError, "cofi.runtime")
-        if "num_heads" not in obj and "cofi_format" not in obj:
+        if not is_compact_config(obj):
             if (d / "masks.safetensors").exists():
                 raise ModelFolderError(f"cofi.runtime: {d} is a pruning checkpoint (full model + masks), not a "
                                        f"compact model folder; use the run's compact/ folder")

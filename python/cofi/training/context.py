@@ -89,6 +89,8 @@ def build_context(cfg: TrainConfig, command: str, dist: dd.DistInfo, device: tor
                           f"{task.spec.name!r}, got {metric_name!r}")
     seed_all(cfg.seed)  # identical init on every rank (classifier head, masks, projection)
     student = load_for_task(cfg.model, task, cfg, device)
+    # saved with every model folder of the run: cofi eval reads the task's columns and labels back
+    D.remember_task(student.config, task.spec, task.train.extra.get("label_map"), base_model=cfg.model)
     vocab = len(task.tokenizer)
     if student.config.vocab_size < vocab:
         raise ConfigError(f"cofi: tokenizer of {cfg.model} has {vocab} tokens but the model's vocab_size is "
