@@ -73,8 +73,14 @@ class TrainConfig:
                                               "false for finetune")
     dropout: float | None = _f(None, "dropout probability; None = the checkpoint's own dropout")
     # ---------------------------------------------------------------- CoFi
-    target_sparsity: float = _f(0.95, "fraction of the prunable weights to remove, in [0, 1)")
-    sparsity_epsilon: float = _f(0.01, "an evaluation can be the best only when its real sparsity is this close to the target")
+    target_sparsity: float | None = _f(None, "fraction of the encoder's weights to remove, in [0, 1); "
+                                             "None = 0.95 unless a target shape (target_*) is given")
+    sparsity_epsilon: float = _f(0.005, "the delivered model's real sparsity is within this of target_sparsity "
+                                        "(masks further off are projected onto the budget)")
+    target_hidden: int | None = _f(None, "target architecture: hidden size (instead of target_sparsity)")
+    target_heads: int | None = _f(None, "target architecture: attention heads per layer")
+    target_ffn: int | None = _f(None, "target architecture: FFN units per layer")
+    target_layers: int | None = _f(None, "target architecture: encoder layers")
     prepruning_epochs: float = _f(1.0, "distillation epochs before the masks start pruning")
     prepruning_steps: int | None = _f(None, "steps before pruning starts; overrides prepruning_epochs when set")
     lagrangian_warmup_epochs: float = _f(2.0, "epochs over which the target sparsity ramps up linearly from 0")
@@ -182,12 +188,24 @@ class TrainConfig:
             raise ConfigError(f"cofi config: precision bf16: device {self.device!r} has no bf16 support (use fp16)")
 
     def validate(self, command: str = "prune") -> "TrainConfig":
+        """Checks every key (ConfigError naming the first bad one); sets target_sparsity to 0.95
+        when no budget is given."""
         def bad(name: str, msg: str) -> None:
             raise ConfigError(f"cofi config: {name} {msg}, got {getattr(self, name)!r}")
 
         if not self.model:
             raise ConfigError("cofi config: model must name a pre-trained checkpoint (folder or hub name)")
-        if not (0.0 <= self.target_sparsity < 1.0):
+        shape = {n: getattr(self, n) for n in TARGET_SHAPE_KEYS if getattr(self, n) is not None}
+        for n, v in shape.items():
+            if int(v) < 1:
+                bad(n, "must be >= 1 or null")
+        if shape and self.target_sparsity is not None:
+            raise ConfigError(f"cofi config: target_sparsity ({self.target_sparsity}) and a target shape "
+                              f"({', '.join(f'{k}={v}' for k, v in shape.items())}) are two budgets; give one "
+                              "(--set target_sparsity=null drops a preset's)")
+        if not shape and self.target_sparsity is None:
+            self.target_sparsity = 0.95
+        if self.target_sparsity is not None and not (0.0 <= self.target_sparsity < 1.0):
             bad("target_sparsity", "must be in [0, 1)")
         if not (0.0 <= self.sparsity_epsilon < 1.0):
             bad("sparsity_epsilon", "must be in [0, 1)")
@@ -252,6 +270,10 @@ class TrainConfig:
         if self.task not in TASKS:
             raise ConfigError(f"cofi config: task must be one of {', '.join(sorted(TASKS))}, got {self.task!r}")
         return self
+
+
+# the target-architecture keys (a budget stated as a shape instead of target_sparsity)
+TARGET_SHAPE_KEYS = ("target_hidden", "target_heads", "target_ffn", "target_layers")
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The default job (cofi demo): MiniLM-L6 on Rotten Tomatoes; see cofi.pipeline.
     "demo": dict(task="rotten_tomatoes", batch_size=32, eval_batch_size=128, learning_rate=1e-4, epochs=2,
                  prepruning_steps=40, lagrangian_warmup_epochs=1.0, reg_learning_rate=0.1, target_sparsity=0.9,
-                 sparsity_epsilon=0.02, max_seq_length=64, eval_steps=100, save_steps=100, logging_steps=10,
+                 max_seq_length=64, eval_steps=100, save_steps=100, logging_steps=10,
                  compact_epochs=1, compact_batch_size=32, compact_learning_rate=1e-4, compact_scheduler="linear",
                  distill_pred_alpha=0.5, distill_layer_alpha=0.5, ce_alpha=0.0),
 }

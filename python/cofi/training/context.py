@@ -14,6 +14,7 @@ import torch
 from .. import data as D
 from . import distributed as dd
 from . import losses as LS
+from .budget import make_maskset
 from .config import ConfigError, TrainConfig
 from .metrics_log import JsonlLog
 from .modeling import load_model
@@ -77,8 +78,6 @@ def load_for_task(path: str, task: TaskBundle, cfg: TrainConfig, device: torch.d
 def build_context(cfg: TrainConfig, command: str, dist: dd.DistInfo, device: torch.device, folder: RunFolder,
                   log: Callable[[str], None], callbacks: tuple = ()) -> RunContext:
     """Loads the task and the models (the output folder is already claimed)."""
-    from ..masks import MaskConfig, MaskSet
-
     metrics = JsonlLog(folder.out / "metrics.jsonl", dist.main)
     task = load_task_bundle(cfg, cfg.model)
     if len(task.train) == 0:
@@ -108,9 +107,7 @@ def build_context(cfg: TrainConfig, command: str, dist: dd.DistInfo, device: tor
             if uses_layer_distill(cfg):
                 proj = LS.identity_projection(student.config.hidden_size, teacher.config.hidden_size, device=device)
             cache = teacher_cache(cfg, task, teacher, device, log)
-        mcfg = MaskConfig.from_hf_config(student.config, groups=tuple(cfg.mask_groups), init_mean=cfg.mask_init,
-                                         temperature=cfg.temperature, droprate_init=cfg.droprate_init)
-        maskset = MaskSet(mcfg, device=device)
+        maskset = make_maskset(cfg, student.config, device)  # target sparsity or target shape
         mask_gen = torch.Generator(device=device)
         mask_gen.manual_seed(cfg.seed + 7919)
     if cfg.freeze_embeddings:
