@@ -77,6 +77,19 @@ class Fx:
                 os.remove(d / f)
         return d
 
+    def with_file(self, src: Path, name: str) -> Path:
+        d = self.copy(src)
+        (d / name).write_bytes(b"")
+        return d
+
+    def encoder_only(self) -> Path:
+        """A pre-trained encoder folder (BertModel: no classification head)."""
+        from transformers import BertModel
+
+        d = self.copy(self.hf)
+        BertModel.from_pretrained(str(self.hf)).save_pretrained(str(d))
+        return d
+
     def nan_weight(self, src: Path) -> Path:
         from safetensors.torch import load_file, save_file
 
@@ -147,7 +160,10 @@ CASES: list[tuple[str, Callable[[Fx], list[str]], str]] = [
      "not a readable safetensors"),
     ("eval-weights-nan", lambda f: f.eval(f.nan_weight(f.compact)), "NaN/inf"),
     ("eval-weights-byte-flip", lambda f: f.eval(f.flip_byte(f.compact)), "checksum"),
-    ("eval-full-hf-folder", lambda f: f.eval(f.hf), "not a compact model folder"),
+    ("eval-encoder-no-head", lambda f: f.eval(f.encoder_only()), "no task head"),
+    ("eval-neither-folder", lambda f: f.eval(f.edit_config(f.hf, _set("model_type", "gpt2"))), "neither a compact"),
+    ("eval-pruning-checkpoint", lambda f: f.eval(f.with_file(f.hf, "masks.safetensors")), "pruning checkpoint"),
+    ("eval-full-pad", lambda f: f.eval(f.hf, "--pad", "16"), "--pad applies to compact"),
     ("eval-no-tokenizer", lambda f: f.eval(f.without(f.compact, "tokenizer")), "no tokenizer files"),
     ("eval-tokenizer-missing", lambda f: f.eval(f.without(f.compact, "tokenizer"), "--tokenizer", str(f.root / "no")),
      "no such folder"),
@@ -155,8 +171,14 @@ CASES: list[tuple[str, Callable[[Fx], list[str]], str]] = [
     ("eval-unknown-task", lambda f: f.eval(None, "--task", "nope"), "unknown task"),
     ("eval-qa-task", lambda f: ["eval", str(f.compact), "--task", "squad"], "question answering"),
     ("eval-missing-eval-file", lambda f: f.eval(dev=f.root / "nope.csv"), "file not found"),
-    ("eval-only-eval-file", lambda f: ["eval", str(f.compact), "--task", "custom", "--eval-file", str(f.dev)],
-     "give both"),
+    ("eval-only-train-file", lambda f: ["eval", str(f.compact), "--task", "custom", "--train-file", str(f.train)],
+     "--train-file only maps"),
+    ("eval-no-task-recorded", lambda f: ["eval", str(f.compact), "--eval-file", str(f.dev)], "--task is needed"),
+    ("eval-custom-no-file", lambda f: ["eval", str(f.compact), "--task", "custom"], "give --eval-file"),
+    ("eval-missing-column", lambda f: f.eval(None, "--text-fields", "text"), "lacks column(s) ['text']"),
+    ("eval-missing-label-column", lambda f: f.eval(None, "--label-field", "y"), "set --text-fields and --label-field"),
+    ("eval-three-text-fields", lambda f: f.eval(None, "--text-fields", "a,b,c"), "one or two columns"),
+    ("eval-num-labels-mismatch", lambda f: f.eval(None, "--num-labels", "3"), "--num-labels 3 but the model"),
     ("eval-empty-file", lambda f: f.eval(dev=f.file("e.csv", "")), "is empty"),
     ("eval-header-only", lambda f: f.eval(dev=f.file("h.csv", "sentence,label\n")), "no rows"),
     ("eval-file-is-folder", lambda f: f.eval(dev=f.folder("d.csv")), "is a folder"),
@@ -165,7 +187,7 @@ CASES: list[tuple[str, Callable[[Fx], list[str]], str]] = [
     ("eval-empty-label", lambda f: f.eval(dev=f.dev_labels("")), "row 1 (line 2): label '' is empty"),
     ("eval-text-label", lambda f: f.eval(dev=f.dev_labels("1", "x")), "row 2 (line 3): label 'x'"),
     ("eval-float-label", lambda f: f.eval(dev=f.dev_labels("1.7")), "label 1.7 is not an integer"),
-    ("eval-label-too-big", lambda f: f.eval(dev=f.dev_labels("2")), "outside [0, 2)"),
+    ("eval-label-too-big", lambda f: f.eval(dev=f.dev_labels("2")), "outside [0, 2): the model in"),
     ("eval-names-vs-ints", lambda f: f.eval(dev=f.file("n.csv", "sentence,label\ngood,pos\n")), "integer class ids"),
     ("eval-limit-negative", lambda f: f.eval(None, "--limit", "-5"), "--limit"),
     ("eval-limit-zero", lambda f: f.eval(None, "--limit", "0"), "--limit"),
@@ -239,11 +261,14 @@ def test_mistake_is_one_clean_line(fx, capsys, name, argv, fragment):
 
 
 def test_good_invocations_still_work(fx, capsys):
-    """The same fixtures, used right: eval runs, with the model's tokenizer given explicitly too."""
-    for args in (fx.eval(None, "--limit", "5"), fx.eval(fx.without(fx.compact, "tokenizer"), "--tokenizer", str(fx.hf))):
+    """The same fixtures, used right: eval runs, with the model's tokenizer given explicitly too, with
+    the eval file alone (integer labels need no training data), and on the full (unpruned) model."""
+    for args in (fx.eval(None, "--limit", "5"), fx.eval(fx.without(fx.compact, "tokenizer"), "--tokenizer", str(fx.hf)),
+                 ["eval", str(fx.compact), "--task", "custom", "--eval-file", str(fx.dev)], fx.eval(fx.hf)):
         assert main(args) == 0
         report = json.loads(capsys.readouterr().out)
         assert report["n"] in (5, 16) and 0 <= report["accuracy"] <= 1
+        assert report["model"] == ("full" if args[1] == str(fx.hf) else "compact")
 
 
 def test_nonfinite_logits_are_refused(fx):

@@ -76,8 +76,8 @@ class CofiCompactAttention(_Norm):
         scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(D))
         if keep is not None:
             scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
-            probs = torch.softmax(scores, -1)
-            probs = torch.nan_to_num(probs, nan=0.0)  # a row with no real key attends to nothing
+            # a row with no real key attends to nothing (softmax over all -inf gives NaN there)
+            probs = torch.softmax(scores, -1).masked_fill(~keep.any(-1)[:, None, None, None], 0.0)
         else:
             probs = torch.softmax(scores, -1)
         ctx = torch.matmul(probs, v).transpose(1, 2).reshape(B, S, h * D)
