@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--teacher-lr", type=float, default=5e-5, metavar="FLOAT",
                         help="learning rate of the teacher fine-tuning (default: %(default)s)")
+    parser.add_argument("--test-file", default=None, metavar="FILE",
+                        help="held-out test data (same columns as the training data), reported beside dev and "
+                             "never used for selection (default: the task's own test split, if it has one)")
 
 
 def latency(model, batch, reps: int = 5, warmup: int = 2) -> float:
@@ -51,54 +54,36 @@ def latency(model, batch, reps: int = 5, warmup: int = 2) -> float:
     return ts[len(ts) // 2]
 
 
-def plots(out: Path, metrics_path: Path | None = None, prefix: str = "") -> list[str]:
-    """A pruning run's metrics.jsonl (default ``out/prune/metrics.jsonl``) -> PNGs in ``out``:
-    ``<prefix>accuracy_sparsity.png`` (dev score and expected/real sparsity over steps),
-    ``<prefix>lambdas.png``, ``<prefix>structure.png`` (heads and FFN width per layer, hidden size)."""
-    import matplotlib
+def test_split(cfg, test_file: str | None):
+    """The held-out test data of the job: ``test_file``, else the task's own test split
+    (rotten_tomatoes has one), else None. Checkpoints are never selected on it."""
+    from .data import get_spec, load_task
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    if test_file:
+        return test_file
+    if cfg.task == "rotten_tomatoes" and not cfg.train_file:
+        return load_task(get_spec(cfg.task), eval_split="test")[1]
+    return None
 
-    recs = [json.loads(line) for line in (metrics_path or out / "prune" / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    ev = [r for r in recs if r.get("stage") == "prune" and "eval" in r]
-    tr = [r for r in recs if r.get("stage") == "prune" and "lambda_1" in r and "eval" not in r]
-    files = []
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    metric = next(iter(ev[0]["eval"])) if ev else "accuracy"
-    ax[0].plot([r["step"] for r in ev], [r["eval"][metric] for r in ev], "o-")
-    ax[0].set(xlabel="step", ylabel=f"dev {metric}", title="dev score (deterministic masks)")
-    ax[1].plot([r["step"] for r in tr], [r["expected_sparsity"] for r in tr], label="expected")
-    ax[1].plot([r["step"] for r in ev], [r["real_sparsity"] for r in ev], "o-", label="real")
-    ax[1].plot([r["step"] for r in tr], [r["target_sparsity"] for r in tr], "--", label="target")
-    ax[1].set(xlabel="step", ylabel="sparsity", title="sparsity")
-    ax[1].legend()
-    fig.tight_layout()
-    fig.savefig(out / f"{prefix}accuracy_sparsity.png", dpi=110)
-    files.append(str(out / f"{prefix}accuracy_sparsity.png"))
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in tr], [r["lambda_1"] for r in tr], label="lambda_1")
-    ax.plot([r["step"] for r in tr], [r["lambda_2"] for r in tr], label="lambda_2")
-    ax.set(xlabel="step", title="Lagrange multipliers")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / f"{prefix}lambdas.png", dpi=110)
-    files.append(str(out / f"{prefix}lambdas.png"))
-    plt.close(fig)
-    st = next((r["structure"] for r in reversed(ev) if "structure" in r), None)
-    if st:
-        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-        L = len(st.get("heads", st.get("ffn", [])))
-        ax[0].bar(range(1, L + 1), st.get("heads", [0] * L))
-        ax[0].set(xlabel="layer", ylabel="heads kept", title=f"heads per layer (hidden kept: {st.get('hidden')})")
-        ax[1].bar(range(1, L + 1), st.get("ffn", [0] * L))
-        ax[1].set(xlabel="layer", ylabel="FFN units kept", title="FFN width per layer")
-        fig.tight_layout()
-        fig.savefig(out / f"{prefix}structure.png", dpi=110)
-        files.append(str(out / f"{prefix}structure.png"))
-        plt.close(fig)
-    return files
+
+def score_folder(model_dir: Path, data, cfg) -> dict:
+    """Metrics of a model folder (teacher or compact) on ``data`` (a file name or a dataset), scored
+    under the task the folder remembers, exactly as ``cofi eval`` scores it."""
+    from .data import load_tokenizer
+    from .runtime.evaluate import check_labels, eval_data, eval_spec, label_map_for, score
+    from .runtime.model_folder import open_model_folder
+
+    em = open_model_folder(model_dir, who="cofi demo")
+    spec = eval_spec(em, who="cofi demo")
+    if isinstance(data, str):
+        ds, where, first = eval_data(spec, eval_file=data, who="cofi demo")
+    else:
+        ds, where, first = data, f"{spec.name} test split", None
+    label_map = label_map_for(em, spec)
+    check_labels(spec, ds, label_map, where, first, str(model_dir))
+    tok = load_tokenizer(model_dir, vocab_size=em.vocab_size)
+    return score(em, spec, ds, tok, max_length=min(cfg.max_seq_length, em.positions),
+                 batch_size=cfg.eval_batch_size, label_map=label_map)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault(k, "1")
     import torch
 
+    from .data import get_spec
+    from .runtime.evaluate import eval_data
     from .training.config import ConfigError
     from .training.config_cli import resolve
     from .training.trainer import Trainer
@@ -124,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}")
         return 2
     torch.set_num_threads(cfg.num_threads or min(2, os.cpu_count() or 1))
+    spec = get_spec(cfg.task, text_fields=cfg.text_fields, label_field=cfg.label_field, num_labels=cfg.num_labels)
+    if args.test_file:  # its columns are checked now, not after an hour of training
+        eval_data(spec, eval_file=args.test_file, who="cofi demo: --test-file")
     times = {}
     t0 = time.perf_counter()
     tcfg = dataclasses.replace(cfg, output_dir=str(out / "teacher"), epochs=args.teacher_epochs,
@@ -137,35 +127,63 @@ def run(args: argparse.Namespace) -> int:
     tr = Trainer(pcfg, "prune", resume=args.resume)
     res = tr.run()
     times["prune_and_compact_s"] = time.perf_counter() - t1
-    # latency: teacher (plain) vs compact, batch 32 x 128 and batch 1 x 128
+    from .plots import delivered_structure, run_plots
     from .runtime import CompactModel
-    from .training.modeling import load_model
+    from .runtime.hf_export import write_model_card
+    from .runtime.model_folder import open_model_folder
 
-    teacher = load_model(args.teacher, qa=False, num_labels=2).eval()
+    compact_dir = Path(res["compact"]["dir"])
+    # held-out test metrics of the teacher and of the model delivered (selection stayed on dev)
+    data = test_split(cfg, args.test_file)
+    test = {"teacher": None, "compact": None}
+    if data is not None:
+        test = {"teacher": score_folder(Path(args.teacher), data, cfg), "compact": score_folder(compact_dir, data, cfg)}
+    # latency: teacher (plain) vs compact, batch 32 x 128 and batch 1 x 128
+    teacher = open_model_folder(args.teacher, who="cofi demo").model
     max_pos = min(128, teacher.config.max_position_embeddings)
-    compact = CompactModel.from_pretrained(str(out / "prune" / "compact")).eval()
+    compact = CompactModel.from_pretrained(str(compact_dir)).eval()
     lat = {}
     for b in (32, 1):
         ids = torch.randint(0, teacher.config.vocab_size, (b, max_pos), generator=torch.Generator().manual_seed(0))
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         lt, lc = latency(teacher, batch), latency(compact, batch)
-        lat[f"batch{b}"] = {"teacher_s": lt, "compact_s": lc, "speedup": lt / lc}
-    files = plots(out)
+        lat[f"batch{b}"] = {"teacher_s": lt, "compact_s": lc, "speedup": lt / lc, "seq": max_pos}
+    structure = delivered_structure(compact_dir)
+    files = run_plots(out, out / "prune" / "metrics.jsonl", structure)
     enc_teacher = sum(p.numel() for n, p in teacher.named_parameters() if ".encoder." in n)
-    report = {"teacher": {"metric": teacher_res["best_metric"], "encoder_params": enc_teacher},
-              "compact": {"metric": res["compact"]["best_metric"], "encoder_params": res["compact"]["encoder_params"],
-                          "sparsity": res["compact"]["sparsity"], "dir": res["compact"]["dir"]},
+    metric = cfg.metric_for_best or spec.primary
+    report = {"teacher": {"dev": teacher_res["best_metric"], "test": test["teacher"], "encoder_params": enc_teacher},
+              "compact": {"dev": res["compact"]["best_metric"], "test": test["compact"],
+                          "encoder_params": res["compact"]["encoder_params"], "sparsity": res["compact"]["sparsity"],
+                          "dir": str(compact_dir), "structure": structure},
+              "selection": "checkpoints and the compact model are picked on dev; test is held out and only reported",
               "pruning": res["prune"], "latency": lat, "times": times, "total_s": time.perf_counter() - t0,
               "plots": files, "config": cfg.to_dict()}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    print("\n==== cofi demo: Rotten Tomatoes, MiniLM-L6 ====")
-    print(f"teacher : dev acc {report['teacher']['metric']:.4f}, encoder params {enc_teacher:,}")
-    print(f"pruned  : dev acc {report['compact']['metric']:.4f}, encoder params {report['compact']['encoder_params']:,}"
+    card = {"dev (selection split)": {metric: report["compact"]["dev"]}}
+    if test["compact"]:
+        card["test (held out)"] = test["compact"]
+    write_model_card(compact_dir, compact.config, accuracy=card, speedup=lat,
+                     notes=[f"teacher: dev {metric} {report['teacher']['dev']:.4f}" +
+                            (f", test {metric} {test['teacher'][metric]:.4f}" if test["teacher"] else "")])
+
+    def line(who: str) -> str:
+        r = report[who]
+        t = f", test {metric} {r['test'][metric]:.4f} (n={r['test']['n']})" if r["test"] else ", test: none held out"
+        return f"dev {metric} {r['dev']:.4f}{t}"
+
+    print("\n==== cofi demo: Rotten Tomatoes, MiniLM-L6 ====" if cfg.task == "rotten_tomatoes" else
+          f"\n==== cofi demo: {cfg.task} ====")
+    print(f"teacher : {line('teacher')}, encoder params {enc_teacher:,}")
+    print(f"pruned  : {line('compact')}, encoder params {report['compact']['encoder_params']:,}"
           f", real sparsity {report['compact']['sparsity']:.4f} (target {cfg.target_sparsity})")
+    print(f"delivered: heads per layer {structure['heads']}, FFN units {structure['ffn']}, "
+          f"hidden {structure['hidden']} (of {structure['original_hidden']})")
+    print("(checkpoints selected on dev; test is held out)")
     for k, v in lat.items():
-        print(f"latency {k} x 128: teacher {v['teacher_s'] * 1e3:.1f} ms, compact {v['compact_s'] * 1e3:.1f} ms, "
+        print(f"latency {k} x {v['seq']}: teacher {v['teacher_s'] * 1e3:.1f} ms, compact {v['compact_s'] * 1e3:.1f} ms, "
               f"speedup {v['speedup']:.2f}x")
     for k, v in times.items():
         print(f"{k}: {v:.0f} s")
-    print(f"compact model: {res['compact']['dir']}\nplots: {', '.join(files)}\nreport: {out / 'report.json'}")
+    print(f"compact model: {compact_dir}\nplots: {', '.join(files)}\nreport: {out / 'report.json'}")
     return 0

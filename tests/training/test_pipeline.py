@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from _tiny import base_args, make_tiny_model
+from _tiny import base_args, make_task, make_tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pruning"))
 from masked_forward_ref import masked_forward  # noqa: E402
@@ -31,7 +31,8 @@ def test_demo_pipeline_every_stage(tiny, tmp_path, capsys):
     # layer gate kept at keep-probability ~0.9 still counts fully in the real sparsity: seed 1 settles
     # at real 0.570 for expected 0.600; seeds 2 and 3 at 0.600 / 0.599.
     model = make_tiny_model(tmp_path / "model", hidden=64, heads=8, ffn=256)
-    rc = main(["demo"] + base_args(
+    _, test_file = make_task(tmp_path / "test", n_train=1, n_eval=48, seed=7)  # held out: never selected on
+    rc = main(["demo", "--test-file", str(test_file)] + base_args(
         model, tiny["train"], tiny["dev"], out, target_sparsity=target, max_steps=300,
         lagrangian_warmup_steps=120, prepruning_steps=16, learning_rate=1e-3, reg_learning_rate=0.1, batch_size=16,
         eval_batch_size=64, eval_steps=10, save_steps=20, logging_steps=10, compact_max_steps=10,
@@ -40,6 +41,7 @@ def test_demo_pipeline_every_stage(tiny, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "teacher : dev acc" in printed and "pruned  : dev acc" in printed and "speedup" in printed
+    assert printed.count("test accuracy") == 2 and "delivered: heads per layer" in printed
 
     # stage 1: teacher
     assert (out / "teacher" / "best" / "model.safetensors").exists()
@@ -65,6 +67,20 @@ def test_demo_pipeline_every_stage(tiny, tmp_path, capsys):
     # report and plots
     rep = json.loads((out / "report.json").read_text())
     assert rep["compact"]["sparsity"] == cm.sparsity()
+    # test metrics beside dev, for the teacher and the delivered model, scored as cofi eval scores them
+    for who, folder in (("teacher", out / "teacher" / "best"), ("compact", out / "prune" / "compact")):
+        t = rep[who]["test"]
+        assert t["n"] == 48 and 0 <= t["accuracy"] <= 1 and isinstance(rep[who]["dev"], float)
+        assert main(["eval", str(folder), "--eval-file", str(test_file)]) == 0
+        assert json.loads(capsys.readouterr().out)["accuracy"] == t["accuracy"]
+    # the structure reported and plotted is the saved compact model's
+    c = cm.config
+    st = rep["compact"]["structure"]
+    assert st["heads"] == [h if a else 0 for h, a in zip(c.num_heads, c.attention_present)]
+    assert st["ffn"] == [w if f else 0 for w, f in zip(c.intermediate_sizes, c.ffn_present)]
+    assert st["hidden"] == c.hidden_size and st["encoder_params"] == cm.num_encoder_params()
+    card = (out / "prune" / "compact" / "README.md").read_text()
+    assert "test (held out)" in card and "speedup" in card and f"{cm.num_encoder_params():,}" in card
     assert set(rep["latency"]) == {"batch32", "batch1"} and all(v["speedup"] > 0 for v in rep["latency"].values())
     assert {"teacher_finetune_s", "prune_and_compact_s"} <= set(rep["times"])
     for name in ("accuracy_sparsity.png", "lambdas.png", "structure.png"):

@@ -8,7 +8,8 @@ and labels without flags.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .tasks import TaskError, TaskSpec, get_spec
 

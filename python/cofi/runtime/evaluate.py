@@ -4,7 +4,8 @@ label checked against the model, and the metrics. Used by ``cofi eval`` and ``co
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..data import (
     TaskError,

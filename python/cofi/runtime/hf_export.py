@@ -14,8 +14,9 @@ parameters and sparsity; accuracy and measured speedup when the caller passes th
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import CompactConfig
@@ -44,7 +45,7 @@ def write_remote_code(directory: str | Path) -> Path:
     return dst
 
 
-def total_params(cfg: "CompactConfig") -> int:
+def total_params(cfg: CompactConfig) -> int:
     """All parameters of the model without zero padding: embeddings (+ LayerNorm), encoder (paper
     count), task head; the distillation projection (unused at inference) is left out."""
     d = cfg.real_hidden_size
@@ -59,7 +60,7 @@ def _fmt_metrics(m: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
 
 
-def model_card(cfg: "CompactConfig", *, accuracy: Mapping[str, Mapping[str, Any]] | None = None,
+def model_card(cfg: CompactConfig, *, accuracy: Mapping[str, Mapping[str, Any]] | None = None,
                speedup: Mapping[str, Mapping[str, float]] | None = None, base_model: str | None = None,
                notes: list[str] | None = None) -> str:
     """README.md text. ``accuracy``: split -> {metric: value} (e.g. {"dev": {...}, "test": {...}});
@@ -78,13 +79,13 @@ def model_card(cfg: "CompactConfig", *, accuracy: Mapping[str, Mapping[str, Any]
                      f"label column `{t.get('label_field')}`, {cfg.num_labels} classes: {labels}")
     else:
         lines.append(f"- task: {cfg.task.replace('_', ' ')}, {cfg.num_labels} outputs (training task not recorded)")
-    lines += [f"- encoder parameters: {cfg.encoder_params():,} of {cfg.full_encoder_params():,} "
-              f"(sparsity {1 - cfg.encoder_params() / cfg.full_encoder_params():.4f}; counted as in the CoFi "
-              "paper: layer weights, biases and LayerNorms)",
+    lines += [(f"- encoder parameters: {cfg.encoder_params():,} of {cfg.full_encoder_params():,} "
+               f"(sparsity {1 - cfg.encoder_params() / cfg.full_encoder_params():.4f}; counted as in the CoFi "
+               "paper: layer weights, biases and LayerNorms)"),
               f"- all parameters (embeddings, encoder, task head): {total_params(cfg):,}",
-              f"- structure: {cfg.num_layers} layers; heads per layer {heads} (of {cfg.original_num_heads}); "
-              f"FFN units per layer {ffn} (of {cfg.original_intermediate_size}); hidden size "
-              f"{cfg.real_hidden_size} (of {cfg.original_hidden_size})"]
+              (f"- structure: {cfg.num_layers} layers; heads per layer {heads} (of {cfg.original_num_heads}); "
+               f"FFN units per layer {ffn} (of {cfg.original_intermediate_size}); hidden size "
+               f"{cfg.real_hidden_size} (of {cfg.original_hidden_size})")]
     if accuracy:
         for split, m in accuracy.items():
             if m:
@@ -93,7 +94,8 @@ def model_card(cfg: "CompactConfig", *, accuracy: Mapping[str, Mapping[str, Any]
         lines.append("- accuracy: not measured by the saver (`cofi eval FOLDER --eval-file FILE` measures it)")
     if speedup:
         for k, v in speedup.items():
-            lines.append(f"- latency {k}: dense {v['teacher_s'] * 1e3:.1f} ms, compact {v['compact_s'] * 1e3:.1f} ms, "
+            shape = f" x {v['seq']}" if "seq" in v else ""
+            lines.append(f"- latency {k}{shape}: dense {v['teacher_s'] * 1e3:.1f} ms, compact {v['compact_s'] * 1e3:.1f} ms, "
                          f"speedup {v['speedup']:.2f}x (measured side by side, same machine)")
     else:
         lines.append("- speedup: not measured by the saver")
@@ -101,12 +103,12 @@ def model_card(cfg: "CompactConfig", *, accuracy: Mapping[str, Mapping[str, Any]
     lines += ["", "## Use", "", "```python", "from transformers import AutoTokenizer, " + auto,
               f"model = {auto}.from_pretrained(folder, trust_remote_code=True)  # {MODELING_FILE}: torch + transformers",
               "tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)  # reads config.json too", "```", "",
-              "With cofi installed, `cofi.runtime.CompactModel.from_pretrained(folder)` runs the same weights on "
-              "cofi's fused kernels; `cofi eval folder` evaluates it, `cofi export folder` writes ONNX.", ""]
+              ("With cofi installed, `cofi.runtime.CompactModel.from_pretrained(folder)` runs the same weights on "
+               "cofi's fused kernels; `cofi eval folder` evaluates it, `cofi export folder` writes ONNX."), ""]
     return "\n".join(lines)
 
 
-def write_model_card(directory: str | Path, cfg: "CompactConfig", **kw: Any) -> Path | None:
+def write_model_card(directory: str | Path, cfg: CompactConfig, **kw: Any) -> Path | None:
     """Write README.md (``model_card(cfg, **kw)``) unless the folder holds a README cofi did not
     write (a user's own card is never replaced); the path written, or None."""
     p = Path(directory) / CARD_NAME
