@@ -183,14 +183,16 @@ class CoFiEncoder(nn.Module):
                 h = (self._attn_dense if dense else self._attn_compact)(layer, x, m, l, lp, hk, kpm, p_att)
                 h = F.dropout(h, p_hid, self.training)
                 o = layer.attention.output.LayerNorm
-                x = ln(h, x, _rows(o.weight, hk), _rows(o.bias, hk), zh, o.eps)
+                # under autocast h is low precision (GEMM output) and the residual stream keeps the
+                # LayerNorm's dtype (fp32): the sum is taken in the stream's dtype, as in HF's BERT
+                x = ln(h.to(x.dtype), x, _rows(o.weight, hk), _rows(o.bias, hk), zh, o.eps)
             elif dense:  # the reference computes the dead sublayer (output * 0) and skips only its LN
                 x = x + self._attn_dense(layer, x, m, l, lp, hk, kpm, p_att)
             if not lp.ffn_skip:
                 h = (self._ffn_dense if dense else self._ffn_compact)(layer, x, m, l, lp, hk)
                 h = F.dropout(h, p_hid, self.training)
                 o = layer.output.LayerNorm
-                x = ln(h, x, _rows(o.weight, hk), _rows(o.bias, hk), zh, o.eps)
+                x = ln(h.to(x.dtype), x, _rows(o.weight, hk), _rows(o.bias, hk), zh, o.eps)
             elif dense:
                 x = x + self._ffn_dense(layer, x, m, l, lp, hk)
             if states is not None:

@@ -8,7 +8,10 @@ LayerNorm) and the same ``addmm`` projections from C++, so their outputs are the
 rounding. They are used when all of these hold (``reasons`` lists the ones that do not): the model's
 backend is not ``'torch'``; no gradient needed; not being traced by torch.compile / torch.export (they trace the
 per-op path, whose ops have fake kernels); the backend choice (``use_backend`` / ``COFI_BACKEND``) is
-``auto`` or ``native``; the native kernels can run the model's device and dtype.
+``auto`` or ``native``; the native kernels can run the model's device and dtype; autocast is off
+(the fused ops run in the weights' dtype; under autocast the per-op path applies the ops' autocast
+policies). A model cast to bf16 / fp16 runs the per-op path on CPU (the native CPU kernels are
+fp32 / fp64), whose ops pick a backend that supports the dtype.
 ``CompactModel.set_backend`` forces one path ('fused' or 'ops'); ``last_backend`` says which ran.
 """
 from __future__ import annotations
@@ -56,6 +59,8 @@ def reasons(model: torch.nn.Module) -> list[str]:
     if chosen not in ("auto", "native"):
         why.append(f"backend {chosen!r} forced (use_backend / COFI_BACKEND)")
     w = model.embeddings.word_embeddings.weight
+    if torch.is_autocast_enabled(w.device.type):
+        why.append(f"autocast is on for {w.device.type} (the fused encoder runs in the weights' dtype only)")
     return why + list(_native_reasons_for(w.device, w.dtype, model.config.head_dim))
 
 

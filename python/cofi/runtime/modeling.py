@@ -92,7 +92,8 @@ class CompactAttention(nn.Module):
         ctx = _ops.attention(qkv, key_padding_mask, self.backend)  # [B, h, S, D]
         ctx = ctx.transpose(1, 2).reshape(B, S, h * D)
         a = F.linear(ctx, self.out_weight, self.out_bias)
-        return _ops.layer_norm(a, x, self.ln_weight, self.ln_bias, self.eps, self.backend, self.hidden_z)
+        # under autocast a is low precision and the residual stream keeps the LayerNorm's dtype
+        return _ops.layer_norm(a.to(x.dtype), x, self.ln_weight, self.ln_bias, self.eps, self.backend, self.hidden_z)
 
 
 class CompactFFN(nn.Module):
@@ -118,7 +119,7 @@ class CompactFFN(nn.Module):
             y = self.b2.expand_as(x).contiguous()
         else:
             y = _ops.ffn(x, self.w1, self.b1, self.w2, self.b2, self.activation, self.backend)
-        return _ops.layer_norm(y, x, self.ln_weight, self.ln_bias, self.eps, self.backend, self.hidden_z)
+        return _ops.layer_norm(y.to(x.dtype), x, self.ln_weight, self.ln_bias, self.eps, self.backend, self.hidden_z)
 
 
 class CompactLayer(nn.Module):
@@ -184,7 +185,9 @@ class CompactModel(nn.Module):
 
     Without gradients the encoder runs as one native call (``cofi::compact_encoder_fwd``, see
     ``runtime._fused``); ``set_backend`` ('auto' | 'fused' | 'ops' | 'torch', see ``BACKENDS``) forces
-    an implementation and ``last_backend`` says which one ran ('fused' | 'ops' | 'torch').
+    an implementation and ``last_backend`` says which one ran ('fused' | 'ops' | 'torch');
+    ``fused_reasons()`` says why 'auto' did not pick the fused path (e.g. a bf16 model on CPU, or
+    autocast on). bf16 / fp16: cast the model (``from_pretrained(dtype=...)`` or ``.to(dtype)``).
     ``set_unpad(True)``: the fused path runs the layers on the real
     tokens only (packed rows; attention still sees the padded layout), faster for padded batches,
     and both paths then return 0 at padding positions (same results at real tokens). For sequence
@@ -228,6 +231,10 @@ class CompactModel(nn.Module):
             if isinstance(m, (CompactAttention, CompactFFN, CompactEmbeddings)):
                 m.backend = "torch" if backend == "torch" else "ops"
         return self
+
+    def fused_reasons(self) -> list[str]:
+        """Why the fused encoder cannot run now (empty: it can; see ``runtime._fused``)."""
+        return _fused.reasons(self)
 
     def set_unpad(self, unpad: bool = True) -> "CompactModel":
         """Skip padding tokens in the encoder (outputs 0 at padding positions); see the class doc."""
