@@ -1,7 +1,8 @@
 # Two commands for a fresh clone (see README):
 #   make demo   set up .venv (CPU torch from local disk) and run the main job on the bundled default
 #   make test   set up .venv and run the test suite
-# Also: make cuda-check (CUDA build in .venv-cuda, as CI does), make bench, make clean.
+# Also: make cuda-check (CUDA build in .venv-cuda, as CI does), make bench, make clean; GPU-less kernel
+# checks: make ptxas-check, make triton-aot-check, make cuda-host-check.
 PY ?= python3
 VENV ?= .venv
 VENV_CUDA ?= .venv-cuda
@@ -10,7 +11,7 @@ export HF_DATASETS_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export MAX_JOBS ?= 2
 
-.PHONY: demo test venv build cuda-check bench cmake-check clean
+.PHONY: demo test venv build cuda-check bench cmake-check clean ptxas-check triton-aot-check cuda-host-check
 
 $(VENV)/.deps: requirements/cpu.txt requirements/common.txt requirements/demo.txt
 	$(PY) -m venv $(VENV)
@@ -50,6 +51,18 @@ cuda-check: $(VENV_CUDA)/.deps
 		print(json.dumps({op: r['native'] for op, r in b.items()}, indent=1)); \
 		assert not bad, f'native CUDA kernels not built: {bad}'; print('CUDA build OK')"
 	cd build && ../$(VENV_CUDA)/bin/python -m pytest -c ../pyproject.toml --rootdir .. ../tests
+
+# ptxas -v resources of every CUDA kernel for sm_90 (fails on local memory in attention).
+ptxas-check: venv
+	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} $(VENV)/bin/python tools/ptxas_check.py
+
+# Every shipped Triton configuration compiled ahead of time for sm_90 (shared memory, spills).
+triton-aot-check: venv
+	$(VENV)/bin/python tools/triton_aot_check.py
+
+# The CUDA kernels executed on the CPU (host harness under ASan + UBSan and TSan).
+cuda-host-check: build
+	$(VENV)/bin/python -m pytest -q tests/kernels/test_cuda_host_harness.py
 
 cmake-check: venv
 	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH=$$($(VENV)/bin/python -c "import torch; print(torch.utils.cmake_prefix_path)") \
