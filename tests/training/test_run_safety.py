@@ -271,16 +271,16 @@ class TestZeroHiddenMask:
 
     def test_final_masks_without_hidden_dims_stop_before_the_compact_stage(self, tiny, tmp_path, monkeypatch, capsys):
         from cofi.cli import main
-        from cofi.masks import MaskSet
+        from cofi.training import prune
 
-        orig = MaskSet.deterministic
+        orig = prune.delivered_masks
 
-        def no_hidden(self, *a, **k):
-            m = orig(self, *a, **k)
+        def no_hidden(*a, **k):  # the masks the pruning stage delivers
+            m, info = orig(*a, **k)
             m.hidden = torch.zeros_like(m.hidden)
-            return m
+            return m, info
 
-        monkeypatch.setattr(MaskSet, "deterministic", no_hidden)
+        monkeypatch.setattr(prune, "delivered_masks", no_hidden)
         out = tmp_path / "run"
         assert main(_prune_args(tiny, out, **dict(KW, max_steps=20))) == 2
         err = _err_line(capsys)

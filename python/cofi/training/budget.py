@@ -149,10 +149,11 @@ def describe_budget(cfg: TrainConfig, student: torch.nn.Module, ms: MaskSet, dev
         masks = Masks(hidden=ones_first(d, hidden), head=torch.stack([ones_first(H, h) for h in heads]),
                       mha=torch.tensor(layers, dtype=torch.float64),
                       intermediate=torch.stack([ones_first(F, f) for f in ffn]), ffn=torch.tensor(layers, dtype=torch.float64))
-        small, dense = prune(student, masks).to(device), prune(student, None).to(device)
-        B, S = cfg.batch_size, cfg.max_seq_length
-        ids = torch.randint(0, hc.vocab_size, (B, S), generator=torch.Generator().manual_seed(0)).to(device)
-        t_small, t_dense = _time_forward([small, dense], ids)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the run's draws stay as they were
+            small, dense = prune(student, masks).to(device), prune(student, None).to(device)
+            B, S = cfg.batch_size, cfg.max_seq_length
+            ids = torch.randint(0, hc.vocab_size, (B, S), generator=torch.Generator().manual_seed(0)).to(device)
+            t_small, t_dense = _time_forward([small, dense], ids)
         out["latency"] = {"batch": B, "seq": S, "device": str(device), "threads": torch.get_num_threads(),
                           "budget_ms": 1e3 * t_small, "unpruned_ms": 1e3 * t_dense, "speedup": t_dense / t_small}
     return out
