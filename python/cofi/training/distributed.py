@@ -4,21 +4,33 @@ Gradients are averaged with one flat all-reduce per step (the same arithmetic as
 all-reduce, without DDP's unused-parameter bookkeeping, which compacted steps would trip: units
 cut out of a step get no gradient). Every rank draws the SAME mask sample (a mask generator seeded
 identically on all ranks and advanced only by sampling) and computes the same Lagrangian.
+
+Each step's global batch is cut into contiguous rank slices (``local_batch``). Slices may differ by
+one example (a short last batch), so each rank's gradient and logged losses are weighted by its
+share of the batch: the average is the global batch's mean, as one process computes it. A global
+batch with fewer examples than ranks is run whole on every rank (no rank gets an empty slice).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+from ..data import rank_slice
 
 
 @dataclass(frozen=True)
 class DistInfo:
+    """``rank`` of ``world`` processes; ``share``: world x this rank's fraction of the current
+    global batch (1.0 when the slices are equal; set per step by ``local_batch``)."""
     rank: int = 0
     world: int = 1
+    share: float = 1.0
 
     @property
     def main(self) -> bool:
@@ -46,12 +58,26 @@ def broadcast_params(params: Iterable[torch.Tensor], info: DistInfo) -> None:
                 dist.broadcast(p.data, 0)
 
 
+def local_batch(batch: np.ndarray, info: DistInfo) -> tuple[np.ndarray, DistInfo]:
+    """This rank's example indices of the global ``batch`` [n] and ``info`` with its ``share``.
+    With fewer examples than ranks every rank takes the whole batch (share 1)."""
+    if info.world <= 1:
+        return batch, info
+    if len(batch) < info.world:
+        return batch, dataclasses.replace(info, share=1.0)
+    mine = rank_slice(batch, info.rank, info.world)
+    return mine, dataclasses.replace(info, share=info.world * len(mine) / len(batch))
+
+
 def average_grads(params: list[torch.nn.Parameter], info: DistInfo) -> None:
-    """Mean of each parameter's gradient over ranks (a missing gradient counts as zero)."""
+    """Each parameter's gradient averaged over ranks, weighted by ``info.share`` (a missing
+    gradient counts as zero)."""
     if info.world <= 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
+    if info.share != 1.0:
+        flat *= info.share
     dist.all_reduce(flat)
     flat /= info.world
     o = 0
@@ -66,6 +92,19 @@ def all_reduce_mean_(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
         dist.all_reduce(t)
         t /= info.world
     return t
+
+
+def mean_record(rec: dict[str, Any], info: DistInfo) -> dict[str, Any]:
+    """``rec`` with its scalar tensors (a step's losses, sparsities, lambdas) replaced by their
+    share-weighted mean over ranks, i.e. the global batch's values (a collective: all ranks call it
+    with the same keys). Values that are not tensors are left as they are."""
+    keys = [k for k, v in rec.items() if torch.is_tensor(v) and v.numel() == 1]
+    if info.world <= 1 or not keys:
+        return rec
+    flat = torch.stack([rec[k].detach().reshape(()).double() for k in keys]) * info.share
+    dist.all_reduce(flat)
+    flat /= info.world
+    return {**rec, **{k: flat[i] for i, k in enumerate(keys)}}
 
 
 def all_true(flag: bool, info: DistInfo, device: torch.device | str = "cpu") -> bool:

@@ -90,7 +90,7 @@ def run_loop(ctx: RunContext, stage: Stage, *, bs: int, total: int, resume_state
         batches = D.epoch_batches(lengths, bs, cfg.seed, ls.epoch, group_by_length=cfg.group_by_length)
         while ls.batch_in_epoch < len(batches) and ls.step < total:
             stage.set_phase(ls.step)
-            mine = D.rank_slice(batches[ls.batch_in_epoch], ctx.dist.rank, ctx.dist.world)
+            mine, ctx.dist = dd.local_batch(batches[ls.batch_in_epoch], ctx.dist)
             batch = example_batch(ctx.task, mine, ctx.device)
             rec = stage.train_step(batch, ls.step)
             ls.step += 1
@@ -99,7 +99,7 @@ def run_loop(ctx: RunContext, stage: Stage, *, bs: int, total: int, resume_state
                 cb.on_step_end(stage.name, ls.step)
             rate = (ls.step - s0) / max(time.perf_counter() - t0, 1e-9)
             if ls.step % cfg.logging_steps == 0 or ls.step == total:
-                rec = {k: (float(v) if torch.is_tensor(v) else v) for k, v in rec.items()}
+                rec = {k: (float(v) if torch.is_tensor(v) else v) for k, v in dd.mean_record(rec, ctx.dist).items()}
                 rec.update(stage=stage.name, step=ls.step, epoch=ls.epoch + ls.batch_in_epoch / len(batches),
                            lr=stage.optim.lr, steps_per_s=rate)
                 ctx.metrics.write(rec)
