@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..cli import int_at_least
+from ..vocab import PRECISION_DTYPES
 
 
 def _fields(text: str) -> list[str]:
@@ -41,9 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pad", type=int_at_least(1), default=None,
                    help="zero-pad hidden size and FFN widths to a multiple of this (exact; often faster; "
                         "compact folders)")
+    p.add_argument("--precision", choices=tuple(PRECISION_DTYPES), default="fp32",
+                   help="run the model cast to this dtype (bf16 / fp16: on CPU the per-op path, not the fused "
+                        "encoder; logits compared as float32)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..data import TaskError, load_tokenizer
     from .evaluate import check_labels, eval_data, eval_spec, label_map_for, score
     from .model_folder import open_model_folder
@@ -53,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_file is not None and args.eval_split is not None:
         raise TaskError("cofi eval: give --eval-file or --eval-split, not both")
     em = open_model_folder(args.model_dir, pad=args.pad)
+    em.model.to(getattr(torch, PRECISION_DTYPES[args.precision]))
     spec = eval_spec(em, task=args.task, text_fields=args.text_fields, label_field=args.label_field,
                      num_labels=args.num_labels)
     if args.max_length is None:
@@ -69,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = score(em, spec, ds, tok, max_length=args.max_length, batch_size=args.batch_size, label_map=label_map)
     report = {"model_dir": str(args.model_dir), "model": em.kind, "task": spec.name, "data": where,
               "text_fields": list(spec.text_fields), "label_field": spec.label_field, "num_labels": em.num_labels,
+              "precision": args.precision,
               **metrics, **em.structure}
     print(json.dumps(report, indent=1))
     return 0

@@ -29,7 +29,8 @@ def predict(model: torch.nn.Module, features: Sequence[Mapping[str, Sequence[int
     ``token_type_ids``; lengths may differ), in the original order.
 
     Returns ``{"logits": [N, C] tensor}`` for classification or ``{"start_logits": [...],
-    "end_logits": [...]}`` (lists of 1-D tensors, one per example, unpadded) for QA.
+    "end_logits": [...]}`` (lists of 1-D tensors, one per example, unpadded) for QA; a bf16 / fp16
+    model's outputs are returned as float32 (numpy and the metrics take them as they are).
     NaN/inf outputs raise :class:`NonFiniteOutputError` (naming the first example) unless
     ``allow_nonfinite``.
     """
@@ -81,19 +82,24 @@ def _predict(model: torch.nn.Module, features: Sequence[Mapping[str, Sequence[in
                 tt[r, :n] = torch.as_tensor(features[i]["token_type_ids"], dtype=torch.long)
             am[r, :n] = 1
         out = model(ids.to(device), attention_mask=am.to(device), token_type_ids=tt.to(device))
-        if getattr(out, "start_logits", None) is not None:
+        out = {k: _fp32(getattr(out, k, None)) for k in ("logits", "start_logits", "end_logits")}
+        if out["start_logits"] is not None:
             for r, i in enumerate(idx):
                 n = lengths[i]
-                results[i] = (out.start_logits[r, :n].cpu(), out.end_logits[r, :n].cpu())
+                results[i] = (out["start_logits"][r, :n].cpu(), out["end_logits"][r, :n].cpu())
         else:
             for r, i in enumerate(idx):
-                results[i] = (out.logits[r].cpu(),)
+                results[i] = (out["logits"][r].cpu(),)
     n = len(features)
     if n and len(results[0]) == 2:
         return {"start_logits": [results[i][0] for i in range(n)],
                 "end_logits": [results[i][1] for i in range(n)]}
     logits = torch.stack([results[i][0] for i in range(n)]) if n else torch.zeros(0)
     return {"logits": logits}
+
+
+def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.float() if t is not None and t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 __all__ = ["length_sorted_batches", "predict", "CompactModel"]
