@@ -1,6 +1,7 @@
 """Op microbenchmarks: ``cofi bench``, benchmarks/bench_<op>.py, ``make bench`` and tools/gpu_check.sh.
 
-One module per op (``masked_attention``, ``masked_ffn``, ``masked_layer_norm``, ``hard_concrete``)
+One module per op (``masked_attention``, ``masked_ffn``, ``masked_layer_norm``, ``masked_rms_norm``,
+``hard_concrete``)
 defines its cases and providers as an ``OpBench`` (``core``); ``core.run`` checks every provider
 against the eager reference and times it; ``harness`` holds the timing and result-file helpers.
 """
@@ -10,7 +11,7 @@ import importlib
 
 from .core import OpBench, Settings, run, table_rows
 
-OPS = ("masked_attention", "masked_ffn", "masked_layer_norm", "hard_concrete")
+OPS = ("masked_attention", "masked_ffn", "masked_layer_norm", "masked_rms_norm", "hard_concrete")
 
 
 def bench(op: str) -> OpBench:
