@@ -430,3 +430,33 @@ def test_tsan_masked_attention():
     case = AttCase(torch.float32, 1, 2, 40, 48, z=[0.8, 0.0], mask=_mask(1, 40, "pad"), dropout=0.25, seed=5)
     calls, expect = case.calls()
     _check_attention(case, driver("masked_attention", "thread").run(calls), expect)
+
+
+# ============================== the harness finds bugs ===========================================
+SELFTEST = Path(__file__).resolve().parent / "cuda_host_selftest.cu"
+
+
+def _selftest(sanitizer: str) -> harness.Driver:
+    why = harness.unavailable(sanitizer)
+    if why:
+        pytest.skip(f"host harness ({sanitizer}): {why}")
+    return harness.Driver(harness.build_source(SELFTEST, sanitizer, "selftest"), sanitizer, timeout=60)
+
+
+def test_selftest_thread_sanitizer_reports_a_race():
+    drv = _selftest("thread")
+    (ok,) = drv.run([Call("cofi_selftest_good", [Buf(torch.zeros(64), out=True)])])
+    expect = sum((i + 1) % 64 for i in range(32)) + torch.zeros(32)  # lanes of a warp sum their neighbours
+    assert ok.rc == 0 and torch.equal(ok.outputs[0][:32], expect)
+    with pytest.raises(harness.HarnessError, match="data race"):
+        drv.run([Call("cofi_selftest_racy", [Buf(torch.zeros(64), out=True)])])
+
+
+def test_selftest_address_sanitizer_and_barriers():
+    drv = _selftest("address")
+    with pytest.raises(harness.HarnessError, match="heap-buffer-overflow"):
+        drv.run([Call("cofi_selftest_out_of_bounds", [Buf(torch.zeros(8)), Buf(torch.zeros(8), out=True), 8])])
+    with pytest.raises(harness.HarnessError, match="divergent __syncthreads"):
+        drv.run([Call("cofi_selftest_divergent", [Buf(torch.zeros(64), out=True)])])
+    (bad,) = drv.run([Call("cofi_selftest_bad_config", [Buf(torch.zeros(64), out=True)])])
+    assert bad.rc == 9  # cudaErrorInvalidConfiguration: 2,048 threads per block

@@ -107,10 +107,15 @@ def _compile_all(jobs: list[list[str]]) -> None:
 
 
 def build(op: str, sanitizer: str, build_dir: Path = BUILD) -> Path:
-    """The driver executable for ``op`` under ``sanitizer`` (built or taken from the cache)."""
+    """The driver executable for ``op`` (csrc/<op>/<op>_cuda.cu) under ``sanitizer``, cached."""
+    return build_source(_source(op), sanitizer, op, build_dir)
+
+
+def build_source(src: Path, sanitizer: str, name: str, build_dir: Path = BUILD) -> Path:
+    """The driver executable for the CUDA source ``src`` under ``sanitizer``, cached as ``name``."""
     if sanitizer not in SANITIZERS:
         raise HarnessError(f"sanitizer: expected one of {sorted(SANITIZERS)}, got {sanitizer!r}")
-    src = _source(op)
+    op = name
     flags = FLAGS + SANITIZERS[sanitizer] + [f"-I{HERE / 'include'}", "-include", str(HERE / "cuda_host.h")]
     version = subprocess.run([CXX, "--version"], capture_output=True).stdout
     harness_files = [HERE / "cuda_host.h", *sorted((HERE / "include").glob("*.h"))]
@@ -129,7 +134,8 @@ def build(op: str, sanitizer: str, build_dir: Path = BUILD) -> Path:
     def make() -> None:
         host_src = out / f"{op}_host.cpp"
         try:
-            host_src.write_text(hostify.hostify(src.read_text(), str(src.relative_to(ROOT))))
+            shown = src.relative_to(ROOT) if src.is_relative_to(ROOT) else src
+            host_src.write_text(hostify.hostify(src.read_text(), str(shown)))
         except hostify.HostifyError as e:
             raise HarnessError(str(e)) from e
         obj = out / f"{op}_host.o"
