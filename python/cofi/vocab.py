@@ -100,3 +100,48 @@ __all__ = [
 # the torch dtype attribute: fp32 runs as is; bf16 / fp16 train under autocast with fp32 master
 # weights (cofi.training.precision) and run a compact model cast to that dtype (cofi.runtime).
 PRECISION_DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+# ---------------------------------------------------------------------------- decoder (Llama family)
+# Mask groups of a Llama-family causal LM (cofi.models.llama), in canonical order:
+#   hidden [d]: residual dims; head [L, H]: query heads; kv [L, G]: K/V groups (G = num_key_value_heads,
+#   query head h belongs to group h // (H / G), as transformers' repeat_kv); mha [L]: attention-sublayer
+#   gates; intermediate [L, F]: SwiGLU units (gate/up rows, down columns); ffn [L]: MLP-sublayer gates.
+# GQA rule (docs/decoder.md): query head h acts with head[l, h] * kv[l, g(h)]; a K/V group is kept iff
+# its kv value and at least one of its query heads' values are nonzero.
+DECODER_GROUPS: tuple[str, ...] = ("hidden", "head", "kv", "mha", "intermediate", "ffn")
+
+
+def decoder_group_shapes(num_layers: int, hidden_size: int, num_heads: int, num_kv_heads: int,
+                         intermediate_size: int) -> dict[str, tuple[int, ...]]:
+    """Shape of every decoder group, in ``DECODER_GROUPS`` order: hidden (d,), head (L, H),
+    kv (L, G), mha (L,), intermediate (L, F), ffn (L,)."""
+    L, d, H, G, F = num_layers, hidden_size, num_heads, num_kv_heads, intermediate_size
+    return {"hidden": (d,), "head": (L, H), "kv": (L, G), "mha": (L,), "intermediate": (L, F), "ffn": (L,)}
+
+
+# Parameter counts of a (pruned) decoder layer as the model holds them, d the kept hidden size. They
+# are polynomials, so expected counts (keep probabilities in place of counts) use the same formulas.
+
+def decoder_attention_params(hidden, q_heads, kv_heads, head_dim: int, qkv_bias: bool, o_bias: bool):
+    """An attention sublayer with ``q_heads`` query and ``kv_heads`` K/V heads and its input RMSNorm:
+    q_proj and o_proj (2 d q D), k_proj and v_proj (2 d k D), q/k/v biases ((q + 2 k) D, Qwen2 and
+    Llama attention_bias), o bias (d, Llama attention_bias) and the RMSNorm weight (d)."""
+    return (2 * hidden * (q_heads + kv_heads) * head_dim + (q_heads + 2 * kv_heads) * head_dim * int(qkv_bias)
+            + hidden * int(o_bias) + hidden)
+
+
+def decoder_mlp_params(hidden, units, bias: bool):
+    """A SwiGLU MLP sublayer with ``units`` units and its input RMSNorm: gate/up/down (3 d f),
+    gate/up/down biases (2 f + d, Llama mlp_bias) and the RMSNorm weight (d)."""
+    return 3 * hidden * units + (2 * units + hidden) * int(bias) + hidden
+
+
+def decoder_embedding_params(vocab_size: int, hidden, tied: bool) -> tuple[object, object]:
+    """(token embedding V d, LM head: V d, or 0 when tied to the embedding), stated apart from the
+    decoder body (layers + final RMSNorm d)."""
+    return vocab_size * hidden, 0 if tied else vocab_size * hidden
+
+
+__all__ += ["DECODER_GROUPS", "decoder_attention_params", "decoder_embedding_params", "decoder_group_shapes",
+            "decoder_mlp_params"]
