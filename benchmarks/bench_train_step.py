@@ -23,6 +23,12 @@ Run: PYTHONPATH=python:. python benchmarks/bench_train_step.py [--quick] (MiniLM
 sparsity 0 and 0.9, 1 rep). Each provider is timed alone, call after call (the mask restore between
 calls untimed; one trainer alive at a time), so not by ``_harness.measure`` / ``time_interleaved``.
 Writes benchmarks/results/cpu/train_step.json (with ``_harness.env_tags``; a markdown table next to it).
+
+``--precisions fp32,bf16``: instead, the same compact pruning step at each precision (the trainer's
+``precision``: autocast forwards, fp32 master weights / masks / Lagrangian / losses), one trainer per
+precision alive together, timed interleaved (one step of each per round, ``time_interleaved``; the
+log_alpha restore is inside the timed call, a few-KB copy); the ratio is each precision's median
+step over fp32's, both from the same rounds. Writes benchmarks/results/cpu/train_step_precision.json.
 """
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ sys.path += [str(ROOT / "python"), str(ROOT), str(ROOT / "benchmarks")]  # PYTHO
 import _harness as H  # noqa: E402
 import cofi  # noqa: E402
 from cofi import ops as cops  # noqa: E402
+from cofi.bench.harness import time_interleaved  # noqa: E402
 from cofi.training.trainer import Trainer  # noqa: E402
 from compare_train_step import SHAPES, config, make_inputs, set_sparsity  # noqa: E402
 
@@ -82,11 +89,15 @@ def plain_step_fn(model_dir: Path, batch: dict):
     return step
 
 
-def trainer_for(model_dir: Path, data: Path, out: Path, batch: int, seq: int, variant: str, target: float) -> Trainer:
+def trainer_for(model_dir: Path, data: Path, out: Path, batch: int, seq: int, variant: str, target: float,
+                precision: str = "fp32") -> Trainer:
     """A pruning trainer in the pruning phase from step 0; ``variant``: compact|dense[_cached]."""
+    import dataclasses
+
     backend, cached = variant.split("_")[0], variant.endswith("_cached")
     cfg = config(model_dir, data, out, batch, seq, backend=backend, teacher_cache="on" if cached else "off",
                  target=target, threads=torch.get_num_threads())
+    cfg = dataclasses.replace(cfg, precision=precision)
     tr = Trainer(cfg, "prune", log=lambda m: None)
     tr.model.train()
     return tr
@@ -97,6 +108,54 @@ def example_batch(tr: Trainer, n: int) -> dict:
     batch = dict(tr.ctx.task.train.collate(idx))
     batch["example_index"] = idx
     return batch
+
+
+def precision_main(a, shapes: list[str], sps: list[float], batch: int, seq: int, reps: int) -> None:
+    """``--precisions``: the compact step at each precision, interleaved, ratios vs the first (fp32)."""
+    precs = [p.strip() for p in a.precisions.split(",") if p.strip()]
+    if precs[:1] != ["fp32"] or len(precs) < 2 or len(set(precs)) != len(precs):
+        raise SystemExit(f"--precisions must start with fp32 and name others to compare, got {a.precisions!r}")
+    variant = a.variants.split(",")[0].strip()
+    rows, target = [], max([x for x in sps if x < 1.0] + [0.0])
+    for shape in shapes:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir, data = make_inputs(Path(tmp), shape, batch, seq)
+            trs = {p: trainer_for(model_dir, data, Path(tmp) / f"run_{p}", batch, seq, variant, target, p)
+                   for p in precs}
+            bt = example_batch(trs["fp32"], batch)
+            for sp in sps:
+                fns = {}
+                for p, tr in trs.items():
+                    ms = tr.ctx.maskset
+                    es = set_sparsity(ms, sp)
+                    la0 = ms.log_alpha.detach().clone()
+
+                    def step(tr=tr, ms=ms, la0=la0):
+                        tr.train_step(bt, 0)
+                        with torch.no_grad():  # keep the sparsity level fixed across repetitions
+                            ms.log_alpha.copy_(la0)
+                    fns[p] = step
+                cops.reset_stats()
+                t = time_interleaved(fns, rounds=reps, warmup=a.warmup)
+                ran = sorted({f"{op}:{be}" for (op, be, *_), _ in cops.backend_stats().items()})
+                base = t["fp32"]["p50_ms"]
+                for p in precs:
+                    r = {k: v / 1e3 for k, v in t[p].items() if k.endswith("_ms")}
+                    rows.append({"shape": shape, "variant": variant, "sparsity": sp, "expected_sparsity": es,
+                                 "precision": p, "median_s": r["p50_ms"], "p10_s": r["p10_ms"], "p90_s": r["p90_ms"],
+                                 "rounds": t[p]["n"], "ratio_vs_fp32": t[p]["p50_ms"] / base})
+                    print(f"{shape} s={sp:.2f} {variant} {p}: {t[p]['p50_ms']:.1f} ms  "
+                          f"{t[p]['p50_ms'] / base:.3f}x fp32", flush=True)
+                rows[-1]["backends_all_precisions"] = ran
+            for tr in trs.values():
+                tr.release()
+    meta = {**H.env_tags("cpu"), "torch": torch.__version__, "cofi": cofi.__version__,
+            "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "batch": batch, "seq": seq, "quick": a.quick, "rounds": reps, "warmup": a.warmup, "precisions": precs,
+            "step": "Trainer.train_step", "timestamp": datetime.now(timezone.utc).isoformat(), "device": "cpu"}
+    out = a.out if a.out_given else str(ROOT / "benchmarks/results/cpu/train_step_precision.json")
+    path = H.write_result("train_step_precision", {"meta": meta, "rows": rows}, "cpu", out, indent=1)
+    print(f"wrote {path}")
 
 
 def main() -> None:
@@ -112,8 +171,13 @@ def main() -> None:
                          "trainer's teacher cache instead of a teacher forward per step)")
     ap.add_argument("--amortize-epochs", type=float, default=20.0,
                     help="epochs over which the teacher cache's one pass is amortised (paper: 20 pruning epochs)")
-    ap.set_defaults(out=str(ROOT / "benchmarks/results/cpu/train_step.json"))
+    ap.add_argument("--precisions", default=None,
+                    help="e.g. fp32,bf16: time the compact step at each precision side by side instead "
+                         "(results/cpu/train_step_precision.json)")
     a = ap.parse_args()
+    a.out_given = a.out is not None
+    if a.out is None:
+        a.out = str(ROOT / "benchmarks/results/cpu/train_step.json")
     torch.set_num_threads(a.threads)
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     bad = sorted(set(variants) - {"compact", "compact_cached", "dense", "dense_cached"})
@@ -123,6 +187,9 @@ def main() -> None:
     sps = a.sparsities if a.sparsities is not None else ([0.0, 0.9] if a.quick else [0.0, 0.5, 0.7, 0.9, 0.95])
     batch, seq = a.batch or (8 if a.quick else 32), a.seq or (64 if a.quick else 128)
     reps = a.reps or (1 if a.quick else 3)
+    if a.precisions:
+        precision_main(a, shapes, sps, batch, seq, reps if a.reps else (5 if a.quick else 9))
+        return
     rows = []
     target = max([x for x in sps if x < 1.0] + [0.0])
     for shape in shapes:

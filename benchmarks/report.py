@@ -372,6 +372,27 @@ def render_train_step(rel: str, data: dict[str, Any]) -> str:
             + table(head, body))
 
 
+def render_train_step_precision(rel: str, data: dict[str, Any]) -> str:
+    """train_step_precision: the compact pruning step at each training precision, interleaved in one run."""
+    meta, rows = data["meta"], data["rows"]
+    precs = meta["precisions"]
+    head = ["shape", "sparsity (expected)", *[f"{p} s" for p in precs], *[f"**{p} / fp32**" for p in precs[1:]],
+            "rounds"]
+    body = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        for s in sorted({r["sparsity"] for r in rows if r["shape"] == shape}):
+            got = {r["precision"]: r for r in rows if r["shape"] == shape and r["sparsity"] == s}
+            body.append([shape, f"{s:.2f} ({got['fp32']['expected_sparsity']:.3f})",
+                         *[fmt_ms(got[p]["median_s"]) for p in precs],
+                         *[fmt_r(got[p]["ratio_vs_fp32"], 3) for p in precs[1:]], str(got["fp32"]["rounds"])])
+    env = {k: meta.get(k) for k in ("device", "torch", "threads", "git_sha", "timestamp")}
+    quick = " · `--quick`" if meta.get("quick") else ""
+    return (f"{env_line(rel, env)}{quick} · batch {meta['batch']} x {meta['seq']} · `Trainer.train_step` of `cofi prune` "
+            f"(compact, a teacher forward per step) with `precision` fp32 / bf16 (autocast forwards; fp32 master "
+            f"weights, masks, Lagrangian and losses), one trainer per precision timed in interleaved rounds · "
+            f"median seconds per step; p / fp32 below 1: faster than fp32\n\n" + table(head, body))
+
+
 def render_refactor_train_step(rel: str, data: dict[str, Any]) -> str:
     """refactor_train_step: the trainer step of two checkouts, alternating processes per round."""
     meta = data["meta"]
@@ -447,6 +468,7 @@ RENDERERS: list[tuple[str, str, Callable[[str, Any], str]]] = [
     ("runtime", "runtime — compact models vs dense BERT-base", render_runtime),
     ("sst2_table", "SST-2: MiniLM-L6 pruned to 60 / 90 / 95 %", render_sst2_table),
     ("train_step", "train_step — one CoFi pruning step", render_train_step),
+    ("train_step_precision", "train_step_precision — the pruning step in bf16 vs fp32", render_train_step_precision),
     ("refactor_train_step", "refactor_train_step — the trainer step, old vs new checkout", render_refactor_train_step),
     ("prune_cost", "prune_cost — a pruning run, compact vs `backend=\"dense\"`", render_prune_cost),
     ("hard_concrete", "hard_concrete — one step's mask work, fused vs eager", render_hard_concrete),
