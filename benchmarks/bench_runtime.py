@@ -420,7 +420,7 @@ def main() -> None:
               "backends_ran": {op: cofi.ops.last_backend(op) for op in ("compact_encoder", "masked_attention", "masked_ffn", "masked_layer_norm")},
               "targets": TARGETS, "rows": rows}
     write_result("runtime", result, "cpu", args.out, indent=1)
-    plot(rows, Path(args.out).with_name("runtime_speedup.png"))
+    plot(rows, Path(args.out).with_name(Path(args.out).stem + "_speedup.png"))
     print("wrote", args.out)
 
 
