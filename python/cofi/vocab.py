@@ -123,18 +123,20 @@ def decoder_group_shapes(num_layers: int, hidden_size: int, num_heads: int, num_
 # Parameter counts of a (pruned) decoder layer as the model holds them, d the kept hidden size. They
 # are polynomials, so expected counts (keep probabilities in place of counts) use the same formulas.
 
-def decoder_attention_params(hidden, q_heads, kv_heads, head_dim: int, qkv_bias: bool, o_bias: bool):
+def decoder_attention_params(hidden, q_heads, kv_heads, head_dim: int, qkv_bias: bool, o_bias: bool, norm=1):
     """An attention sublayer with ``q_heads`` query and ``kv_heads`` K/V heads and its input RMSNorm:
     q_proj and o_proj (2 d q D), k_proj and v_proj (2 d k D), q/k/v biases ((q + 2 k) D, Qwen2 and
-    Llama attention_bias), o bias (d, Llama attention_bias) and the RMSNorm weight (d)."""
+    Llama attention_bias), o bias (d, Llama attention_bias) and the RMSNorm weight (d * ``norm``; a
+    sublayer left with no head but an o bias holds the bias only: norm = 0)."""
     return (2 * hidden * (q_heads + kv_heads) * head_dim + (q_heads + 2 * kv_heads) * head_dim * int(qkv_bias)
-            + hidden * int(o_bias) + hidden)
+            + hidden * int(o_bias) + hidden * norm)
 
 
-def decoder_mlp_params(hidden, units, bias: bool):
+def decoder_mlp_params(hidden, units, bias: bool, norm=1):
     """A SwiGLU MLP sublayer with ``units`` units and its input RMSNorm: gate/up/down (3 d f),
-    gate/up/down biases (2 f + d, Llama mlp_bias) and the RMSNorm weight (d)."""
-    return 3 * hidden * units + (2 * units + hidden) * int(bias) + hidden
+    gate/up/down biases (2 f + d, Llama mlp_bias) and the RMSNorm weight (d * ``norm``; 0 units with
+    a down bias: the bias only, norm = 0)."""
+    return 3 * hidden * units + (2 * units + hidden) * int(bias) + hidden * norm
 
 
 def decoder_embedding_params(vocab_size: int, hidden, tied: bool) -> tuple[object, object]:
