@@ -173,6 +173,8 @@ CASES: list[tuple[str, Callable[[Fx], list[str]], str]] = [
     ("eval-missing-eval-file", lambda f: f.eval(dev=f.root / "nope.csv"), "file not found"),
     ("eval-only-train-file", lambda f: ["eval", str(f.compact), "--task", "custom", "--train-file", str(f.train)],
      "--train-file only maps"),
+    ("eval-task-record-damaged", lambda f: ["eval", str(f.edit_config(f.compact, _set("task_spec", {"name": 3})))],
+     "task_spec is damaged"),
     ("eval-no-task-recorded", lambda f: ["eval", str(f.compact), "--eval-file", str(f.dev)], "--task is needed"),
     ("eval-custom-no-file", lambda f: ["eval", str(f.compact), "--task", "custom"], "give --eval-file"),
     ("eval-missing-column", lambda f: f.eval(None, "--text-fields", "text"), "lacks column(s) ['text']"),

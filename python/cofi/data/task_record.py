@@ -41,7 +41,7 @@ def remember_task(hf_config: Any, spec: TaskSpec, label_map: Mapping[str, int] |
         hf_config.label2id = {n: i for i, n in enumerate(rec["label_names"])}
 
 
-def check_record(rec: object, where: str) -> dict[str, Any] | None:
+def check_record(rec: object, where: str, key: str = RECORD_KEY) -> dict[str, Any] | None:
     """``rec`` when it is a well-formed record, None when absent; a damaged one is a TaskError."""
     if rec is None:
         return None
@@ -54,7 +54,7 @@ def check_record(rec: object, where: str) -> dict[str, Any] | None:
         ok = isinstance(names, list) and len(names) == rec["num_labels"] and all(isinstance(n, str) for n in names) \
             and len(set(names)) == len(names)
     if not ok:
-        raise TaskError(f"cofi: {where}: {RECORD_KEY} is damaged (expected name, kind, text_fields, label_field, "
+        raise TaskError(f"cofi: {where}: {key} is damaged (expected name, kind, text_fields, label_field, "
                         f"num_labels, label_names); give --task, --text-fields and --label-field instead")
     return rec
 

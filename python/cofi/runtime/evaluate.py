@@ -24,12 +24,22 @@ from ..data.tasks import check_texts, first_line_of_row
 from .model_folder import EvalModel
 
 
+def _record(em: EvalModel, required: bool) -> dict[str, Any] | None:
+    """The folder's task record; a damaged one is refused when ``required`` (no --task), else ignored."""
+    try:
+        return check_record(em.task_record, f"{em.path}/config.json", "task_spec" if em.kind == "compact" else "cofi_task")
+    except TaskError:
+        if required:
+            raise
+        return None
+
+
 def eval_spec(em: EvalModel, *, task: str | None = None, text_fields: Sequence[str] | None = None,
               label_field: str | None = None, num_labels: int | None = None, who: str = "cofi eval") -> TaskSpec:
     """The spec to score ``em`` under: ``task`` (default: the task the folder remembers) with the
     remembered columns unless ``text_fields`` / ``label_field`` are given; the class count is the
     model's (``num_labels``, when given, must agree)."""
-    rec = check_record(em.task_record, f"{em.path}/config.json")
+    rec = _record(em, required=task is None)
     if task is None and rec is None:
         raise TaskError(f"{who}: --task is needed: {em.path} does not record the task it was trained on "
                         "(a folder from an older cofi); e.g. --task custom --eval-file FILE --text-fields COL "
@@ -84,7 +94,7 @@ def eval_data(spec: TaskSpec, *, eval_file: str | None = None, eval_split: str |
 def label_map_for(em: EvalModel, spec: TaskSpec, train_file: str | None = None) -> dict[str, int] | None:
     """Label name -> class id as in training: the folder's recorded names, else the sorted names of
     ``train_file`` (folders from an older cofi); None when the labels are integer class ids."""
-    m = label_map_from_record(em.task_record)
+    m = label_map_from_record(_record(em, required=False))
     if m is not None or train_file is None or spec.kind != "classification":
         return m
     train = read_table(train_file)
