@@ -5,6 +5,7 @@ float64; outputs the kernels must not touch (dead heads, padding) are pre-filled
 checked untouched. Builds are cached under build/cuda_host/ (about 40 s of CPU the first time)."""
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -19,11 +20,12 @@ from cofi.ops.reference.masked_attention import dropout_seed, dropout_threshold,
 from cofi.ops.reference.masked_ffn import activation_ref
 from cofi.ops.reference.masked_layer_norm import masked_layer_norm_ref, row_stats
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools" / "cuda_host"))
-import harness  # noqa: E402
-from harness import Alias, Buf, Call  # noqa: E402
-
-sys.path.pop(0)
+_spec = importlib.util.spec_from_file_location(
+    "cuda_host_harness", Path(__file__).resolve().parents[2] / "tools" / "cuda_host" / "harness.py")
+harness = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = harness  # before exec: its dataclasses look their module up
+_spec.loader.exec_module(harness)
+Alias, Buf, Call = harness.Alias, harness.Buf, harness.Call
 
 _DRIVERS: dict[tuple[str, str], harness.Driver] = {}
 CUDA_INVALID_VALUE = 1
