@@ -84,6 +84,9 @@ def test_eval_on_the_users_own_task_from_the_folders_record(tmp_path, capsys):
     rec = json.loads((compact / "config.json").read_text())
     assert rec["task_spec"]["text_fields"] == ["text"] and rec["task_spec"]["label_names"] == names
     assert rec["id2label"] == {str(i): n for i, n in enumerate(names)}
+    card = (compact / "README.md").read_text()  # the model card: the recorded task and the dev score it was picked on
+    assert "label column `label`, 4 classes: ['abbr', 'desc', 'loc', 'num']" in card
+    assert "- dev (selection split): accuracy" in card and f"base model: `{src}`" in card
     for folder, kind in ((compact, "compact"), (teacher, "full")):
         assert main(["eval", str(folder), "--eval-file", test]) == 0
         r = json.loads(capsys.readouterr().out)

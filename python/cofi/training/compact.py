@@ -17,6 +17,7 @@ from .optim import Optimizers
 from .precision import autocast
 from .state import LoopState, check_train_state, plain, shapes
 from .task import forward
+from ..runtime.hf_export import write_model_card
 
 
 def load_pruned(ctx: RunContext) -> tuple[object, Path]:
@@ -102,6 +103,7 @@ class CompactStage:
             ls.best_metric, ls.best_step = v, ls.step
             if ctx.dist.main:
                 self.model.save_pretrained(str(self.out_dir), tokenizer=ctx.task.tokenizer)
+                write_model_card(self.out_dir, self.model.config, accuracy={"dev (selection split)": m})
         ctx.log(f"[compact] step {ls.step}: {describe(m, ctx.metric_name)}" + best_note(ls))
 
     def run(self, st: dict | None) -> dict:
