@@ -160,6 +160,17 @@ class PruneStage:
         ctx.log(f"[prune] step {ls.step}: {describe(m, ctx.metric_name)}, real sparsity {real:.4f}{note}, expected "
                 f"{float(exp_s.detach()):.4f}" + best_note(ls))
 
+    def _recount(self, src) -> dict:
+        """The delivered record of a pruned folder's masks (sparsity and structure only)."""
+        from safetensors.torch import load_file
+
+        from ..masks import Masks
+
+        masks = Masks.from_state_dict(load_file(str(src / "masks.safetensors")))
+        real = self.maskset.real_sparsity(masks, count="encoder")
+        return {"masks": "as saved", "sparsity_before": real, "real_sparsity": real,
+                "structure": structure_summary(masks, self.maskset.cfg)}
+
     def save(self, d, masks, metrics: dict) -> None:
         ctx = self.ctx
         A.save_pruned(d, self.model, ctx.task.tokenizer, masks, self.maskset, ctx.proj, metrics)
@@ -178,11 +189,11 @@ class PruneStage:
             self.save(ctx.folder.out / "final", masks, {**ls.last_eval, "step": ls.step, "delivered": info})
         dd.barrier(ctx.dist)
         src = A.pruned_source(ctx.folder.out)
-        if src.name == "best":
-            info = json.loads((src / "metrics.json").read_text())["delivered"]
+        if src.name == "best":  # a best folder saved before delivered masks existed has no record: recount
+            info = json.loads((src / "metrics.json").read_text()).get("delivered") or self._recount(src)
         how = {"converged": f"the deterministic masks are within {cfg.sparsity_epsilon} of the target",
                "projected": "the learned scores were projected onto the budget (closest from below)",
-               "shape": "exactly the target shape"}[info["masks"]]
+               "shape": "exactly the target shape"}.get(info["masks"], info["masks"])
         ctx.log(f"[prune] delivered: the {src.name} masks ({'best evaluation' if src.name == 'best' else 'last step'}): "
                 f"{how}; real sparsity {info['real_sparsity']:.4f} (target {self.target:.4f}; deterministic masks "
                 f"{info['sparsity_before']:.4f}); structure {info['structure']}")
