@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("cofi.info", "versions, build flags, backends and devices"),
     "finetune": ("cofi.training.cli_finetune", "fine-tune a pre-trained encoder on a task (the teacher)"),
     "prune": ("cofi.training.cli_prune", "CoFi pruning with distillation, then fold and fine-tune the compact model"),
-    "eval": ("cofi.runtime.cli_eval", "evaluate a compact model folder on a task"),
+    "eval": ("cofi.runtime.cli_eval", "evaluate a compact (or fine-tuned full) model folder on a task or your own data"),
     "export": ("cofi.runtime.cli_export", "export a compact model folder to ONNX or torch.export"),
     "bench": ("cofi.bench.cli", "op microbenchmarks on this machine: same-run ratios vs the references"),
     "demo": ("cofi.pipeline", "the whole pipeline on the bundled default (README command 1)"),
