@@ -11,6 +11,7 @@
 
 #include "../cpu_workspace.h"
 #include "native_ops.h"
+#include "../autocast_guard.h"
 
 namespace cofi {
 namespace {
@@ -40,6 +41,7 @@ void check_table(const Tensor& t, const char* what, int64_t d, const Tensor& wor
 Tensor compact_embeddings_fwd(const Tensor& input_ids, const OptT& token_type_ids, const OptT& position_ids,
                               const Tensor& word, const Tensor& position, const Tensor& token_type,
                               const Tensor& ln_weight, const Tensor& ln_bias, const OptT& hidden_z, double eps) {
+  const NoAutocast no_autocast;
   const char* fn = "cofi::compact_embeddings_fwd";
   TORCH_CHECK(input_ids.dim() == 2, fn, ": input_ids must be [B, S], got ", input_ids.sizes());
   check_ids(input_ids, "input_ids", input_ids);

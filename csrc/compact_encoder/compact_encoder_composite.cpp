@@ -18,6 +18,7 @@
 #include "../cpu_linear.h"
 #include "../cpu_workspace.h"
 #include "native_ops.h"
+#include "../autocast_guard.h"
 
 namespace cofi {
 namespace {
@@ -73,6 +74,7 @@ std::vector<Tensor> compact_encoder_fwd(const Tensor& x_in, const OptT& key_padd
                                         at::IntArrayRef widths, at::IntArrayRef present, int64_t head_dim,
                                         int64_t activation, double eps, const OptT& hidden_z,
                                         bool all_hidden_states, bool unpad, bool cls_only) {
+  const NoAutocast no_autocast;
   const char* fn = "cofi::compact_encoder_fwd";
   TORCH_CHECK(x_in.dim() == 3, fn, ": x must be [B, S, d], got ", x_in.sizes());
   const int64_t L = static_cast<int64_t>(present.size());

@@ -16,6 +16,7 @@
 #include "hard_concrete_checks.h"
 #include "hard_concrete_step.h"
 #include "../fast_math.h"
+#include "../autocast_guard.h"
 
 namespace {
 
@@ -138,6 +139,7 @@ void check_float(const at::Tensor& x, const char* name) {
 }
 
 at::Tensor sample_fwd(const at::Tensor& log_alpha, const at::Tensor& u, double t, double l, double r) {
+  const cofi::NoAutocast no_autocast;
   cofi_hc_check::stretch("cofi::hard_concrete_sample_fwd_native", t, l, r);
   check_float(log_alpha, "log_alpha");
   check_same(log_alpha, "log_alpha", u, "u");
@@ -162,6 +164,7 @@ at::Tensor sample_fwd(const at::Tensor& log_alpha, const at::Tensor& u, double t
 }
 
 at::Tensor sample_bwd(const at::Tensor& grad, const at::Tensor& log_alpha, const at::Tensor& u, double t, double l, double r) {
+  const cofi::NoAutocast no_autocast;
   cofi_hc_check::stretch("cofi::hard_concrete_sample_bwd_native", t, l, r);
   check_float(log_alpha, "log_alpha");
   check_same(log_alpha, "log_alpha", u, "u");
@@ -189,6 +192,7 @@ at::Tensor sample_bwd(const at::Tensor& grad, const at::Tensor& log_alpha, const
 }
 
 at::Tensor keep_fwd(const at::Tensor& log_alpha, double t, double l, double r, double eps) {
+  const cofi::NoAutocast no_autocast;
   cofi_hc_check::stretch_eps("cofi::hard_concrete_keep_prob_fwd_native", t, l, r, eps);
   check_float(log_alpha, "log_alpha");
   auto la = log_alpha.contiguous();
@@ -209,6 +213,7 @@ at::Tensor keep_fwd(const at::Tensor& log_alpha, double t, double l, double r, d
 }
 
 at::Tensor keep_bwd(const at::Tensor& grad, const at::Tensor& log_alpha, double t, double l, double r, double eps) {
+  const cofi::NoAutocast no_autocast;
   cofi_hc_check::stretch_eps("cofi::hard_concrete_keep_prob_bwd_native", t, l, r, eps);
   check_float(log_alpha, "log_alpha");
   check_same(log_alpha, "log_alpha", grad, "grad");
@@ -234,6 +239,7 @@ at::Tensor keep_bwd(const at::Tensor& grad, const at::Tensor& log_alpha, double 
 
 // Per row: zero the round-half-even(n - sum keep) smallest log_alpha (ties: lower index first).
 at::Tensor deterministic(const at::Tensor& log_alpha, bool binary, double t, double l, double r, double eps) {
+  const cofi::NoAutocast no_autocast;
   cofi_hc_check::stretch_eps("cofi::hard_concrete_deterministic_native", t, l, r, eps);
   check_float(log_alpha, "log_alpha");
   TORCH_CHECK(log_alpha.dim() == 2, "cofi: log_alpha must be 2-D [rows, n], got ", log_alpha.sizes());
@@ -327,6 +333,7 @@ const at::Tensor& first_of(const std::vector<const c10::optional<at::Tensor>*>& 
 std::tuple<at::Tensor, at::Tensor> size_fwd(const c10::optional<at::Tensor>& hidden, const c10::optional<at::Tensor>& head,
                                             const c10::optional<at::Tensor>& mha, const c10::optional<at::Tensor>& inter,
                                             const c10::optional<at::Tensor>& ffn, int64_t L, int64_t d, int64_t H, int64_t F) {
+  const cofi::NoAutocast no_autocast;
   cofi_hc_check::groups("cofi::expected_size_fwd_native", {&hidden, &head, &mha, &inter, &ffn}, L, d, H, F);
   const at::Tensor& ref = first_of({&hidden, &head, &mha, &inter, &ffn});
   check_float(ref, "keep probabilities");
@@ -387,6 +394,7 @@ std::vector<at::Tensor> size_bwd(const at::Tensor& g_params, const at::Tensor& g
                                  const c10::optional<at::Tensor>& head, const c10::optional<at::Tensor>& mha,
                                  const c10::optional<at::Tensor>& inter, const c10::optional<at::Tensor>& ffn, int64_t L,
                                  int64_t d, int64_t H, int64_t F) {
+  const cofi::NoAutocast no_autocast;
   const char* fn = "cofi::expected_size_bwd_native";
   cofi_hc_check::groups(fn, {&hidden, &head, &mha, &inter, &ffn}, L, d, H, F);
   cofi_hc_check::size_grads(fn, g_params, g_sparsity);
@@ -443,6 +451,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_fwd(const at::Te
                                                                     at::IntArrayRef offsets, int64_t L, int64_t d,
                                                                     int64_t H, int64_t F, double t, double l, double r,
                                                                     double eps) {
+  const cofi::NoAutocast no_autocast;
   const char* fn = "cofi::hard_concrete_step_fwd_native";
   cofi_hc_check::stretch_eps(fn, t, l, r, eps);
   cofi_hc_check::sizes(fn, L, d, H, F);
@@ -453,6 +462,7 @@ at::Tensor step_bwd(const c10::optional<at::Tensor>& grad_z, const c10::optional
                     const at::Tensor& grad_params, const at::Tensor& grad_sparsity, const at::Tensor& log_alpha,
                     const at::Tensor& u, const at::Tensor& z, const at::Tensor& keep, at::IntArrayRef offsets, int64_t L, int64_t d, int64_t H,
                     int64_t F, double t, double l, double r, double eps) {
+  const cofi::NoAutocast no_autocast;
   const char* fn = "cofi::hard_concrete_step_bwd_native";
   cofi_hc_check::stretch_eps(fn, t, l, r, eps);
   cofi_hc_check::sizes(fn, L, d, H, F);

@@ -12,6 +12,7 @@
 #include "hard_concrete.h"
 #include "hard_concrete_checks.h"
 #include "hard_concrete_step.h"
+#include "../autocast_guard.h"
 
 namespace {
 
@@ -34,6 +35,7 @@ void check_same(const at::Tensor& a, const char* an, const at::Tensor& b, const 
 void ok(cudaError_t e) { TORCH_CHECK(e == cudaSuccess, "cofi: CUDA launch failed: ", cudaGetErrorString(e)); }
 
 at::Tensor sample_fwd(const at::Tensor& log_alpha, const at::Tensor& u, double t, double l, double r) {
+  const cofi::NoAutocast no_autocast;
   cofi_hc_check::stretch("cofi::hard_concrete_sample_fwd_native", t, l, r);
   check_cuda(log_alpha, "log_alpha");
   check_same(log_alpha, "log_alpha", u, "u");
@@ -49,6 +51,7 @@ at::Tensor sample_fwd(const at::Tensor& log_alpha, const at::Tensor& u, double t
 }
 
 at::Tensor sample_bwd(const at::Tensor& grad, const at::Tensor& log_alpha, const at::Tensor& u, double t, double l, double r) {
+  const cofi::NoAutocast no_autocast;
   cofi_hc_check::stretch("cofi::hard_concrete_sample_bwd_native", t, l, r);
   check_cuda(log_alpha, "log_alpha");
   check_same(log_alpha, "log_alpha", u, "u");
@@ -67,6 +70,7 @@ at::Tensor sample_bwd(const at::Tensor& grad, const at::Tensor& log_alpha, const
 }
 
 at::Tensor keep_fwd(const at::Tensor& log_alpha, double t, double l, double r, double eps) {
+  const cofi::NoAutocast no_autocast;
   cofi_hc_check::stretch_eps("cofi::hard_concrete_keep_prob_fwd_native", t, l, r, eps);
   check_cuda(log_alpha, "log_alpha");
   c10::cuda::CUDAGuard guard(log_alpha.device());
@@ -82,6 +86,7 @@ at::Tensor keep_fwd(const at::Tensor& log_alpha, double t, double l, double r, d
 }
 
 at::Tensor keep_bwd(const at::Tensor& grad, const at::Tensor& log_alpha, double t, double l, double r, double eps) {
+  const cofi::NoAutocast no_autocast;
   cofi_hc_check::stretch_eps("cofi::hard_concrete_keep_prob_bwd_native", t, l, r, eps);
   check_cuda(log_alpha, "log_alpha");
   check_same(log_alpha, "log_alpha", grad, "grad");
@@ -98,6 +103,7 @@ at::Tensor keep_bwd(const at::Tensor& grad, const at::Tensor& log_alpha, double 
 }
 
 at::Tensor deterministic(const at::Tensor& log_alpha, bool binary, double t, double l, double r, double eps) {
+  const cofi::NoAutocast no_autocast;
   cofi_hc_check::stretch_eps("cofi::hard_concrete_deterministic_native", t, l, r, eps);
   check_cuda(log_alpha, "log_alpha");
   TORCH_CHECK(log_alpha.dim() == 2, "cofi: log_alpha must be 2-D [rows, n], got ", log_alpha.sizes());
@@ -130,6 +136,7 @@ Consts consts(int64_t L, int64_t d, int64_t H, int64_t F) {
 std::tuple<at::Tensor, at::Tensor> size_fwd(const c10::optional<at::Tensor>& hidden, const c10::optional<at::Tensor>& head,
                                             const c10::optional<at::Tensor>& mha, const c10::optional<at::Tensor>& inter,
                                             const c10::optional<at::Tensor>& ffn, int64_t L, int64_t d, int64_t H, int64_t F) {
+  const cofi::NoAutocast no_autocast;
   cofi_hc_check::groups("cofi::expected_size_fwd_native", {&hidden, &head, &mha, &inter, &ffn}, L, d, H, F);
   const at::Tensor& ref = first_of({&hidden, &head, &mha, &inter, &ffn});
   check_cuda(ref, "keep probabilities");
@@ -146,6 +153,7 @@ std::vector<at::Tensor> size_bwd(const at::Tensor& g_params, const at::Tensor& g
                                  const c10::optional<at::Tensor>& head, const c10::optional<at::Tensor>& mha,
                                  const c10::optional<at::Tensor>& inter, const c10::optional<at::Tensor>& ffn, int64_t L,
                                  int64_t d, int64_t H, int64_t F) {
+  const cofi::NoAutocast no_autocast;
   cofi_hc_check::groups("cofi::expected_size_bwd_native", {&hidden, &head, &mha, &inter, &ffn}, L, d, H, F);
   cofi_hc_check::size_grads("cofi::expected_size_bwd_native", g_params, g_sparsity);
   const at::Tensor& ref = first_of({&hidden, &head, &mha, &inter, &ffn});
@@ -190,6 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_fwd(const at::Te
                                                                     at::IntArrayRef offsets, int64_t L, int64_t d,
                                                                     int64_t H, int64_t F, double t, double l, double r,
                                                                     double eps) {
+  const cofi::NoAutocast no_autocast;
   cofi_hc_check::stretch_eps("cofi::hard_concrete_step_fwd_native", t, l, r, eps);
   cofi_hc_check::sizes("cofi::hard_concrete_step_fwd_native", L, d, H, F);
   return cofi_hc_step::fwd(zk_fwd, size_fwd, log_alpha, u, offsets, L, d, H, F, t, l, r, eps);
@@ -199,6 +208,7 @@ at::Tensor step_bwd(const c10::optional<at::Tensor>& grad_z, const c10::optional
                     const at::Tensor& grad_params, const at::Tensor& grad_sparsity, const at::Tensor& log_alpha,
                     const at::Tensor& u, const at::Tensor& /*z*/, const at::Tensor& keep, at::IntArrayRef offsets, int64_t L, int64_t d, int64_t H,
                     int64_t F, double t, double l, double r, double eps) {
+  const cofi::NoAutocast no_autocast;
   cofi_hc_check::stretch_eps("cofi::hard_concrete_step_bwd_native", t, l, r, eps);
   cofi_hc_check::sizes("cofi::hard_concrete_step_bwd_native", L, d, H, F);
   return cofi_hc_step::bwd(zk_bwd, size_bwd, grad_z, grad_keep, grad_params, grad_sparsity, log_alpha, u, keep, offsets,

@@ -26,6 +26,8 @@
 #include <limits>
 #include <vector>
 
+#include "../autocast_guard.h"
+
 extern "C" {
 void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
             const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
@@ -571,8 +573,9 @@ void check_inputs(const char* fn, const at::Tensor& q, const at::Tensor& k, cons
   TORCH_CHECK(q.dim() == 4, fn, ": q must be [B, H, S, D], got ", q.sizes());
   TORCH_CHECK(k.sizes() == q.sizes(), fn, ": k must have q's shape ", q.sizes(), ", got ", k.sizes());
   TORCH_CHECK(v.sizes() == q.sizes(), fn, ": v must have q's shape ", q.sizes(), ", got ", v.sizes());
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, fn, ": q must be float32 or float64, got ",
-              q.scalar_type());
+  const auto qt = q.scalar_type();
+  TORCH_CHECK(qt == at::kFloat || qt == at::kDouble || qt == at::kHalf || qt == at::kBFloat16, fn,
+              ": q must be float32, float64, float16 or bfloat16, got ", qt);
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), fn,
               ": k and v must have q's dtype");
   TORCH_CHECK(q.device() == k.device() && q.device() == v.device(), fn, ": q, k, v must be on one device, got ",
@@ -602,7 +605,7 @@ c10::optional<at::Tensor> contiguous_or_none(const c10::optional<at::Tensor>& t)
   return t->contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(const at::Tensor& q_, const at::Tensor& k_,
+std::tuple<at::Tensor, at::Tensor> fwd_float_cpu(const at::Tensor& q_, const at::Tensor& k_,
                                                             const at::Tensor& v_, const c10::optional<at::Tensor>& head_z_,
                                                             const c10::optional<at::Tensor>& key_padding_mask_,
                                                             double scale, double dropout_p,
@@ -625,7 +628,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(const at::Tensor& q_
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_float_cpu(
     const at::Tensor& grad_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const c10::optional<at::Tensor>& head_z_, const c10::optional<at::Tensor>& key_padding_mask_, const at::Tensor& out_,
     const at::Tensor& lse_, double scale, double dropout_p, const c10::optional<at::Tensor>& seed) {
@@ -652,6 +655,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_
     bwd_kernel<scalar_t>(grad, q, k, v, head_z, key_padding_mask, out, lse, scale, drop, dq, dk, dv, dz);
   });
   return {dq, dk, dv, dz};
+}
+
+// float16 / bfloat16 inputs are computed in float: upcast once, outputs rounded back to q's dtype;
+// lse stays float (as the CUDA kernel and the reference keep it for half inputs).
+bool is_half(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
+
+c10::optional<at::Tensor> to_float(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value()) return t;
+  return t->to(at::kFloat);
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, const c10::optional<at::Tensor>& head_z,
+                                                            const c10::optional<at::Tensor>& key_padding_mask,
+                                                            double scale, double dropout_p,
+                                                            const c10::optional<at::Tensor>& seed) {
+  const NoAutocast no_autocast;
+  if (!is_half(q)) return fwd_float_cpu(q, k, v, head_z, key_padding_mask, scale, dropout_p, seed);
+  check_inputs("cofi::masked_attention_fwd_native", q, k, v, head_z, key_padding_mask);
+  auto [out, lse] = fwd_float_cpu(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), to_float(head_z),
+                                  key_padding_mask, scale, dropout_p, seed);
+  return {out.to(q.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& head_z, const c10::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
+    const at::Tensor& lse, double scale, double dropout_p, const c10::optional<at::Tensor>& seed) {
+  const NoAutocast no_autocast;
+  if (!is_half(q)) return bwd_float_cpu(grad, q, k, v, head_z, key_padding_mask, out, lse, scale, dropout_p, seed);
+  const char* fn = "cofi::masked_attention_bwd_native";
+  check_inputs(fn, q, k, v, head_z, key_padding_mask);
+  TORCH_CHECK(grad.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), fn,
+              ": grad and out must have q's dtype ", q.scalar_type(), ", got ", grad.scalar_type(), " and ",
+              out.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, fn, ": lse must be float32 for ", q.scalar_type(), " q, got ",
+              lse.scalar_type());
+  auto [dq, dk, dv, dz] = bwd_float_cpu(grad.to(at::kFloat), q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat),
+                                        to_float(head_z), key_padding_mask, out.to(at::kFloat), lse, scale, dropout_p,
+                                        seed);
+  const auto dt = q.scalar_type();
+  return {dq.to(dt), dk.to(dt), dv.to(dt), dz.to(dt)};
 }
 
 }  // namespace

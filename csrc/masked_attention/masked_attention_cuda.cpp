@@ -10,6 +10,7 @@
 #include <cmath>
 #include <limits>
 
+#include "../autocast_guard.h"
 #include "masked_attention.h"
 
 namespace {
@@ -89,6 +90,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
                                             const c10::optional<at::Tensor>& head_z,
                                             const c10::optional<at::Tensor>& key_padding_mask, double scale,
                                             double dropout_p, const c10::optional<at::Tensor>& seed) {
+  const cofi::NoAutocast no_autocast;
   const char* fn = "cofi::masked_attention_fwd_native";
   check(fn, q, k, v, head_z, key_padding_mask);
   check_scalars(fn, scale, dropout_p);
@@ -100,6 +102,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
   Common c = common(q, k, v, head_z, key_padding_mask, dropout_p, seed);
   const int n_live = static_cast<int>(c.live.numel());
   if (n_live == 0) return {out, lse};
+  cofi::check_buffer_dtype(fn, "out", out, q.scalar_type());
+  cofi::check_buffer_dtype(fn, "lse", lse, at::kFloat);
   ok(cofi_masked_attention_fwd_cuda(dtype_code(q), q.data_ptr(), k.data_ptr(), v.data_ptr(), c.strides, ptr_or_null(c.z),
                                     static_cast<const uint8_t*>(ptr_or_null(c.mask)),
                                     static_cast<const int64_t*>(ptr_or_null(c.seed)), c.live.data_ptr<int32_t>(), n_live,
@@ -113,6 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& head_z, const c10::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
     const at::Tensor& lse, double scale, double dropout_p, const c10::optional<at::Tensor>& seed) {
+  const cofi::NoAutocast no_autocast;
   const char* fn = "cofi::masked_attention_bwd_native";
   check(fn, q, k, v, head_z, key_padding_mask);
   check_scalars(fn, scale, dropout_p);
@@ -133,6 +138,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   auto delta = at::zeros({B, H, S}, q.options().dtype(at::kFloat));
   auto stream = at::cuda::getCurrentCUDAStream().stream();
   const int code = dtype_code(q);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad", &g}, {"out", &o}, {"dq", &dq},
+                                {"dk", &dk}, {"dv", &dv}})
+    cofi::check_buffer_dtype(fn, name, *t, q.scalar_type());
+  cofi::check_buffer_dtype(fn, "lse", l, at::kFloat);
+  cofi::check_buffer_dtype(fn, "delta", delta, at::kFloat);
   ok(cofi_masked_attention_delta_cuda(code, g.data_ptr(), o.data_ptr(), c.live.data_ptr<int32_t>(), n_live, B, H, S, D,
                                       delta.data_ptr<float>(), stream),
      "delta launch");

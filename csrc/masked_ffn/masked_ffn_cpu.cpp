@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../autocast_guard.h"
 #include "../cpu_linear.h"
 #include "../fast_math.h"
 
@@ -315,6 +316,11 @@ Live gather(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, co
   return l;
 }
 
+// The epilogues run in float for float16 / bfloat16 inputs (the GEMMs stay in the input dtype).
+at::ScalarType epilogue_dtype(at::ScalarType dt) {
+  return (dt == at::kHalf || dt == at::kBFloat16) ? at::kFloat : dt;
+}
+
 // s[j] = z[j] * m over the live units (the gate folded with the layer mask).
 at::Tensor gate_scale(const Live& l, const c10::optional<at::Tensor>& mlp_z, int64_t L, const at::Tensor& like) {
   at::Tensor s = l.z.defined() ? l.z.clone() : at::ones({L}, like.options());
@@ -329,17 +335,26 @@ std::tuple<at::Tensor, at::Tensor> masked_ffn_fwd_cpu(const at::Tensor& x_, cons
                                                      const c10::optional<at::Tensor>& int_z,
                                                      const c10::optional<at::Tensor>& mlp_z,
                                                      const c10::optional<at::Tensor>& live, int64_t act) {
+  const NoAutocast no_autocast;
   check_inputs(x_, w1, b1, w2, b2, int_z, mlp_z, live, act);
+  const char* fn = "cofi::masked_ffn_fwd_native";
   const at::Tensor x = x_.contiguous();
   Live l = gather(w1, b1, w2, int_z, live);
   const int64_t N = x.size(0), L = l.w1.size(0);
+  const at::ScalarType dt = x.scalar_type(), et = epilogue_dtype(dt);
   at::Tensor h = cpu::linear(x, l.w1, at::Tensor());  // [N, L], bias added in the epilogue
-  at::Tensor a = at::empty_like(h);
-  at::Tensor s = gate_scale(l, mlp_z, L, x);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "masked_ffn_fwd_cpu", [&] {
-    epilogue_fwd<scalar_t>(h.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), l.b1.data_ptr<scalar_t>(),
-                           s.data_ptr<scalar_t>(), N, L, act);
+  at::Tensor he = h.to(et);                           // h itself unless x is a half type
+  at::Tensor ae = at::empty_like(he);
+  const at::Tensor b1e = l.b1.to(et), se = gate_scale(l, mlp_z, L, x).to(et);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"h", &he}, {"a", &ae}, {"b1", &b1e},
+                                {"gate scale", &se}})
+    check_buffer_dtype(fn, name, *t, et);
+  AT_DISPATCH_FLOATING_TYPES(et, "masked_ffn_fwd_cpu", [&] {
+    epilogue_fwd<scalar_t>(he.data_ptr<scalar_t>(), ae.data_ptr<scalar_t>(), b1e.data_ptr<scalar_t>(),
+                           se.data_ptr<scalar_t>(), N, L, act);
   });
+  h = he.to(dt);
+  const at::Tensor a = ae.to(dt);
   at::Tensor b2m = mlp_z ? b2 * mlp_z->reshape({}) : b2;
   // No live unit: y = b2 m in every row, as a fresh tensor (an expand of b2 would alias an input).
   at::Tensor y = L > 0 ? cpu::linear(a, l.w2, b2m) : b2m.expand({N, b2.size(0)}).clone(at::MemoryFormat::Contiguous);
@@ -352,7 +367,9 @@ std::vector<at::Tensor> masked_ffn_bwd_cpu(const at::Tensor& grad_, const at::Te
                                            const c10::optional<at::Tensor>& mlp_z,
                                            const c10::optional<at::Tensor>& live, const at::Tensor& h_,
                                            int64_t act, c10::List<bool> needs_) {
+  const NoAutocast no_autocast;
   check_inputs(x_, w1, b1, w2, b2, int_z, mlp_z, live, act);
+  const char* fn = "cofi::masked_ffn_bwd_native";
   TORCH_CHECK(needs_.size() == 7, "cofi::masked_ffn_bwd_native: needs must have 7 entries, got ", needs_.size());
   bool needs[7];
   for (int i = 0; i < 7; ++i) needs[i] = needs_.get(i);
@@ -364,18 +381,31 @@ std::vector<at::Tensor> masked_ffn_bwd_cpu(const at::Tensor& grad_, const at::Te
   const bool need_dh = needs[0] || needs[1] || needs[2];
   const bool need_P = (needs[5] && int_z) || (needs[6] && mlp_z);
   const bool need_a = needs[3];
-  at::Tensor s = gate_scale(l, mlp_z, L, x);
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type() && h.scalar_type() == x.scalar_type(),
+              "cofi::masked_ffn_bwd_native: grad and h must have x's dtype ", x.scalar_type(), ", got ",
+              grad.scalar_type(), " and ", h.scalar_type());
+  const at::ScalarType dt = x.scalar_type(), et = epilogue_dtype(dt);
   at::Tensor G, am, P, Q;
   if (need_dh || need_P || need_a) {
-    G = (need_dh || need_P) ? at::mm(grad, l.w2) : at::empty({N, L}, x.options());  // [N, L]
-    if (need_a) am = at::empty({N, L}, x.options());
-    if (need_P) P = at::empty({L}, x.options());
-    if (needs[2]) Q = at::empty({L}, x.options());
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "masked_ffn_bwd_cpu", [&] {
-      epilogue_bwd<scalar_t>(h.data_ptr<scalar_t>(), G.data_ptr<scalar_t>(),
-                             need_a ? am.data_ptr<scalar_t>() : nullptr, need_P ? P.data_ptr<scalar_t>() : nullptr,
-                             needs[2] ? Q.data_ptr<scalar_t>() : nullptr, s.data_ptr<scalar_t>(), N, L, act);
+    // The epilogue works on buffers of dtype et (float for half inputs), converted back after.
+    const at::Tensor he = h.to(et), se = gate_scale(l, mlp_z, L, x).to(et);
+    const at::TensorOptions eo = x.options().dtype(et);
+    at::Tensor Ge = (need_dh || need_P) ? at::mm(grad, l.w2).to(et) : at::empty({N, L}, eo);  // [N, L]
+    at::Tensor ame = need_a ? at::empty({N, L}, eo) : at::Tensor();
+    at::Tensor Pe = need_P ? at::empty({L}, eo) : at::Tensor();
+    at::Tensor Qe = needs[2] ? at::empty({L}, eo) : at::Tensor();
+    for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"h", &he}, {"G", &Ge}, {"am", &ame},
+                                  {"P", &Pe}, {"Q", &Qe}, {"gate scale", &se}})
+      check_buffer_dtype(fn, name, *t, et);
+    AT_DISPATCH_FLOATING_TYPES(et, "masked_ffn_bwd_cpu", [&] {
+      epilogue_bwd<scalar_t>(he.data_ptr<scalar_t>(), Ge.data_ptr<scalar_t>(),
+                             need_a ? ame.data_ptr<scalar_t>() : nullptr, need_P ? Pe.data_ptr<scalar_t>() : nullptr,
+                             needs[2] ? Qe.data_ptr<scalar_t>() : nullptr, se.data_ptr<scalar_t>(), N, L, act);
     });
+    G = Ge.to(dt);
+    if (need_a) am = ame.to(dt);
+    if (need_P) P = Pe.to(dt);
+    if (needs[2]) Q = Qe.to(dt);
   }
   auto E = [&] { return at::empty({0}, x.options()); };
   auto full = [&](const at::Tensor& part, const at::Tensor& like, int64_t dim) {

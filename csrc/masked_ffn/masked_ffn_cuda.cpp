@@ -8,6 +8,7 @@
 
 #include <vector>
 
+#include "../autocast_guard.h"
 #include "masked_ffn.h"
 
 namespace cofi {
@@ -78,6 +79,7 @@ std::tuple<at::Tensor, at::Tensor> masked_ffn_fwd_cuda(const at::Tensor& x_, con
                                                       const c10::optional<at::Tensor>& int_z,
                                                       const c10::optional<at::Tensor>& mlp_z,
                                                       const c10::optional<at::Tensor>& live, int64_t act) {
+  const NoAutocast no_autocast;
   check_inputs(x_, w1, b1, w2, b2, int_z, mlp_z, live, act);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous();
@@ -86,6 +88,9 @@ std::tuple<at::Tensor, at::Tensor> masked_ffn_fwd_cuda(const at::Tensor& x_, con
   at::Tensor h = at::mm(x, l.w1.t());
   at::Tensor a = at::empty_like(h);
   at::Tensor s = gate_scale(l, mlp_z, L, x);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"h", &h}, {"a", &a}, {"b1", &l.b1},
+                                {"gate scale", &s}})
+    check_buffer_dtype("cofi::masked_ffn_fwd_native (CUDA)", name, *t, x.scalar_type());
   check(cofi_masked_ffn_fwd_epilogue(dtype_code(x), h.data_ptr(), a.data_ptr(), l.b1.data_ptr(), s.data_ptr(), N, L,
                                      static_cast<int>(act), at::cuda::getCurrentCUDAStream()),
         "forward epilogue");
@@ -101,6 +106,7 @@ std::vector<at::Tensor> masked_ffn_bwd_cuda(const at::Tensor& grad_, const at::T
                                             const c10::optional<at::Tensor>& mlp_z,
                                             const c10::optional<at::Tensor>& live, const at::Tensor& h_, int64_t act,
                                             c10::List<bool> needs_) {
+  const NoAutocast no_autocast;
   check_inputs(x_, w1, b1, w2, b2, int_z, mlp_z, live, act);
   TORCH_CHECK(needs_.size() == 7, "cofi::masked_ffn_bwd_native (CUDA): needs must have 7 entries");
   bool needs[7];
@@ -115,6 +121,9 @@ std::vector<at::Tensor> masked_ffn_bwd_cuda(const at::Tensor& grad_, const at::T
   at::Tensor am = needs[3] ? at::empty({N, L}, x.options()) : at::Tensor();
   const bool need_P = (needs[5] && int_z) || (needs[6] && mlp_z);
   at::Tensor fg = need_P ? at::empty({N, L}, x.options()) : at::Tensor();
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"h", &h}, {"G", &G}, {"am", &am},
+                                {"act(h) * G", &fg}, {"gate scale", &s}})
+    check_buffer_dtype("cofi::masked_ffn_bwd_native (CUDA)", name, *t, x.scalar_type());
   check(cofi_masked_ffn_bwd_epilogue(dtype_code(x), h.data_ptr(), G.data_ptr(), G.data_ptr(),
                                      am.defined() ? am.data_ptr() : nullptr, fg.defined() ? fg.data_ptr() : nullptr,
                                      s.data_ptr(), N, L, static_cast<int>(act), at::cuda::getCurrentCUDAStream()),

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../fast_math.h"
+#include "../autocast_guard.h"
 
 namespace cofi {
 namespace {
@@ -289,6 +290,7 @@ Prepared prepare(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_layer_norm_fwd_cpu(
     const at::Tensor& x_, const c10::optional<at::Tensor>& residual, const at::Tensor& weight, const at::Tensor& bias,
     const c10::optional<at::Tensor>& hidden_z, double eps) {
+  const NoAutocast no_autocast;
   check_eps(eps);
   Prepared p = prepare(x_, residual, weight, bias, hidden_z);
   const int64_t N = p.x.size(0);
@@ -308,6 +310,7 @@ std::vector<at::Tensor> masked_layer_norm_bwd_cpu(const at::Tensor& grad_, const
                                                   const at::Tensor& bias, const c10::optional<at::Tensor>& hidden_z,
                                                   const at::Tensor& mean_, const at::Tensor& rstd_, double eps,
                                                   c10::List<bool> needs_) {
+  const NoAutocast no_autocast;
   check_eps(eps);
   TORCH_CHECK(needs_.size() == 5, "cofi::masked_layer_norm_bwd_native: needs must have 5 entries, got ", needs_.size());
   bool needs[5];

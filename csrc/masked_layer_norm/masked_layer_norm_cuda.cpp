@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "masked_layer_norm.h"
+#include "../autocast_guard.h"
 
 namespace cofi {
 namespace {
@@ -49,6 +50,7 @@ void check_eps(double eps) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_layer_norm_fwd_cuda(
     const at::Tensor& x_, const c10::optional<at::Tensor>& residual_, const at::Tensor& weight_, const at::Tensor& bias_,
     const c10::optional<at::Tensor>& hidden_z_, double eps) {
+  const NoAutocast no_autocast;
   check_inputs(x_, residual_, weight_, bias_, hidden_z_);
   check_eps(eps);
   const c10::cuda::CUDAGuard guard(x_.device());
@@ -71,6 +73,7 @@ std::vector<at::Tensor> masked_layer_norm_bwd_cuda(const at::Tensor& grad_, cons
                                                    const at::Tensor& bias_, const c10::optional<at::Tensor>& hidden_z_,
                                                    const at::Tensor& mean_, const at::Tensor& rstd_, double eps,
                                                    c10::List<bool> needs_) {
+  const NoAutocast no_autocast;
   check_inputs(x_, residual_, weight_, bias_, hidden_z_);
   check_eps(eps);
   TORCH_CHECK(needs_.size() == 5, "cofi::masked_layer_norm_bwd_native (CUDA): needs must have 5 entries");

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../fast_math.h"
+#include "../autocast_guard.h"
 
 namespace cofi {
 namespace {
@@ -244,6 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_rms_norm_fwd_cpu(const at:
                                                                        const at::Tensor& weight,
                                                                        const c10::optional<at::Tensor>& hidden_z,
                                                                        double eps, bool want_sum) {
+  const NoAutocast no_autocast;
   check_eps(eps);
   Prepared p = prepare(x_, residual, weight, hidden_z);
   const int64_t N = p.x.size(0);
@@ -264,6 +266,7 @@ std::vector<at::Tensor> masked_rms_norm_bwd_cpu(const at::Tensor& grad_, const c
                                                 const at::Tensor& x_, const c10::optional<at::Tensor>& residual,
                                                 const at::Tensor& weight, const c10::optional<at::Tensor>& hidden_z,
                                                 const at::Tensor& rstd_, c10::List<bool> needs_) {
+  const NoAutocast no_autocast;
   TORCH_CHECK(needs_.size() == 4, "cofi::masked_rms_norm_bwd_native: needs must have 4 entries, got ", needs_.size());
   bool needs[4];
   for (int i = 0; i < 4; ++i) needs[i] = needs_.get(i);
