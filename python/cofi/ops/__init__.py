@@ -1,7 +1,8 @@
 """cofi.ops: fused CoFi ops as PyTorch custom ops (``torch.ops.cofi.*``) with three backends.
 
 See ``cofi.ops.backends()`` for what this install can run and ``cofi.ops.last_backend(op)`` for
-what ran. ``cofi.ops.use_backend(name)`` and ``COFI_BACKEND=name`` force a backend.
+what ran. ``cofi.ops.use_backend(name)`` and ``COFI_BACKEND=name`` force a backend. Under
+``torch.autocast`` each op follows the policy in ``cofi.ops._autocast``.
 """
 from . import _backends
 from ._backends import BackendError, backend_stats, last_backend, reset_stats, use_backend
@@ -17,6 +18,9 @@ from .masked_attention import masked_attention, masked_attention_packed
 from .masked_ffn import masked_ffn
 from .masked_layer_norm import masked_layer_norm
 from .masked_rms_norm import masked_add_rms_norm, masked_rms_norm
+from . import _autocast
+
+_autocast.install()  # autocast policies of the ops above (docs/ops-inputs.md, "Autocast")
 
 __all__ = [
     "BackendError",

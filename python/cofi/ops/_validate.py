@@ -9,6 +9,8 @@ from typing import Sequence
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
+from ._autocast import casts_together
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -45,7 +47,8 @@ def check_tensor(
     if like is not None:
         if t.device != like.device:
             raise ValueError(f"cofi.ops.{op}: {name} is on {t.device} but {like_name} is on {like.device}")
-        if t.dtype != like.dtype and t.dtype in FLOAT_DTYPES and dtypes is FLOAT_DTYPES:
+        if t.dtype != like.dtype and t.dtype in FLOAT_DTYPES and dtypes is FLOAT_DTYPES and \
+                not casts_together(t, like):  # under autocast the op's policy casts both to one dtype
             raise TypeError(f"cofi.ops.{op}: {name} dtype {_dt(t.dtype)} does not match {like_name} dtype {_dt(like.dtype)}")
     if device is not None and t.device != device:
         raise ValueError(f"cofi.ops.{op}: {name} must be on {device}, got {t.device}")

@@ -21,6 +21,7 @@ import torch
 
 from .. import _ext
 from . import _backends as B
+from ._autocast import policy_dtype
 from ._validate import check_float, check_finite, check_int, check_tensor
 from .reference.hard_concrete import (
     EPS,
@@ -662,7 +663,9 @@ def hard_concrete_step(
     u = _noise(op, flat, eps, generator, noise)
     args = (offs, L, d, H, F, float(temperature), float(limit_l), float(limit_r), float(eps))
     chosen = B.choice(backend)
+    # The fast path skips the custom op, so only where its autocast policy would not cast (fp32 / fp64).
     if not torch.compiler.is_compiling() and chosen in ("auto", "native") and flat.device.type in ("cpu", "cuda") and \
+            policy_dtype("hard_concrete_step", flat) == flat.dtype == u.dtype and \
             B.resolve("hard_concrete_step", chosen, flat, u).name == "native":
         return HardConcreteStep(*_NativeStep.apply(flat, u, args))
     return HardConcreteStep(*torch.ops.cofi.hard_concrete_step(flat, u, *args, chosen))

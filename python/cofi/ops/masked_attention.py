@@ -42,9 +42,10 @@ from . import masked_attention_sdpa  # noqa: F401  registers the composite 'sdpa
 from .reference.masked_attention import dropout_keep, dropout_seed, masked_attention_core_ref
 
 OP = "masked_attention"
-_NATIVE_DTYPES = {"cpu": (torch.float32, torch.float64),
+# CPU native computes float16 / bfloat16 in float (csrc/masked_attention/masked_attention_cpu.cpp).
+_NATIVE_DTYPES = {"cpu": FLOAT_DTYPES,
                   "cuda": (torch.float16, torch.bfloat16, torch.float32)}
-_TRITON_DTYPES = {"cpu": (torch.float32, torch.float64),
+_TRITON_DTYPES = {"cpu": FLOAT_DTYPES,
                   "cuda": (torch.float16, torch.bfloat16, torch.float32)}
 _REF_DTYPES = {"cpu": FLOAT_DTYPES, "cuda": FLOAT_DTYPES}
 CUDA_MAX_D = 128  # the CUDA kernel keeps one query row's head_dim in registers

@@ -37,11 +37,11 @@ from .reference.masked_ffn import ACTIVATIONS, activation_ref, masked_ffn_ref
 OP = "masked_ffn"
 ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}  # gelu=0, gelu_tanh=1, relu=2
 
-_FLOATS = (torch.float32, torch.float64)
-_GPU_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_NATIVE_DTYPES = {"cpu": _FLOATS, "cuda": _GPU_FLOATS}
-_TRITON_DTYPES = {"cpu": _FLOATS, "cuda": _GPU_FLOATS}
-_REF_DTYPES = {"cpu": _GPU_FLOATS, "cuda": _GPU_FLOATS}
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Half inputs on CPU (autocast): native runs the GEMMs in the input dtype and the epilogue in float.
+_NATIVE_DTYPES = {"cpu": _FLOATS, "cuda": _FLOATS}
+_TRITON_DTYPES = {"cpu": _FLOATS, "cuda": _FLOATS}
+_REF_DTYPES = {"cpu": _FLOATS, "cuda": _FLOATS}
 
 
 def _triton():

@@ -14,6 +14,7 @@ import torch
 
 from .. import _ext
 from . import _backends as B
+from ._autocast import policy_dtype
 from ._validate import check_float, check_tensor
 from .reference.masked_layer_norm import masked_layer_norm_ref, row_stats as _row_stats
 
@@ -186,7 +187,7 @@ def masked_layer_norm(
     check_tensor(op, "bias", bias, shape=(d,), like=x, like_name="x")
     if hidden_z is not None:
         check_tensor(op, "hidden_z", hidden_z, shape=(d,), device=x.device)
-        hidden_z = hidden_z.to(x.dtype)
+        hidden_z = hidden_z.to(policy_dtype(OP, x))  # not rounded through x's dtype under autocast
     check_float(op, "eps", eps, 0.0)
     lead = x.shape[:-1]
     y, _, _ = torch.ops.cofi.masked_layer_norm(x.reshape(-1, d), residual.reshape(-1, d) if residual is not None else None,
