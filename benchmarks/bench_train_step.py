@@ -110,6 +110,18 @@ def example_batch(tr: Trainer, n: int) -> dict:
     return batch
 
 
+def _uncommitted(paths: list[str]) -> list[str] | None:
+    """Source files that differ from the commit in git_sha (the measured code is not exactly it)."""
+    import subprocess
+
+    try:
+        r = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=ROOT, capture_output=True, text=True,
+                           timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sorted(line[3:] for line in r.stdout.splitlines()) if r.returncode == 0 else None
+
+
 def precision_main(a, shapes: list[str], sps: list[float], batch: int, seq: int, reps: int) -> None:
     """``--precisions``: the compact step at each precision, interleaved, ratios vs the first (fp32)."""
     precs = [p.strip() for p in a.precisions.split(",") if p.strip()]
@@ -152,7 +164,8 @@ def precision_main(a, shapes: list[str], sps: list[float], batch: int, seq: int,
     meta = {**H.env_tags("cpu"), "torch": torch.__version__, "cofi": cofi.__version__,
             "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "batch": batch, "seq": seq, "quick": a.quick, "rounds": reps, "warmup": a.warmup, "precisions": precs,
-            "step": "Trainer.train_step", "timestamp": datetime.now(timezone.utc).isoformat(), "device": "cpu"}
+            "step": "Trainer.train_step", "timestamp": datetime.now(timezone.utc).isoformat(), "device": "cpu",
+            "uncommitted_sources": _uncommitted(["python/cofi", "csrc", "cofi_kernels"])}
     out = a.out if a.out_given else str(ROOT / "benchmarks/results/cpu/train_step_precision.json")
     path = H.write_result("train_step_precision", {"meta": meta, "rows": rows}, "cpu", out, indent=1)
     print(f"wrote {path}")
