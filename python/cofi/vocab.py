@@ -46,6 +46,27 @@ HF_ACTIVATIONS: dict[str, str] = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu
                                   "gelu_fast": "gelu_tanh", "gelu_tanh": "gelu_tanh", "relu": "relu"}
 
 
+# Gated FFN activations, down(gate_fn(gate(x)) * up(x)): the op's name -> the gate's function. The
+# gate functions' positions are the gated native kernels' codes (gelu=0, gelu_tanh=1, relu=2, silu=3;
+# the first three as OP_ACTIVATIONS). silu(h) = h sigmoid(h) (Llama's SwiGLU).
+GATE_FUNCTIONS: tuple[str, ...] = OP_ACTIVATIONS + ("silu",)
+GATED_ACTIVATIONS: dict[str, str] = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh", "reglu": "relu"}
+
+# transformers' ``hidden_act`` of a gated MLP (LlamaMLP and its kin: act_fn(gate_proj(x)) * up_proj(x))
+# -> the cofi op's gated activation ("silu" and "swish" are nn.SiLU; the gelu names as HF_ACTIVATIONS).
+HF_GATED_ACTIVATIONS: dict[str, str] = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_new": "geglu_tanh",
+                                        "gelu_pytorch_tanh": "geglu_tanh", "gelu_fast": "geglu_tanh",
+                                        "gelu_tanh": "geglu_tanh", "relu": "reglu"}
+
+
+def gated_op_activation(hidden_act: str, who: str = "cofi") -> str:
+    """The cofi op's gated activation for a gated MLP's HF ``hidden_act`` (ValueError naming ``who``
+    when the name is not supported)."""
+    if not isinstance(hidden_act, str) or hidden_act not in HF_GATED_ACTIVATIONS:
+        raise ValueError(f"{who}: hidden_act must be one of {sorted(HF_GATED_ACTIVATIONS)}, got {hidden_act!r}")
+    return HF_GATED_ACTIVATIONS[hidden_act]
+
+
 def op_activation(hidden_act: str, who: str = "cofi") -> str:
     """The cofi op's activation for an HF ``hidden_act`` name (ValueError naming ``who`` when the
     name is not supported)."""
@@ -89,8 +110,8 @@ def reference_ffn_layer_params(hidden: int, intermediate: int) -> int:
 
 
 __all__ = [
-    "GROUPS", "HF_ACTIVATIONS", "OP_ACTIVATIONS", "REFERENCE_Z_NAMES", "attention_params", "ffn_params",
-    "group_shape", "group_shapes", "layer_params", "op_activation", "reference_ffn_layer_params",
+    "GATED_ACTIVATIONS", "GATE_FUNCTIONS", "GROUPS", "HF_ACTIVATIONS", "HF_GATED_ACTIVATIONS", "OP_ACTIVATIONS", "REFERENCE_Z_NAMES", "attention_params", "ffn_params",
+    "gated_op_activation", "group_shape", "group_shapes", "layer_params", "op_activation", "reference_ffn_layer_params",
     "reference_head_params",
 ]
 
