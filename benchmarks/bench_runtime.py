@@ -57,6 +57,7 @@ bound. "best" = the faster of compact and compact_padded in that row (the runtim
 from __future__ import annotations
 
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -304,6 +305,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    load_start = os.getloadavg()[0]  # this machine is shared: how busy it was, in the results
     import transformers as tf
 
     cfg = tf.BertConfig(num_labels=3, attn_implementation="sdpa")
@@ -416,7 +418,7 @@ def main() -> None:
     result = {"bench": "runtime", "env": env_tags("cpu"), "quick": args.quick, "rounds": rounds,
               "rounds_batch1": rounds * 10, "pad_multiple": args.pad,
               "dense_model": "transformers BertForSequenceClassification, BERT-base config, sdpa, fp32",
-              "onnxruntime": ort_version(),
+              "onnxruntime": ort_version(), "load_avg": [load_start, os.getloadavg()[0]],
               "backends_ran": {op: cofi.ops.last_backend(op) for op in ("compact_encoder", "masked_attention", "masked_ffn", "masked_layer_norm")},
               "targets": TARGETS, "rows": rows}
     write_result("runtime", result, "cpu", args.out, indent=1)

@@ -307,9 +307,40 @@ def render_runtime(rel: str, data: dict[str, Any]) -> str:
             f"{fmt_x(t['dense'], t.get('compact_skip'))} / {fmt_x(t['eager_modules'], t.get('compact_skip'))}",
             f"{r['times']['dense']['n']} / {r['times']['compact']['n']}"])
     env = data.get("env", {})
-    return (f"{env_line(rel, env)} · {data.get('rounds')} rounds at batch 32, {data.get('rounds_batch1')} at "
-            f"batch 1\n\nms = p50 per call; best = the faster of `compact` and `pad{pad}`; efficiency = best "
+    big = max((r["batch"] for r in data["rows"] if r["batch"] > 1), default=32)
+    quick = " · `--quick`" if data.get("quick") else ""
+    load = data.get("load_avg")
+    load = f" · load average {load[0]:.1f} at the start, {load[1]:.1f} at the end (2 cores)" if load else ""
+    text = (f"{env_line(rel, env)}{quick} · {data.get('rounds')} rounds at batch {big}, {data.get('rounds_batch1')} "
+            f"at batch 1{load}\n\nms = p50 per call; best = the faster of `compact` and `pad{pad}`; efficiency = best "
             f"speedup / FLOP bound.\n\n" + table(head, body))
+    ort = render_runtime_ort(data)
+    return text if ort is None else f"{text}\n\n{ort}"
+
+
+def render_runtime_ort(data: dict[str, Any]) -> str | None:
+    """runtime: cofi's runtime vs onnxruntime on the same models (None for files before those rows)."""
+    rows = [r for r in data["rows"] if "ort_compact" in r["times"]]
+    if not rows:
+        return None
+    head = ["batch x seq", "real sparsity", "ort dense ms", "ort dense fused", "ort compact", "cofi compact", "cofi best",
+            "cofi skip", "ort: compact vs dense", "**cofi vs ort compact** (best)", "cofi skip vs ort compact",
+            "**cofi best vs ort dense fused**"]
+    body = []
+    for r in rows:
+        t = {k: v["p50_ms"] for k, v in r["times"].items()}
+        best = min(t["compact"], t["compact_padded"])
+        body.append([
+            f"{r['batch']} x {r['seq']}", f"{r['real_sparsity']:.3f}", fmt_ms(t["ort_dense"]),
+            fmt_ms(t["ort_dense_fused"]), fmt_ms(t["ort_compact"]), fmt_ms(t["compact"]), fmt_ms(best),
+            fmt_ms(t["compact_skip"]), fmt_x(t["ort_dense"], t["ort_compact"]),
+            f"{fmt_x(t['ort_compact'], t['compact'])} ({fmt_x(t['ort_compact'], best)})",
+            fmt_x(t["ort_compact"], t["compact_skip"]), fmt_x(t["ort_dense_fused"], best)])
+    return (f"onnxruntime {data.get('onnxruntime', '?')} (CPUExecutionProvider, same threads, same inputs, same "
+            f"run): `ort compact` / `ort dense` = the project's ONNX export of the compact / teacher-size model; "
+            f"`ort dense fused` = the transformers model through onnxruntime's BERT fusion. `cofi ...` ratios: the "
+            f"onnxruntime p50 / cofi's (above 1: cofi is faster); `ort: compact vs dense` = ort dense / ort "
+            f"compact (what pruning buys on onnxruntime).\n\n" + table(head, body))
 
 
 def render_runtime_alignment(rel: str, data: dict[str, Any]) -> str:
