@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import rank_slice
+from ..errors import UserError
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,19 @@ class DistInfo:
 
 
 def init(device: str = "cpu") -> DistInfo:
+    """This process's rank and the world size from torchrun's environment (joins the process group
+    when there are several). With ``device`` "cuda" each process makes GPU ``LOCAL_RANK`` its current
+    device (so "cuda" means that GPU); an explicit "cuda:N" shared by the processes of a node is refused."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
+    if device.startswith("cuda"):
+        local, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if torch.device(device).index is None:
+            torch.cuda.set_device(local)
+        elif local_world > 1:
+            raise UserError(f"cofi: device {device!r} with {local_world} processes on this node would put them all on "
+                            "one GPU; pass --device cuda (each process takes GPU LOCAL_RANK)")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size())
