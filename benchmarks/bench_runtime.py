@@ -241,9 +241,8 @@ def dense_as_compact(dense) -> CompactModel:
     """The transformers model as a teacher-size CompactModel (all-ones masks: nothing pruned)."""
     c = dense.config
     L, H, d, Fi = c.num_hidden_layers, c.num_attention_heads, c.hidden_size, c.intermediate_size
-    one = lambda *shape: torch.ones(*shape, dtype=torch.float64)  # noqa: E731
-    return prune(dense, {"hidden": one(d), "head": one(L, H), "mha": one(L), "intermediate": one(L, Fi),
-                         "ffn": one(L)})
+    ones = {"hidden": (d,), "head": (L, H), "mha": (L,), "intermediate": (L, Fi), "ffn": (L,)}
+    return prune(dense, {k: torch.ones(*shape, dtype=torch.float64) for k, shape in ones.items()})
 
 
 class _Logits(nn.Module):
