@@ -16,7 +16,7 @@ from .loop import run_loop
 from .optim import Optimizers
 from .precision import autocast
 from .state import LoopState, check_train_state, plain, shapes
-from .task import forward
+from .task import forward, logits_of
 from ..runtime.hf_export import write_model_card
 
 
@@ -48,13 +48,37 @@ def fold(ctx: RunContext, masks, src: Path) -> torch.nn.Module:
     proj = ctx.proj if (src / "layer_transformation.safetensors").exists() else None
     compact = prune(ctx.student, masks, layer_transformation=proj).to(ctx.device)
     ctx.log(f"[compact] folded {src}: {compact.num_encoder_params()} encoder params, sparsity "
-            f"{compact.sparsity():.4f}; heads {compact.config.num_heads}")
+            f"{compact.sparsity():.4f}; heads {compact.config.num_heads}; max |compact - masked| output "
+            f"{fold_gap(ctx, masks, compact):.2e} on one evaluation batch (fp32)")
     if compact.num_encoder_params() == 0:
         ctx.log("[compact] warning: the pruned masks keep no encoder layer: the compact model is embeddings + "
                 "task head only")
     if ctx.dist.main:
         compact.save_pretrained(str(ctx.folder.out / "compact_folded"), tokenizer=ctx.task.tokenizer)
     return compact
+
+
+@torch.no_grad()
+def fold_gap(ctx: RunContext, masks, compact: torch.nn.Module) -> float:
+    """max |compact - masked| of the task outputs on the first evaluation batch, in fp32 without
+    autocast whatever the run's precision (the fold must be exact: float rounding only)."""
+    from .. import data as D
+
+    enc = ctx.task.eval
+    b = D.eval_batches(enc.lengths, ctx.cfg.eval_batch_size)[:1]
+    if not b:
+        return 0.0
+    batch = {k: v.to(ctx.device) for k, v in enc.collate(b[0]).items()}
+    was = ctx.student.training, compact.training
+    ctx.student.eval()
+    compact.eval()
+    try:
+        a = logits_of(forward(ctx.student, batch, masks.to(ctx.device), "compact"))
+        c = logits_of(forward(compact, batch))
+    finally:
+        ctx.student.train(was[0])
+        compact.train(was[1])
+    return max(float((x.float() - y.float()).abs().max()) if x.numel() else 0.0 for x, y in zip(a, c))
 
 
 class CompactStage:
