@@ -97,7 +97,9 @@ def _cols(w: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
 class CoFiLlamaForCausalLM(nn.Module):
     """A transformers Llama / Qwen2 / Mistral causal LM with CoFi masks (module docstring)."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, init_weights: bool = True) -> None:
+        """config: a transformers LlamaConfig / Qwen2Config / MistralConfig. init_weights: draw
+        transformers' initialisation (normal(0, initializer_range)); False when weights are loaded next."""
         super().__init__()
         self.config = config
         self.shape = DecoderShape.from_hf_config(config)
@@ -105,7 +107,7 @@ class CoFiLlamaForCausalLM(nn.Module):
         self.model = _Body(config, s)
         self.lm_head = nn.Linear(s.hidden_size, s.vocab_size, bias=False)
         std = float(getattr(config, "initializer_range", 0.02))
-        for mod in self.modules():
+        for mod in self.modules() if init_weights else ():
             if isinstance(mod, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(mod.weight, 0.0, std)
             if isinstance(mod, nn.Linear) and mod.bias is not None:
@@ -228,9 +230,9 @@ class CoFiLlamaForCausalLM(nn.Module):
         sd: dict[str, torch.Tensor] = {}
         for f in files:
             sd.update(load_file(str(folder / f)))
-        model = cls(config)
+        model = cls(config, init_weights=False).to(dtype or next(iter(sd.values())).dtype)  # load_state_dict copies into this dtype
         model.load_hf_state_dict(sd, source=str(folder))
-        return model.to(dtype) if dtype is not None else model
+        return model
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Copy a transformers *ForCausalLM state dict in (names as ``state_dict()``); a tied model
