@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
-
 from cofi.errors import UserError
 from cofi.masks.decoder import DecoderMasks, DecoderShape, expected_size, full_size, kept_structure, real_size
 from cofi.models.llama import CoFiLlamaForCausalLM
@@ -21,8 +20,8 @@ from cofi.pruning.fold_llama import fold_llama
 from cofi.runtime.compact_llama import CompactLlamaForCausalLM
 
 V = 101
-TINY = dict(vocab_size=V, hidden_size=48, intermediate_size=40, num_hidden_layers=3, num_attention_heads=6,
-            num_key_value_heads=2, max_position_embeddings=128)
+TINY = {"vocab_size": V, "hidden_size": 48, "intermediate_size": 40, "num_hidden_layers": 3,
+        "num_attention_heads": 6, "num_key_value_heads": 2, "max_position_embeddings": 128}
 
 
 def _config(kind: str, **kw):
@@ -205,7 +204,8 @@ def test_ragged_heads_per_group_fold_and_stock_export():
     uniform.hidden[::4] = 0.0
     compact = fold_llama(m, uniform)
     stock = T.LlamaForCausalLM(compact.config.stock_config()).double().eval()
-    stock.load_state_dict(compact.state_dict(), strict=False)
+    missing, unexpected = stock.load_state_dict(compact.state_dict(), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"} and compact.config.stock_config().num_attention_heads == 4
     with torch.no_grad():
         assert _rel(stock(ids).logits, compact(ids)) <= 1e-6  # stock RMSNorm rounds through float32
 

@@ -8,14 +8,20 @@ when its mha gate is 0, or when it keeps no head and has no o_proj bias.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from ..errors import UserError
-from ..vocab import (DECODER_GROUPS, decoder_attention_params, decoder_embedding_params, decoder_group_shapes,
-                     decoder_mlp_params)
+from ..vocab import (
+    DECODER_GROUPS,
+    decoder_attention_params,
+    decoder_embedding_params,
+    decoder_group_shapes,
+    decoder_mlp_params,
+)
 
 # model_type -> (q/k/v bias, o bias, mlp bias); None = read from the config (Llama's attention_bias / mlp_bias)
 LAYOUTS: dict[str, tuple[bool | None, bool | None, bool | None]] = {
@@ -53,7 +59,7 @@ class DecoderShape:
                                     self.intermediate_size)[group]
 
     @classmethod
-    def from_hf_config(cls, config: Any) -> "DecoderShape":
+    def from_hf_config(cls, config: Any) -> DecoderShape:
         """The shape of a transformers LlamaConfig / Qwen2Config / MistralConfig; anything cofi's
         decoder does not run is one UserError line naming the field."""
         who = "cofi.models.llama"
@@ -116,15 +122,15 @@ class DecoderMasks:
             if t is not None:
                 yield g, t
 
-    def map(self, fn) -> "DecoderMasks":
+    def map(self, fn) -> DecoderMasks:
         """fn applied to every present group."""
         return DecoderMasks(**{f.name: (None if getattr(self, f.name) is None else fn(getattr(self, f.name)))
                                for f in fields(self)})
 
-    def to(self, *args: object, **kw: object) -> "DecoderMasks":
+    def to(self, *args: object, **kw: object) -> DecoderMasks:
         return self.map(lambda t: t.to(*args, **kw))
 
-    def binarize(self) -> "DecoderMasks":
+    def binarize(self) -> DecoderMasks:
         """1 where a value is nonzero, 0 elsewhere (same dtype)."""
         return self.map(lambda t: (t != 0).to(t.dtype))
 
@@ -133,7 +139,7 @@ class DecoderMasks:
 
     @classmethod
     def ones(cls, shape: DecoderShape, dtype: torch.dtype = torch.float32,
-             device: torch.device | str | None = None) -> "DecoderMasks":
+             device: torch.device | str | None = None) -> DecoderMasks:
         """All groups present, all ones."""
         return cls(**{g: torch.ones(shape.shape(g), dtype=dtype, device=device) for g in DECODER_GROUPS})
 
@@ -242,5 +248,14 @@ def full_size(shape: DecoderShape) -> dict[str, int]:
     return real_size(None, shape)
 
 
-__all__ = ["DecoderMasks", "DecoderShape", "KeptLayer", "LAYOUTS", "effective_heads", "expected_size", "full_size",
-           "kept_structure", "real_size"]
+__all__ = [
+    "LAYOUTS",
+    "DecoderMasks",
+    "DecoderShape",
+    "KeptLayer",
+    "effective_heads",
+    "expected_size",
+    "full_size",
+    "kept_structure",
+    "real_size",
+]

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..masks.decoder import DecoderMasks, DecoderShape, kept_structure
-from ..vocab import DECODER_GROUPS
 
 
 @dataclass
@@ -45,7 +44,7 @@ def _rows(idx: list[int], width: int) -> torch.Tensor:
 def make_decoder_plan(masks: DecoderMasks | None, shape: DecoderShape, device: torch.device) -> DecoderPlan:
     """The plan of one step; a group left whole (all kept) is not gathered."""
     s = shape
-    L, H, G, F, D = s.num_layers, s.num_heads, s.num_kv_heads, s.intermediate_size, s.head_dim
+    L, H, F, D = s.num_layers, s.num_heads, s.intermediate_size, s.head_dim
     if masks is None:
         return DecoderPlan([DecoderLayerPlan(n_q=H, n_units=F) for _ in range(L)])
     present = [(g, t) for g, t in masks.items() if g != "hidden"]
@@ -89,4 +88,4 @@ def make_decoder_plan(masks: DecoderMasks | None, shape: DecoderShape, device: t
     return plan
 
 
-__all__ = ["DECODER_GROUPS", "DecoderLayerPlan", "DecoderPlan", "make_decoder_plan"]
+__all__ = ["DecoderLayerPlan", "DecoderPlan", "make_decoder_plan"]

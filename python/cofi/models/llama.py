@@ -208,7 +208,7 @@ class CoFiLlamaForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ load
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None) -> "CoFiLlamaForCausalLM":
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None) -> CoFiLlamaForCausalLM:
         """A local transformers checkpoint folder (config.json + model.safetensors or sharded
         model.safetensors.index.json) of a LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM;
         weights read with safetensors (never unpickled), cast to ``dtype`` if given."""

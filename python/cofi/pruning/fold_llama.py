@@ -11,7 +11,8 @@ head reads the folded embedding; an untied head is lm_head[:, K] after a final n
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

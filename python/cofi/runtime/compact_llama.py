@@ -98,7 +98,7 @@ class CompactLlamaConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CompactLlamaConfig":
+    def from_dict(cls, d: dict[str, Any]) -> CompactLlamaConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         if set(d) != names:
             raise UserError(f"cofi.runtime.compact_llama: config must have the fields {sorted(names)}, "
@@ -219,7 +219,7 @@ class CompactLlamaForCausalLM(nn.Module):
         save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> "CompactLlamaForCausalLM":
+    def from_pretrained(cls, folder: str | os.PathLike) -> CompactLlamaForCausalLM:
         from safetensors.torch import load_file
 
         f = Path(folder)
