@@ -56,6 +56,7 @@ class Case:
     args: tuple
     wrt: tuple[int, ...]
     metrics: Callable[[str, float], dict] = field(default=lambda mode, ms: {})
+    ran_op: str | None = None  # the cofi op this case runs, when not the bench's ran_op (gated masked_ffn)
 
 
 @dataclass
@@ -125,7 +126,7 @@ def run(bench: OpBench, s: Settings) -> list[dict]:
         auto_ran = None
         try:
             bench.auto(*case.args)
-            auto_ran = ops.last_backend(bench.ran_op)
+            auto_ran = ops.last_backend(case.ran_op or bench.ran_op)
         except B.BackendError:
             pass
         base = {"op": bench.op, "shape": case.shape, "dtype": dname, "case": case.label}
@@ -138,7 +139,7 @@ def run(bench: OpBench, s: Settings) -> list[dict]:
                 case_rows += [{**base, "provider": p.name, "backend_ran": p.backend, "mode": m,
                                "skipped": _one_line(e), **env} for m in bench.modes]
                 continue
-            ran = ops.last_backend(p.ran_op or bench.ran_op) if p.backend else "eager"
+            ran = ops.last_backend(p.ran_op or case.ran_op or bench.ran_op) if p.backend else "eager"
             n = p.compare if p.compare is not None else len(want)
             err = H.check_rel(p.name, got[:n], want[:n], dtype)
             for mode in bench.modes:
