@@ -35,12 +35,14 @@ from .decoder_plan import DecoderPlan, make_decoder_plan
 
 @dataclass
 class LlamaOutput:
-    """logits [B, S, V]; hidden_states: (embedding output, each layer's output), each the residual
-    stream [B, S, d] before the final norm, or None; plan: the step's live-unit plan."""
+    """logits [B, S, V] (None when not asked for); hidden_states: (embedding output, each layer's
+    output), each the residual stream [B, S, d] before the final norm, or None; plan: the step's
+    live-unit plan; last_hidden: the final norm's output [B, S, d] (logits = last_hidden @ lm_head^T)."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     plan: DecoderPlan | None = None
+    last_hidden: torch.Tensor | None = None
 
 
 class _Norm(nn.Module):
@@ -117,9 +119,11 @@ class CoFiLlamaForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                masks: DecoderMasks | None = None, output_hidden_states: bool = False) -> LlamaOutput:
+                masks: DecoderMasks | None = None, output_hidden_states: bool = False,
+                logits: bool = True) -> LlamaOutput:
         """input_ids [B, S]; attention_mask [B, S] (1 = token, 0 = padding) or None; positions are
-        0..S-1 as in transformers without a cache. masks: None = the plain model."""
+        0..S-1 as in transformers without a cache. masks: None = the plain model. ``logits=False``:
+        stop at the final norm (``last_hidden``), for losses that apply the LM head in chunks."""
         s = self.shape
         B, S = input_ids.shape
         s.check_length(S)
@@ -185,7 +189,8 @@ class CoFiLlamaForCausalLM(nn.Module):
             if output_hidden_states:
                 flush()
         y = norm(self.model.norm.weight)
-        return LlamaOutput(F.linear(y, self.lm_head.weight), tuple(states) if output_hidden_states else None, plan)
+        return LlamaOutput(F.linear(y, self.lm_head.weight) if logits else None,
+                           tuple(states) if output_hidden_states else None, plan, y)
 
     def _attention(self, a: _Attention, y: torch.Tensor, lp, hv: torch.Tensor | None, cos: torch.Tensor,
                    sin: torch.Tensor, mask: torch.Tensor | None, p_drop: float) -> torch.Tensor:
