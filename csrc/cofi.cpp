@@ -30,6 +30,8 @@ TORCH_LIBRARY(cofi, m) {
   // --- masked_ffn ---
   m.def("masked_ffn_fwd_native(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor? int_z, Tensor? mlp_z, Tensor? live, int activation) -> (Tensor, Tensor)");
   m.def("masked_ffn_bwd_native(Tensor grad, Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor? int_z, Tensor? mlp_z, Tensor? live, Tensor h, int activation, bool[] needs) -> Tensor[]");
+  m.def("masked_ffn_gated_fwd_native(Tensor x, Tensor wg, Tensor bg, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor? int_z, Tensor? mlp_z, Tensor? live, int activation) -> (Tensor, Tensor)");
+  m.def("masked_ffn_gated_bwd_native(Tensor grad, Tensor x, Tensor wg, Tensor bg, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor? int_z, Tensor? mlp_z, Tensor? live, Tensor h, int activation, bool[] needs) -> Tensor[]");
   // --- end masked_ffn ---
   // --- masked_layer_norm ---
   m.def("masked_layer_norm_fwd_native(Tensor x, Tensor? residual, Tensor weight, Tensor bias, Tensor? hidden_z, float eps) -> (Tensor, Tensor, Tensor)");
