@@ -1,4 +1,4 @@
-"""The ``cofi`` command: info, finetune, prune, eval, export, bench, demo.
+"""The ``cofi`` command: info, finetune, prune, eval, export, generate, bench, demo.
 
 Each subcommand lives in the module that owns it and exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; this file only wires them up, so importing it stays cheap.
@@ -40,8 +40,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("cofi.info", "versions, build flags, backends and devices"),
     "finetune": ("cofi.training.cli_finetune", "fine-tune a pre-trained encoder on a task (the teacher)"),
     "prune": ("cofi.training.cli_prune", "CoFi pruning with distillation, then fold and fine-tune the compact model"),
+    "prune-lm": ("cofi.training.cli_prune_lm", "prune a Llama-family decoder on local text (masks, Lagrangian to a sparsity or shape, chunked logit distillation), fold it"),
     "eval": ("cofi.runtime.cli_eval", "evaluate a compact (or fine-tuned full) model folder on a task or your own data"),
     "export": ("cofi.runtime.cli_export", "export a compact model folder to ONNX or torch.export"),
+    "generate": ("cofi.runtime.cli_generate", "generate text from a pruned (or dense) Llama-family decoder, streamed"),
     "bench": ("cofi.bench.cli", "op microbenchmarks on this machine: same-run ratios vs the references"),
     "demo": ("cofi.pipeline", "the whole pipeline on the bundled default (README command 1)"),
 }

@@ -1,0 +1,246 @@
+"""Inference runtime of a compact (pruned) Llama-family decoder: prefill and incremental decoding
+with a preallocated KV cache whose K/V head count is each layer's own.
+
+Built once from a ``CompactLlamaForCausalLM`` (or a dense folder folded with no masks):
+
+- q/k/v are one fused projection per layer and gate/up another (one GEMM each);
+- ragged query heads per K/V group are padded to the largest group with zero query rows and zero
+  o_proj columns (exact: a padded head's output is multiplied by 0), so every layer is a uniform GQA
+  layout: prefill uses SDPA's ``enable_gqa`` and decoding folds a group's query heads into SDPA's
+  query-length axis, so K/V are never copied or repeated;
+- RoPE cos/sin come from one table computed by transformers' rotary class (values identical to its
+  per-call computation for the static RoPE types; dynamic ones are refused);
+- the cache is ``[B, G_l, T_max, D]`` per layer, allocated once per generation, written in place.
+
+Positions follow transformers with an attention mask: ``cumsum(mask) - 1`` (left padding puts a row's
+first real token at position 0), so a padded batch gives each row its unpadded logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from ..models import _decoder_ops as ops
+from .compact_llama import CompactLlamaForCausalLM
+
+_DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+@dataclass
+class KVCache:
+    """Per-layer key / value buffers ``[B, G_l, T_max, D]`` (None for a layer without attention),
+    ``valid`` bool ``[B, T_max]`` (key is a real token), ``length``: positions filled,
+    ``next_pos`` int64 ``[B]``: the RoPE position of each row's next token."""
+
+    k: list[torch.Tensor | None]
+    v: list[torch.Tensor | None]
+    valid: torch.Tensor
+    length: int
+    next_pos: torch.Tensor
+    padded: bool
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+
+class _Layer(nn.Module):
+    """One decoder layer's runtime weights (buffers; attention or MLP may be absent)."""
+
+    def __init__(self, layer, head_dim: int) -> None:
+        super().__init__()
+        a, m = layer.self_attn, layer.mlp
+        self.attn = a is not None and a.nq > 0
+        self.attn_bias = (a.o_proj.bias.detach().clone() if a is not None and a.nq == 0 and a.o_proj.bias is not None
+                          else None)
+        if self.attn:
+            D, G = head_dim, a.nk
+            groups = [[j for j, g in enumerate(a.q_to_kv.tolist()) if g == kv] for kv in range(G)]
+            n = max(len(g) for g in groups)
+            wq = a.q_proj.weight.detach().view(a.nq, D, -1)
+            bq = a.q_proj.bias.detach().view(a.nq, D) if a.q_proj.bias is not None else None
+            wo = a.o_proj.weight.detach().view(a.o_proj.weight.shape[0], a.nq, D)
+            q_w = wq.new_zeros(G, n, D, wq.shape[-1])
+            o_w = wo.new_zeros(wo.shape[0], G, n, D)
+            q_b = None if bq is None else bq.new_zeros(G, n, D)
+            for g, heads in enumerate(groups):
+                idx = torch.tensor(heads, dtype=torch.int64)
+                q_w[g, : len(heads)] = wq[idx]
+                o_w[:, g, : len(heads)] = wo[:, idx]
+                if q_b is not None:
+                    q_b[g, : len(heads)] = bq[idx]
+            self.nq, self.nk, self.group = G * n, G, n
+            self.register_buffer("ln1", layer.input_layernorm.weight.detach().clone())
+            self.register_buffer("qkv_w", torch.cat([q_w.reshape(G * n * D, -1), a.k_proj.weight.detach(),
+                                                     a.v_proj.weight.detach()]).contiguous())
+            self.register_buffer("qkv_b", None if q_b is None else torch.cat(
+                [q_b.reshape(-1), a.k_proj.bias.detach(), a.v_proj.bias.detach()]))
+            self.register_buffer("o_w", o_w.reshape(wo.shape[0], G * n * D).contiguous())
+            self.register_buffer("o_b", None if a.o_proj.bias is None else a.o_proj.bias.detach().clone())
+        self.mlp = m is not None and m.width > 0
+        self.mlp_bias = (m.down_proj.bias.detach().clone() if m is not None and m.width == 0
+                         and m.down_proj.bias is not None else None)
+        if self.mlp:
+            self.width = m.width
+            self.register_buffer("ln2", layer.post_attention_layernorm.weight.detach().clone())
+            self.register_buffer("gu_w", torch.cat([m.gate_proj.weight.detach(), m.up_proj.weight.detach()]).contiguous())
+            self.register_buffer("gu_b", None if m.gate_proj.bias is None else torch.cat(
+                [m.gate_proj.bias.detach(), m.up_proj.bias.detach()]))
+            self.register_buffer("down_w", m.down_proj.weight.detach().contiguous())
+            self.register_buffer("down_b", None if m.down_proj.bias is None else m.down_proj.bias.detach().clone())
+
+
+class LlamaRuntime(nn.Module):
+    """forward(input_ids [B, S], attention_mask [B, S] | None, cache | None, last_only) -> logits
+    [B, S, V] (or [B, 1, V] at each row's last real token with ``last_only``). With a cache the S
+    new tokens are appended after the cached ones (prefill: an empty cache from ``new_cache``)."""
+
+    def __init__(self, model: CompactLlamaForCausalLM) -> None:
+        super().__init__()
+        c = model.config
+        rope = c.base.get("rope_parameters") or c.base.get("rope_scaling") or {}
+        kind = str(rope.get("rope_type", rope.get("type", "default")))
+        if any(kind.startswith(k) for k in _DYNAMIC_ROPE):
+            raise UserError(f"cofi.runtime.llama_runtime: rope_type must be a static type (default, linear, llama3, "
+                            f"yarn, ...), got {kind!r}")
+        self.config, self.eps, self.head_dim = c, model.eps, c.head_dim
+        self.base_shape = model.base_shape
+        self.rotary = model.model.rotary_emb
+        w = model.model.embed_tokens.weight.detach()
+        self.register_buffer("embed", w)
+        self.register_buffer("lm_head", model.lm_head.weight.detach())
+        self.register_buffer("norm", model.model.norm.weight.detach().clone())
+        self.layers = nn.ModuleList(_Layer(layer, c.head_dim) for layer in model.model.layers)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def vocab_size(self) -> int:
+        return self.embed.shape[0]
+
+    def rope_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[length, D]`` in the model dtype (grown on demand, reused)."""
+        if self._rope is None or self._rope[0].shape[0] < length:
+            n = max(length, 256)
+            pos = torch.arange(n, device=self.device)[None]
+            cos, sin = self.rotary(self.embed[:1][None], pos)
+            self._rope = (cos[0], sin[0])
+        return self._rope
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """An empty cache for ``batch`` rows and ``capacity`` positions (prompt + new tokens)."""
+        self.base_shape.check_length(capacity)
+        k: list[torch.Tensor | None] = []
+        v: list[torch.Tensor | None] = []
+        for layer in self.layers:
+            shape = (batch, layer.nk, capacity, self.head_dim) if layer.attn else None
+            k.append(None if shape is None else torch.empty(shape, dtype=self.dtype, device=self.device))
+            v.append(None if shape is None else torch.empty(shape, dtype=self.dtype, device=self.device))
+        return KVCache(k, v, torch.zeros(batch, capacity, dtype=torch.bool, device=self.device), 0,
+                       torch.zeros(batch, dtype=torch.int64, device=self.device), False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        B, S = input_ids.shape
+        start = 0 if cache is None else cache.length
+        if cache is not None and start + S > cache.capacity:
+            raise UserError(f"cofi.runtime.llama_runtime: cache holds {cache.capacity} positions, "
+                            f"got {start} cached + {S} new")
+        self.base_shape.check_length(start + S)
+        keep = None if attention_mask is None else attention_mask.to(torch.bool)
+        if keep is not None and bool(keep.all()):
+            keep = None
+        if cache is not None:
+            cache.valid[:, start:start + S] = True if keep is None else keep
+            cache.padded = cache.padded or keep is not None
+        if keep is None:
+            pos = torch.arange(S, device=input_ids.device)[None].expand(B, S)
+            if cache is not None:
+                pos = pos + cache.next_pos[:, None]
+        else:
+            pos = keep.long().cumsum(1) - 1 + (0 if cache is None else cache.next_pos[:, None])
+            pos = pos.clamp_min(0)
+        if cache is not None:
+            cache.next_pos = pos[:, -1] + 1 if keep is None else cache.next_pos + keep.long().sum(1)
+        cos_t, sin_t = self.rope_table(int(pos.max()) + 1)
+        cos, sin = cos_t[pos], sin_t[pos]
+        mask = self._mask(keep, cache, start, S)
+        r = F.embedding(input_ids, self.embed)
+        d = r.shape[-1]
+        for i, layer in enumerate(self.layers):
+            if layer.attn:
+                y = F.rms_norm(r, (d,), layer.ln1, self.eps)
+                r = r + self._attention(layer, i, y, cos, sin, mask, cache, start)
+            elif layer.attn_bias is not None:
+                r = r + layer.attn_bias
+            if layer.mlp:
+                y = F.rms_norm(r, (d,), layer.ln2, self.eps)
+                gu = F.linear(y, layer.gu_w, layer.gu_b)
+                r = r + F.linear(F.silu(gu[..., :layer.width]) * gu[..., layer.width:], layer.down_w, layer.down_b)
+            elif layer.mlp_bias is not None:
+                r = r + layer.mlp_bias
+        if cache is not None:
+            cache.length = start + S
+        if last_only:
+            if keep is None:
+                r = r[:, -1:]
+            else:
+                last = (keep.long() * torch.arange(S, device=keep.device)).argmax(1)
+                r = r[torch.arange(B, device=r.device), last][:, None]
+        return F.linear(F.rms_norm(r, (d,), self.norm, self.eps), self.lm_head)
+
+    @staticmethod
+    def _mask(keep: torch.Tensor | None, cache: KVCache | None, start: int, S: int) -> torch.Tensor | None:
+        """None (plain causal over the new tokens, or everything visible when decoding one token
+        without padding) or bool [B, 1, S, start + S] (True = attend)."""
+        if cache is None or start == 0:
+            return ops.causal_mask(keep, S) if keep is not None else None
+        if not cache.padded and S == 1:
+            return None
+        T = start + S
+        vis = cache.valid[:, None, None, :T].expand(-1, 1, S, T)
+        causal = torch.ones(S, T, dtype=torch.bool, device=vis.device).tril(start)
+        m = vis & causal
+        return m | (~m.any(-1, keepdim=True) & causal)
+
+    def _attention(self, layer: _Layer, i: int, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   mask: torch.Tensor | None, cache: KVCache | None, start: int) -> torch.Tensor:
+        B, S, _ = y.shape
+        D, hq, hk = self.head_dim, layer.nq, layer.nk
+        qkv = F.linear(y, layer.qkv_w, layer.qkv_b).view(B, S, hq + 2 * hk, D).transpose(1, 2)
+        q = ops.apply_rope(qkv[:, :hq], cos, sin)
+        k = ops.apply_rope(qkv[:, hq:hq + hk], cos, sin)
+        v = qkv[:, hq + hk:]
+        if cache is not None:
+            cache.k[i][:, :, start:start + S] = k
+            cache.v[i][:, :, start:start + S] = v
+            k, v = cache.k[i][:, :, :start + S], cache.v[i][:, :, :start + S]
+        if S == 1 and start > 0:
+            # one new token per row: a group's query heads become SDPA's query rows over its K/V head
+            qg = q.reshape(B, hk, layer.group, D)
+            m = None if mask is None else mask[:, :, 0][:, :, None]
+            ctx = F.scaled_dot_product_attention(qg, k, v, attn_mask=m, scale=D ** -0.5)
+            ctx = ctx.reshape(B, 1, hq * D)
+        else:
+            causal = mask is None
+            if start > 0 and causal:
+                mask = torch.ones(S, start + S, dtype=torch.bool, device=y.device).tril(start)
+                causal = False
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=D ** -0.5,
+                                                 enable_gqa=hq != hk)
+            ctx = ctx.transpose(1, 2).reshape(B, S, hq * D)
+        return F.linear(ctx, layer.o_w, layer.o_b)
+
+
+__all__ = ["KVCache", "LlamaRuntime"]
