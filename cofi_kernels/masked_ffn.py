@@ -6,6 +6,7 @@
   dh = G * s * act'(h), am = act(h) * s, fg = act(h) * G (column sums -> d int_z, d mlp_z).
 - ``_gather_gemm_kernel``: C = A B (+ bias) with B's rows or columns read through an index list;
   the second forward GEMM and dx, dw1, dw2 of the backward.
+Activation codes as ``vocab.GATE_FUNCTIONS`` (3 = SiLU: the gated kernels of masked_ffn_gated.py only).
 Runs compiled on CUDA and under TRITON_INTERPRET=1 on CPU tensors (fp32/fp64).
 """
 from __future__ import annotations
@@ -29,6 +30,8 @@ def _act(h, ACT: tl.constexpr):
         u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
         t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
         return 0.5 * h * (1.0 + t)
+    elif ACT == 3:
+        return h * tl.sigmoid(h)
     else:
         return tl.where(h > 0, h, 0.0)
 
@@ -41,6 +44,9 @@ def _dact(h, ACT: tl.constexpr):
         u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
         t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
         return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3 * 0.044715 * h * h)
+    elif ACT == 3:
+        sg = tl.sigmoid(h)
+        return sg * (1.0 + h * (1.0 - sg))
     else:
         return tl.where(h > 0, 1.0, 0.0)
 

@@ -7,7 +7,12 @@
 //   backward: G = grad w2_live; dh = G * (z m) * act'(h), a_m = m * act(h) * z, and the
 //             column sums sum_n dh (-> db1) and sum_n act(h) G (-> d int_z, d mlp_z)
 // so fwd+bwd costs exactly the six GEMMs of a dense FFN, scaled by the live fraction.
-// Activation codes: 0 = GELU (erf), 1 = GELU (tanh approximation), 2 = ReLU.
+// Activation codes: 0 = GELU (erf), 1 = GELU (tanh approximation), 2 = ReLU, 3 = SiLU (gated ops only).
+//
+// Gated FFN (masked_ffn_gated_*_native, SwiGLU / GeGLU / ReGLU): y = m * ((act(x wg^T + bg) * (x w1^T + b1)
+// * z) w2^T + b2). The live rows of wg and w1 are stacked into one [2L, d] weight, so one GEMM gives
+// H = [gate pre-activations | up projections] ([N, 2L], kept for backward); the epilogue writes
+// a = act(g) * u * s, and in backward dH = [G s u act'(g) | G s act(g)] feeds dx = dH W and dW = dH^T x.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -39,6 +44,7 @@ template <typename T>
 inline T act_s(T h, int64_t act) {
   if (act == 0) return T(0.5) * h * (T(1) + std::erf(h * T(kSqrt1_2)));
   if (act == 1) return T(0.5) * h * (T(1) + std::tanh(T(kTanhK) * (h + T(kTanhC) * h * h * h)));
+  if (act == 3) return h / (T(1) + std::exp(-h));
   return h > T(0) ? h : T(0);
 }
 
@@ -48,6 +54,10 @@ inline T dact_s(T h, int64_t act) {
   if (act == 1) {
     T t = std::tanh(T(kTanhK) * (h + T(kTanhC) * h * h * h));
     return T(0.5) * (T(1) + t) + T(0.5) * h * (T(1) - t * t) * T(kTanhK) * (T(1) + T(3 * kTanhC) * h * h);
+  }
+  if (act == 3) {
+    const T sg = T(1) / (T(1) + std::exp(-h));
+    return sg * (T(1) + h * (T(1) - sg));
   }
   return h > T(0) ? T(1) : T(0);
 }
@@ -94,6 +104,7 @@ COFI_INLINE float tanh_fast(float u) {
 COFI_INLINE float act_f(float h, int64_t act) {
   if (act == 0) return 0.5f * h * (1.0f + erf_fast(h * float(kSqrt1_2)));
   if (act == 1) return 0.5f * h * (1.0f + tanh_fast(float(kTanhK) * (h + float(kTanhC) * h * h * h)));
+  if (act == 3) return h / (1.0f + exp_fast(-h));
   return h > 0.0f ? h : 0.0f;
 }
 
@@ -102,6 +113,10 @@ COFI_INLINE float dact_f(float h, int64_t act) {
   if (act == 1) {
     const float t = tanh_fast(float(kTanhK) * (h + float(kTanhC) * h * h * h));
     return 0.5f * (1.0f + t) + 0.5f * h * (1.0f - t * t) * float(kTanhK) * (1.0f + float(3 * kTanhC) * h * h);
+  }
+  if (act == 3) {
+    const float sg = 1.0f / (1.0f + exp_fast(-h));
+    return sg * (1.0f + h * (1.0f - sg));
   }
   return h > 0.0f ? 1.0f : 0.0f;
 }
@@ -427,7 +442,289 @@ std::vector<at::Tensor> masked_ffn_bwd_cpu(const at::Tensor& grad_, const at::Te
   return {dx, dw1, db1, dw2, db2, dz, dm};
 }
 
+// ---- gated FFN (SwiGLU / GeGLU / ReGLU) ---------------------------------------------------------
+
+namespace {
+
+template <typename T>
+COFI_INLINE T gact(T h, int64_t act) {
+  if constexpr (std::is_same_v<T, float>) return act_f(h, act);
+  else return act_s(h, act);
+}
+
+template <typename T>
+COFI_INLINE T gdact(T h, int64_t act) {
+  if constexpr (std::is_same_v<T, float>) return dact_f(h, act);
+  else return dact_s(h, act);
+}
+
+// Rows [0, N) of H [N, 2L] (gate | up): add the biases bgu [2L] in place, a[n, j] = act(g) u s[j].
+template <typename T, int ACT>
+COFI_INLINE void gated_fwd_rows_t(T* H, T* a, const T* bgu, const T* s, int64_t N, int64_t L) {
+  for (int64_t n = 0; n < N; ++n) {
+    T* __restrict hg = H + n * 2 * L;
+    T* __restrict hu = hg + L;
+    T* __restrict ar = a + n * L;
+    for (int64_t j = 0; j < L; ++j) {
+      const T g = hg[j] + bgu[j], u = hu[j] + bgu[L + j];
+      hg[j] = g;
+      hu[j] = u;
+      ar[j] = gact<T>(g, ACT) * u * s[j];
+    }
+  }
+}
+
+// Rows [0, N): dH [N, 2L] = [G s u act'(g) | G s act(g)]; optional am = act(g) u s, P[j] += act(g) u G,
+// Q[0:2L] += dH (column sums; P and Q are this block's zeroed partials).
+template <typename T, int ACT>
+COFI_INLINE void gated_bwd_rows_t(const T* H, const T* G, T* dH, T* am, T* P, T* Q, const T* s, int64_t N, int64_t L) {
+  for (int64_t n = 0; n < N; ++n) {
+    const T* __restrict hg = H + n * 2 * L;
+    const T* __restrict hu = hg + L;
+    const T* __restrict gr = G + n * L;
+    T* __restrict dg = dH + n * 2 * L;
+    T* __restrict du = dg + L;
+    T* __restrict ar = am ? am + n * L : nullptr;
+    for (int64_t j = 0; j < L; ++j) {
+      const T g = hg[j], u = hu[j], gs = gr[j] * s[j];
+      const T f = gact<T>(g, ACT);
+      const T dgv = gs * u * gdact<T>(g, ACT), duv = gs * f;
+      dg[j] = dgv;
+      du[j] = duv;
+      if (ar) ar[j] = f * u * s[j];
+      if (P) P[j] += f * u * gr[j];
+      if (Q) {
+        Q[j] += dgv;
+        Q[L + j] += duv;
+      }
+    }
+  }
+}
+
+template <typename T>
+void gated_fwd_rows(T* H, T* a, const T* bgu, const T* s, int64_t N, int64_t L, int64_t act) {
+  switch (act) {
+    case 0: return gated_fwd_rows_t<T, 0>(H, a, bgu, s, N, L);
+    case 1: return gated_fwd_rows_t<T, 1>(H, a, bgu, s, N, L);
+    case 2: return gated_fwd_rows_t<T, 2>(H, a, bgu, s, N, L);
+    default: return gated_fwd_rows_t<T, 3>(H, a, bgu, s, N, L);
+  }
+}
+
+template <typename T>
+void gated_bwd_rows(const T* H, const T* G, T* dH, T* am, T* P, T* Q, const T* s, int64_t N, int64_t L, int64_t act) {
+  switch (act) {
+    case 0: return gated_bwd_rows_t<T, 0>(H, G, dH, am, P, Q, s, N, L);
+    case 1: return gated_bwd_rows_t<T, 1>(H, G, dH, am, P, Q, s, N, L);
+    case 2: return gated_bwd_rows_t<T, 2>(H, G, dH, am, P, Q, s, N, L);
+    default: return gated_bwd_rows_t<T, 3>(H, G, dH, am, P, Q, s, N, L);
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,fma"))) void gated_fwd_rows_avx2(float* H, float* a, const float* bgu, const float* s,
+                                                              int64_t N, int64_t L, int64_t act) {
+  gated_fwd_rows<float>(H, a, bgu, s, N, L, act);
+}
+__attribute__((target("avx2,fma"))) void gated_bwd_rows_avx2(const float* H, const float* G, float* dH, float* am,
+                                                              float* P, float* Q, const float* s, int64_t N, int64_t L,
+                                                              int64_t act) {
+  gated_bwd_rows<float>(H, G, dH, am, P, Q, s, N, L, act);
+}
+#endif
+
+template <typename T>
+void gated_epilogue_fwd(T* H, T* a, const T* bgu, const T* s, int64_t N, int64_t L, int64_t act) {
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1)), [&](int64_t n0, int64_t n1) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if constexpr (std::is_same_v<T, float>) {
+      if (have_avx2()) return gated_fwd_rows_avx2(H + n0 * 2 * L, a + n0 * L, bgu, s, n1 - n0, L, act);
+    }
+#endif
+    gated_fwd_rows<T>(H + n0 * 2 * L, a + n0 * L, bgu, s, n1 - n0, L, act);
+  });
+}
+
+// Column sums accumulated per row block and added in block order, as epilogue_bwd.
+template <typename T>
+void gated_epilogue_bwd(const T* H, const T* G, T* dH, T* am, T* P, T* Q, const T* s, int64_t N, int64_t L,
+                        int64_t act) {
+  const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(N, 4 * at::get_num_threads()));
+  const bool sums = P || Q;
+  std::vector<T> part(sums ? size_t(nb) * 3 * L : 0, T(0));
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * N / nb, r1 = (blk + 1) * N / nb;
+      T* Pb = P ? part.data() + blk * 3 * L : nullptr;
+      T* Qb = Q ? part.data() + blk * 3 * L + L : nullptr;
+      T* amb = am ? am + r0 * L : nullptr;
+#if defined(__x86_64__) && defined(__GNUC__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (have_avx2()) {
+          gated_bwd_rows_avx2(H + r0 * 2 * L, G + r0 * L, dH + r0 * 2 * L, amb, Pb, Qb, s, r1 - r0, L, act);
+          continue;
+        }
+      }
+#endif
+      gated_bwd_rows<T>(H + r0 * 2 * L, G + r0 * L, dH + r0 * 2 * L, amb, Pb, Qb, s, r1 - r0, L, act);
+    }
+  });
+  if (!sums) return;
+  if (P) std::fill(P, P + L, T(0));
+  if (Q) std::fill(Q, Q + 2 * L, T(0));
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const T* Pb = part.data() + blk * 3 * L;
+    for (int64_t j = 0; j < L; ++j)
+      if (P) P[j] += Pb[j];
+    for (int64_t j = 0; j < 2 * L; ++j)
+      if (Q) Q[j] += Pb[L + j];
+  }
+}
+
+void check_gated_inputs(const at::Tensor& x, const at::Tensor& wg, const at::Tensor& bg, const at::Tensor& w1,
+                        const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                        const c10::optional<at::Tensor>& int_z, const c10::optional<at::Tensor>& mlp_z,
+                        const c10::optional<at::Tensor>& live, int64_t act) {
+  check_inputs(x, w1, b1, w2, b2, int_z, mlp_z, live, 0);
+  TORCH_CHECK(wg.sizes() == w1.sizes(), "cofi::masked_ffn_gated_native: wg must be [F, d] like w1 ", w1.sizes(), ", got ", wg.sizes());
+  TORCH_CHECK(bg.sizes() == b1.sizes(), "cofi::masked_ffn_gated_native: bg must be [F] like b1 ", b1.sizes(), ", got ", bg.sizes());
+  for (const auto* t : {&wg, &bg})
+    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(), "cofi::masked_ffn_gated_native: wg and bg must match x's dtype and device");
+  TORCH_CHECK(act >= 0 && act <= 3, "cofi::masked_ffn_gated_native: gate activation code must be 0 (gelu), 1 (gelu_tanh), 2 (relu) or 3 (silu), got ", act);
+}
+
+struct GatedLive {
+  at::Tensor W, b, w2, z;  // W [2L, d] = [wg; w1] live rows, b [2L] = [bg; b1] live entries
+};
+
+GatedLive gather_gated(const at::Tensor& wg, const at::Tensor& bg, const at::Tensor& w1, const at::Tensor& b1,
+                       const at::Tensor& w2, const c10::optional<at::Tensor>& int_z, const c10::optional<at::Tensor>& live) {
+  GatedLive g;
+  if (live) {
+    const int64_t L = live->size(0);
+    g.W = at::empty({2 * L, wg.size(1)}, wg.options());
+    at::Tensor top = g.W.narrow(0, 0, L), bottom = g.W.narrow(0, L, L);  // contiguous row blocks
+    at::index_select_out(top, wg, 0, *live);
+    at::index_select_out(bottom, w1, 0, *live);
+    g.b = at::cat({bg.index_select(0, *live), b1.index_select(0, *live)});
+    g.w2 = w2.index_select(1, *live);
+    if (int_z) g.z = int_z->index_select(0, *live);
+  } else {
+    g.W = at::cat({wg, w1});
+    g.b = at::cat({bg, b1});
+    g.w2 = w2.contiguous();
+    if (int_z) g.z = int_z->contiguous();
+  }
+  return g;
+}
+
+at::Tensor gated_scale(const GatedLive& g, const c10::optional<at::Tensor>& mlp_z, int64_t L, const at::Tensor& like) {
+  at::Tensor s = g.z.defined() ? g.z.clone() : at::ones({L}, like.options());
+  if (mlp_z) s.mul_(mlp_z->reshape({}));
+  return s.contiguous();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> masked_ffn_gated_fwd_cpu(
+    const at::Tensor& x_, const at::Tensor& wg, const at::Tensor& bg, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2, const c10::optional<at::Tensor>& int_z,
+    const c10::optional<at::Tensor>& mlp_z, const c10::optional<at::Tensor>& live, int64_t act) {
+  const NoAutocast no_autocast;
+  check_gated_inputs(x_, wg, bg, w1, b1, w2, b2, int_z, mlp_z, live, act);
+  const char* fn = "cofi::masked_ffn_gated_fwd_native";
+  const at::Tensor x = x_.contiguous();
+  GatedLive g = gather_gated(wg, bg, w1, b1, w2, int_z, live);
+  const int64_t N = x.size(0), L = g.w2.size(1);
+  const at::ScalarType dt = x.scalar_type(), et = epilogue_dtype(dt);
+  at::Tensor He = cpu::linear(x, g.W, at::Tensor()).to(et);  // [N, 2L], biases added in the epilogue
+  at::Tensor ae = at::empty({N, L}, x.options().dtype(et));
+  const at::Tensor be = g.b.to(et), se = gated_scale(g, mlp_z, L, x).to(et);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"h", &He}, {"a", &ae}, {"bias", &be},
+                                {"gate scale", &se}})
+    check_buffer_dtype(fn, name, *t, et);
+  AT_DISPATCH_FLOATING_TYPES(et, "masked_ffn_gated_fwd_cpu", [&] {
+    gated_epilogue_fwd<scalar_t>(He.data_ptr<scalar_t>(), ae.data_ptr<scalar_t>(), be.data_ptr<scalar_t>(),
+                                 se.data_ptr<scalar_t>(), N, L, act);
+  });
+  at::Tensor b2m = mlp_z ? b2 * mlp_z->reshape({}) : b2;
+  at::Tensor y = L > 0 ? cpu::linear(ae.to(dt), g.w2, b2m)
+                       : b2m.expand({N, b2.size(0)}).clone(at::MemoryFormat::Contiguous);
+  return {y, He.to(dt)};
+}
+
+// needs: [x, wg, bg, w1, b1, w2, b2, int_z, mlp_z]; returns their gradients (empty where not needed).
+std::vector<at::Tensor> masked_ffn_gated_bwd_cpu(
+    const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& wg, const at::Tensor& bg, const at::Tensor& w1,
+    const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const c10::optional<at::Tensor>& int_z,
+    const c10::optional<at::Tensor>& mlp_z, const c10::optional<at::Tensor>& live, const at::Tensor& h_, int64_t act,
+    c10::List<bool> needs_) {
+  const NoAutocast no_autocast;
+  check_gated_inputs(x_, wg, bg, w1, b1, w2, b2, int_z, mlp_z, live, act);
+  const char* fn = "cofi::masked_ffn_gated_bwd_native";
+  TORCH_CHECK(needs_.size() == 9, fn, ": needs must have 9 entries, got ", needs_.size());
+  bool needs[9];
+  for (int i = 0; i < 9; ++i) needs[i] = needs_.get(i);
+  const at::Tensor x = x_.contiguous(), grad = grad_.contiguous(), h = h_.contiguous();
+  GatedLive g = gather_gated(wg, bg, w1, b1, w2, int_z, live);
+  const int64_t N = x.size(0), L = g.w2.size(1);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({N, x.size(1)}), fn, ": grad must be [N, d], got ", grad.sizes());
+  TORCH_CHECK(h.sizes() == at::IntArrayRef({N, 2 * L}), fn, ": h must be [N, 2L] = [", N, ", ", 2 * L, "], got ", h.sizes());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type() && h.scalar_type() == x.scalar_type(), fn,
+              ": grad and h must have x's dtype ", x.scalar_type(), ", got ", grad.scalar_type(), " and ", h.scalar_type());
+  const bool need_dH = needs[0] || needs[1] || needs[2] || needs[3] || needs[4];
+  const bool need_P = (needs[7] && int_z) || (needs[8] && mlp_z);
+  const bool need_Q = needs[2] || needs[4];
+  const at::ScalarType dt = x.scalar_type(), et = epilogue_dtype(dt);
+  at::Tensor dH, am, P, Q;
+  if (need_dH || need_P || needs[5]) {
+    const at::Tensor He = h.to(et), se = gated_scale(g, mlp_z, L, x).to(et);
+    const at::TensorOptions eo = x.options().dtype(et);
+    const at::Tensor Ge = at::mm(grad, g.w2).to(et);  // [N, L]
+    at::Tensor dHe = at::empty({N, 2 * L}, eo);
+    at::Tensor ame = needs[5] ? at::empty({N, L}, eo) : at::Tensor();
+    at::Tensor Pe = need_P ? at::empty({L}, eo) : at::Tensor();
+    at::Tensor Qe = need_Q ? at::empty({2 * L}, eo) : at::Tensor();
+    for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"h", &He}, {"G", &Ge}, {"dH", &dHe},
+                                  {"am", &ame}, {"P", &Pe}, {"Q", &Qe}, {"gate scale", &se}})
+      check_buffer_dtype(fn, name, *t, et);
+    AT_DISPATCH_FLOATING_TYPES(et, "masked_ffn_gated_bwd_cpu", [&] {
+      gated_epilogue_bwd<scalar_t>(He.data_ptr<scalar_t>(), Ge.data_ptr<scalar_t>(), dHe.data_ptr<scalar_t>(),
+                                   needs[5] ? ame.data_ptr<scalar_t>() : nullptr,
+                                   need_P ? Pe.data_ptr<scalar_t>() : nullptr,
+                                   need_Q ? Qe.data_ptr<scalar_t>() : nullptr, se.data_ptr<scalar_t>(), N, L, act);
+    });
+    dH = dHe.to(dt);
+    if (needs[5]) am = ame.to(dt);
+    if (need_P) P = Pe.to(dt);
+    if (need_Q) Q = Qe.to(dt);
+  }
+  auto E = [&] { return at::empty({0}, x.options()); };
+  // Gradient over all F units from the live part (a fresh tensor: outputs never alias each other).
+  auto full = [&](const at::Tensor& part, const at::Tensor& like, int64_t dim) {
+    if (!live) return part.clone(at::MemoryFormat::Contiguous);
+    return at::zeros_like(like, at::MemoryFormat::Contiguous).index_copy_(dim, *live, part);
+  };
+  at::Tensor dx = needs[0] ? (L > 0 ? at::mm(dH, g.W) : at::zeros_like(x)) : E();
+  at::Tensor dwg = needs[1] ? full(at::mm(dH.narrow(1, 0, L).t(), x), wg, 0) : E();
+  at::Tensor dbg = needs[2] ? full(Q.narrow(0, 0, L), bg, 0) : E();
+  at::Tensor dw1 = needs[3] ? full(at::mm(dH.narrow(1, L, L).t(), x), w1, 0) : E();
+  at::Tensor db1 = needs[4] ? full(Q.narrow(0, L, L), b1, 0) : E();
+  at::Tensor dw2 = needs[5] ? full(at::mm(grad.t(), am), w2, 1) : E();
+  at::Tensor gsum = (needs[6] || (needs[8] && mlp_z)) ? grad.sum(0) : E();
+  at::Tensor db2 = needs[6] ? (mlp_z ? gsum * mlp_z->reshape({}) : gsum) : E();
+  at::Tensor dz = E(), dm = E();
+  if (needs[7] && int_z) dz = full(mlp_z ? P * mlp_z->reshape({}) : P, *int_z, 0);
+  if (needs[8] && mlp_z) {
+    at::Tensor inner = g.z.defined() ? at::dot(P, g.z) : P.sum();
+    dm = (inner + at::dot(gsum, b2)).reshape(mlp_z->sizes());
+  }
+  return {dx, dwg, dbg, dw1, db1, dw2, db2, dz, dm};
+}
+
 TORCH_LIBRARY_IMPL(cofi, CPU, m) {
+  m.impl("masked_ffn_gated_fwd_native", &masked_ffn_gated_fwd_cpu);
+  m.impl("masked_ffn_gated_bwd_native", &masked_ffn_gated_bwd_cpu);
   m.impl("masked_ffn_fwd_native", &masked_ffn_fwd_cpu);
   m.impl("masked_ffn_bwd_native", &masked_ffn_bwd_cpu);
 }

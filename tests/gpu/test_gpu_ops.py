@@ -134,11 +134,22 @@ def hc_step_case(dev: torch.device) -> Case:
     return call, [la]
 
 
+def ffn_gated_case(dev: torch.device, seed: int = 0) -> Case:
+    g = torch.Generator().manual_seed(seed)
+    x = _rand(g, dev, 2, 37, 96)
+    wg, w1, w2 = _rand(g, dev, 200, 96, scale=0.1), _rand(g, dev, 200, 96, scale=0.1), _rand(g, dev, 96, 200, scale=0.1)
+    z = torch.rand(200, generator=g)
+    z[::3] = 0
+    z, m = z.to(dev).requires_grad_(), torch.tensor(0.7, device=dev, requires_grad=True)
+    return (lambda backend: (ops.masked_ffn(x, w1, None, w2, None, z, m, activation="swiglu", gate_weight=wg,
+                                            backend=backend),)), [x, wg, w1, w2, z, m]
+
+
 CASES: dict[str, Callable[[torch.device], Case]] = {
     "masked_attention": attention_case, "masked_ffn": ffn_case, "masked_layer_norm": layer_norm_case,
     "masked_rms_norm": rms_norm_case, "hard_concrete_sample": hc_sample_case, "hard_concrete_keep_prob": hc_keep_case,
     "hard_concrete_deterministic": hc_deterministic_case, "expected_size": expected_size_case,
-    "hard_concrete_step": hc_step_case,
+    "hard_concrete_step": hc_step_case, "masked_ffn_gated": ffn_gated_case,
 }
 PAIRS = [(op, b) for op in B.ops() for b in B.op_backends(op) if b != "reference" and op in CASES]
 

@@ -16,6 +16,7 @@ from .hard_concrete import (
 )
 from .masked_attention import masked_attention, masked_attention_packed
 from .masked_ffn import masked_ffn
+from . import masked_ffn_gated  # noqa: F401 (registers torch.ops.cofi.masked_ffn_gated)
 from .masked_layer_norm import masked_layer_norm
 from .masked_rms_norm import masked_add_rms_norm, masked_rms_norm
 from . import _autocast

@@ -5,7 +5,7 @@ floating-point tensor arguments on that device type (float64 ones excepted, as t
 does), then runs with autocast off, so every backend and every ATen call inside it sees one dtype:
 
 - ``LOWER``: to the autocast dtype read at call time (``torch.get_autocast_dtype``), like torch's
-  ``mm`` / ``scaled_dot_product_attention``. Matmul-like ops: masked_attention, masked_ffn.
+  ``mm`` / ``scaled_dot_product_attention``. Matmul-like ops: masked_attention, masked_ffn (and masked_ffn_gated).
 - ``FP32``: float16 / bfloat16 to float32, like torch's CUDA ``layer_norm`` / ``softmax`` policy; the
   outputs are float32. Normalisation and the mask ops: masked_layer_norm, masked_rms_norm, the
   hard_concrete_* family, expected_size, hard_concrete_step.
@@ -30,6 +30,8 @@ POLICIES: dict[str, str] = {
     "masked_attention_backward": AS_IS,
     "masked_ffn": LOWER,
     "masked_ffn_backward": AS_IS,
+    "masked_ffn_gated": LOWER,
+    "masked_ffn_gated_backward": AS_IS,
     "masked_layer_norm": FP32,
     "masked_layer_norm_backward": AS_IS,
     "masked_rms_norm": FP32,

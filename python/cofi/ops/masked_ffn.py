@@ -1,8 +1,9 @@
 """Structured-sparse feed-forward block: y = mlp_z * ((act(x w1^T + b1) * int_z) w2^T + b2).
 
 Public API: ``masked_ffn(x, w1, b1, w2, b2, int_z=None, mlp_z=None, activation="gelu", backend=None,
-live_idx=None)`` registered as ``torch.ops.cofi.masked_ffn`` (+ ``masked_ffn_backward``) with fake
-and autograd kernels.
+live_idx=None, gate_weight=None, gate_bias=None)`` registered as ``torch.ops.cofi.masked_ffn`` (+
+``masked_ffn_backward``) with fake and autograd kernels. Gated activations (SwiGLU, ...) run
+``torch.ops.cofi.masked_ffn_gated`` (``masked_ffn_gated.py``).
 
 Cost model. Only *live* units are computed: the kernels gather the live rows of w1 / columns of w2
 (or read them through the index list) and run both GEMMs on them, with bias + activation + gate
@@ -30,9 +31,10 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from ..errors import UserError
 from . import _backends as B
 from ._validate import check_tensor, has_data
-from .reference.masked_ffn import ACTIVATIONS, activation_ref, masked_ffn_ref
+from .reference.masked_ffn import ACTIVATIONS, GATE_FUNCTIONS, GATED_ACTIVATIONS, activation_ref, masked_ffn_ref
 
 OP = "masked_ffn"
 ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}  # gelu=0, gelu_tanh=1, relu=2
@@ -238,19 +240,26 @@ _ffn_op.register_autograd(_ffn_backward, setup_context=_ffn_setup)
 def masked_ffn(
     x: torch.Tensor,
     w1: torch.Tensor,
-    b1: torch.Tensor,
+    b1: torch.Tensor | None,
     w2: torch.Tensor,
-    b2: torch.Tensor,
+    b2: torch.Tensor | None,
     int_z: torch.Tensor | None = None,
     mlp_z: torch.Tensor | None = None,
     activation: str = "gelu",
     backend: str | None = None,
     live_idx: torch.Tensor | None = None,
+    gate_weight: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = mlp_z * ((act(x w1^T + b1) * int_z) w2^T + b2), computed on the live units only.
+    """y = mlp_z * ((act(x w1^T + b1) * int_z) w2^T + b2), computed on the live units only; with a
+    gated activation y = mlp_z * ((gate_fn(x gate_weight^T + gate_bias) * (x w1^T + b1) * int_z) w2^T + b2).
 
-    x: [..., d]; w1: [F, d]; b1: [F]; w2: [d, F]; b2: [d]; int_z: [F] or None (all units, gate 1);
-    mlp_z: a one-element tensor or None; activation: "gelu" (erf, as BERT), "gelu_tanh" or "relu";
+    x: [..., d]; w1: [F, d]; b1: [F] or None (no bias); w2: [d, F]; b2: [d] or None; int_z: [F] or
+    None (all units, gate 1); mlp_z: a one-element tensor or None; activation: "gelu" (erf, as BERT),
+    "gelu_tanh" or "relu", or a gated one (``vocab.GATED_ACTIVATIONS``: "swiglu" = silu gate as Llama,
+    "geglu", "geglu_tanh", "reglu"), which needs gate_weight [F, d] (and takes gate_bias [F] or None):
+    Llama's MLP is ``masked_ffn(x, up_proj.weight, None, down_proj.weight, None, activation="swiglu",
+    gate_weight=gate_proj.weight)``. A unit is shared by its gate and up rows and its w2 column.
     live_idx: optional int64 [L] indices of the units to compute (see the module docstring: saves
     the host sync; units not listed contribute nothing). Masks may have any float dtype (cast to
     x's). Returns [..., d] in x's dtype; differentiable w.r.t. every tensor argument.
@@ -261,9 +270,18 @@ def masked_ffn(
     F_, d = w1.shape
     if x.shape[-1] != d:
         raise ValueError(f"cofi.ops.{op}: x must have last dim d={d} (w1 is [F, d] = {tuple(w1.shape)}), got shape {tuple(x.shape)}")
-    check_tensor(op, "b1", b1, shape=(F_,), like=x, like_name="x")
+    gated = activation in GATED_ACTIVATIONS
+    if not gated and (gate_weight is not None or gate_bias is not None):
+        raise UserError(f"cofi.ops.{op}: gate_weight / gate_bias need a gated activation "
+                        f"({', '.join(GATED_ACTIVATIONS)}), got activation={activation!r}")
+    if gated:
+        if gate_weight is None:
+            raise UserError(f"cofi.ops.{op}: activation={activation!r} needs gate_weight [F, d] = [{F_}, {d}], got None")
+        check_tensor(op, "gate_weight", gate_weight, shape=(F_, d), like=x, like_name="x")
+        gate_bias = _bias(op, "gate_bias", gate_bias, F_, x)
+    b1 = _bias(op, "b1", b1, F_, x)
     check_tensor(op, "w2", w2, shape=(d, F_), like=x, like_name="x")
-    check_tensor(op, "b2", b2, shape=(d,), like=x, like_name="x")
+    b2 = _bias(op, "b2", b2, d, x)
     if int_z is not None:
         check_tensor(op, "int_z", int_z, shape=(F_,), device=x.device)
         int_z = int_z.to(x.dtype)
@@ -280,12 +298,26 @@ def masked_ffn(
             lo, hi = (int(v) for v in torch.aminmax(live_idx))
             if lo < 0 or hi >= F_:
                 raise ValueError(f"cofi.ops.{op}: live_idx must index units in [0, {F_}), got values in [{lo}, {hi}]")
-    if activation not in ACT_CODES:
-        raise ValueError(f"cofi.ops.{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation not in ACT_CODES and not gated:
+        raise ValueError(f"cofi.ops.{op}: activation must be one of {ACTIVATIONS + tuple(GATED_ACTIVATIONS)}, "
+                         f"got {activation!r}")
     lead = x.shape[:-1]
+    if gated:  # torch.ops.cofi.masked_ffn_gated: registered by cofi.ops.masked_ffn_gated (imported by cofi.ops)
+        y, _ = torch.ops.cofi.masked_ffn_gated(x.reshape(-1, d), gate_weight, gate_bias, w1, b1, w2, b2, int_z, mlp_z,
+                                               live_idx, GATE_FUNCTIONS.index(GATED_ACTIVATIONS[activation]),
+                                               B.choice(backend))
+        return y.reshape(*lead, d)
     y, _ = torch.ops.cofi.masked_ffn(x.reshape(-1, d), w1, b1, w2, b2, int_z, mlp_z, live_idx,
                                      ACT_CODES[activation], B.choice(backend))
     return y.reshape(*lead, d)
+
+
+def _bias(op: str, name: str, b: torch.Tensor | None, n: int, x: torch.Tensor) -> torch.Tensor:
+    """A checked [n] bias, or zeros for None (a layer without bias, as Llama's MLP)."""
+    if b is None:
+        return x.new_zeros(n)
+    check_tensor(op, name, b, shape=(n,), like=x, like_name="x")
+    return b
 
 
 # ============================== native fakes ======================================================

@@ -9,7 +9,7 @@ from .hard_concrete import (
     hard_concrete_sample_ref,
 )
 from .masked_attention import masked_attention_ref
-from .masked_ffn import masked_ffn_ref
+from .masked_ffn import masked_ffn_gated_ref, masked_ffn_ref
 from .masked_layer_norm import masked_layer_norm_ref
 from .masked_rms_norm import masked_add_rms_norm_ref, masked_rms_norm_ref
 
@@ -20,6 +20,7 @@ __all__ = [
     "hard_concrete_sample_ref",
     "masked_add_rms_norm_ref",
     "masked_attention_ref",
+    "masked_ffn_gated_ref",
     "masked_ffn_ref",
     "masked_layer_norm_ref",
     "masked_rms_norm_ref",
