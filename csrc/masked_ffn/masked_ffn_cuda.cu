@@ -22,6 +22,7 @@ template <> __device__ __forceinline__ void st<__nv_bfloat16, float>(__nv_bfloat
 template <typename A> __device__ __forceinline__ A act_f(A h, int act) {
   if (act == 0) return A(0.5) * h * (A(1) + erf(h * A(0.70710678118654752440)));
   if (act == 1) return A(0.5) * h * (A(1) + tanh(A(0.79788456080286535588) * (h + A(0.044715) * h * h * h)));
+  if (act == 3) return h / (A(1) + exp(-h));
   return h > A(0) ? h : A(0);
 }
 
@@ -32,6 +33,10 @@ template <typename A> __device__ __forceinline__ A dact_f(A h, int act) {
     const A k = A(0.79788456080286535588), c = A(0.044715);
     const A t = tanh(k * (h + c * h * h * h));
     return A(0.5) * (A(1) + t) + A(0.5) * h * (A(1) - t * t) * k * (A(1) + A(3) * c * h * h);
+  }
+  if (act == 3) {
+    const A sg = A(1) / (A(1) + exp(-h));
+    return sg * (A(1) + h * (A(1) - sg));
   }
   return h > A(0) ? A(1) : A(0);
 }
@@ -64,6 +69,38 @@ __global__ void bwd_epilogue_kernel(const T* h, const T* g, T* dh, T* am, T* fg,
   }
 }
 
+// Gated: H [N, 2L] = [gate | up]; element i of the [N, L] tile is unit j = i % L of row n = i / L.
+template <typename T>
+__global__ void gated_fwd_epilogue_kernel(T* __restrict__ H, T* __restrict__ a, const T* __restrict__ bgu,
+                                          const T* __restrict__ s, int64_t N, int64_t L, int act) {
+  using A = typename Acc<T>::type;
+  const int64_t total = N * L;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = i / L, j = i - n * L, hg = n * 2 * L + j;
+    const A g = ld(H + hg) + ld(bgu + j), u = ld(H + hg + L) + ld(bgu + L + j);
+    st(H + hg, g);
+    st(H + hg + L, u);
+    st(a + i, act_f<A>(g, act) * u * ld(s + j));
+  }
+}
+
+template <typename T>
+__global__ void gated_bwd_epilogue_kernel(const T* __restrict__ H, const T* __restrict__ G, T* __restrict__ dH,
+                                          T* __restrict__ am, T* __restrict__ fg, const T* __restrict__ s, int64_t N,
+                                          int64_t L, int act) {
+  using A = typename Acc<T>::type;
+  const int64_t total = N * L;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = i / L, j = i - n * L, hg = n * 2 * L + j;
+    const A g = ld(H + hg), u = ld(H + hg + L), gv = ld(G + i), sv = ld(s + j);
+    const A f = act_f<A>(g, act);
+    st(dH + hg, gv * sv * u * dact_f<A>(g, act));
+    st(dH + hg + L, gv * sv * f);
+    if (am) st(am + i, f * u * sv);
+    if (fg) st(fg + i, f * u * gv);
+  }
+}
+
 inline unsigned blocks_for(int64_t total) {
   const int64_t b = (total + 255) / 256;
   return static_cast<unsigned>(b < 65535 * 8 ? (b > 0 ? b : 1) : 65535 * 8);
@@ -87,6 +124,25 @@ int bwd_t(const void* h, const void* g, void* dh, void* am, void* fg, const void
   return static_cast<int>(cudaGetLastError());
 }
 
+template <typename T>
+int gated_fwd_t(void* H, void* a, const void* bgu, const void* s, int64_t N, int64_t L, int act, cudaStream_t st) {
+  if (N * L == 0) return 0;
+  gated_fwd_epilogue_kernel<T><<<blocks_for(N * L), 256, 0, st>>>(static_cast<T*>(H), static_cast<T*>(a),
+                                                                   static_cast<const T*>(bgu), static_cast<const T*>(s),
+                                                                   N, L, act);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
+int gated_bwd_t(const void* H, const void* G, void* dH, void* am, void* fg, const void* s, int64_t N, int64_t L,
+                int act, cudaStream_t st) {
+  if (N * L == 0) return 0;
+  gated_bwd_epilogue_kernel<T><<<blocks_for(N * L), 256, 0, st>>>(
+      static_cast<const T*>(H), static_cast<const T*>(G), static_cast<T*>(dH), static_cast<T*>(am),
+      static_cast<T*>(fg), static_cast<const T*>(s), N, L, act);
+  return static_cast<int>(cudaGetLastError());
+}
+
 }  // namespace
 
 extern "C" int cofi_masked_ffn_fwd_epilogue(int dtype, void* h, void* a, const void* b1, const void* s, int64_t N,
@@ -107,6 +163,28 @@ extern "C" int cofi_masked_ffn_bwd_epilogue(int dtype, const void* h, const void
     case 1: return bwd_t<double>(h, g, dh, am, fg, s, N, L, act, stream);
     case 2: return bwd_t<__half>(h, g, dh, am, fg, s, N, L, act, stream);
     case 3: return bwd_t<__nv_bfloat16>(h, g, dh, am, fg, s, N, L, act, stream);
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+extern "C" int cofi_masked_ffn_gated_fwd_epilogue(int dtype, void* H, void* a, const void* bgu, const void* s, int64_t N,
+                                                  int64_t L, int act, cudaStream_t stream) {
+  switch (dtype) {
+    case 0: return gated_fwd_t<float>(H, a, bgu, s, N, L, act, stream);
+    case 1: return gated_fwd_t<double>(H, a, bgu, s, N, L, act, stream);
+    case 2: return gated_fwd_t<__half>(H, a, bgu, s, N, L, act, stream);
+    case 3: return gated_fwd_t<__nv_bfloat16>(H, a, bgu, s, N, L, act, stream);
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+extern "C" int cofi_masked_ffn_gated_bwd_epilogue(int dtype, const void* H, const void* G, void* dH, void* am, void* fg,
+                                                  const void* s, int64_t N, int64_t L, int act, cudaStream_t stream) {
+  switch (dtype) {
+    case 0: return gated_bwd_t<float>(H, G, dH, am, fg, s, N, L, act, stream);
+    case 1: return gated_bwd_t<double>(H, G, dH, am, fg, s, N, L, act, stream);
+    case 2: return gated_bwd_t<__half>(H, G, dH, am, fg, s, N, L, act, stream);
+    case 3: return gated_bwd_t<__nv_bfloat16>(H, G, dH, am, fg, s, N, L, act, stream);
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
 }

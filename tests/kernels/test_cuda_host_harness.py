@@ -152,6 +152,56 @@ def test_masked_ffn_epilogues(dtype):
             close(res.outputs[idx], ref, dtype, f"{label}: argument {idx}", scale=4.0)
 
 
+_GATES = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
+
+
+@pytest.mark.parametrize("dtype", list(_FFN_DTYPES))
+def test_masked_ffn_gated_epilogues(dtype):
+    """Gated epilogues (H = [gate | up], [5, 2 x 103]) for each gate function, am / fg present and
+    absent; N * L = 0 touches nothing."""
+    N, L = 5, 103
+    gen = torch.Generator().manual_seed(2)
+    calls, checks = [], []
+    code = _FFN_DTYPES[dtype]
+    for act, a_code in _GATES.items():
+        H = (torch.randn(N, 2 * L, generator=gen, dtype=torch.float64) * 2).to(dtype)
+        bgu = torch.randn(2 * L, generator=gen, dtype=torch.float64).to(dtype)
+        s = torch.rand(L, generator=gen, dtype=torch.float64).to(dtype)
+        G = torch.randn(N, L, generator=gen, dtype=torch.float64).to(dtype)
+        v = H.double() + bgu.double()
+        gv, uv = v[:, :L], v[:, L:]
+        calls.append(Call("cofi_masked_ffn_gated_fwd_epilogue", [code, Buf(H, out=True),
+                                                                 Buf(sentinel((N, L), dtype), out=True), Buf(bgu), Buf(s),
+                                                                 N, L, a_code, None]))
+        checks.append((f"gated fwd {act}", {1: v, 2: activation_ref(gv, act) * uv * s.double()}))
+        hg = H.double()[:, :L].requires_grad_()
+        u = H.double()[:, L:]
+        f = activation_ref(hg, act)
+        (dact,) = torch.autograd.grad(f.sum(), hg)
+        f = f.detach()
+        Gs = G.double() * s.double()
+        calls.append(Call("cofi_masked_ffn_gated_bwd_epilogue", [code, Buf(H), Buf(G),
+                                                                 Buf(sentinel((N, 2 * L), dtype), out=True),
+                                                                 Buf(sentinel((N, L), dtype), out=True),
+                                                                 Buf(sentinel((N, L), dtype), out=True), Buf(s), N, L,
+                                                                 a_code, None]))
+        checks.append((f"gated bwd {act}", {3: torch.cat([Gs * u * dact, Gs * f], 1), 4: f * u * s.double(),
+                                            5: f * u * G.double()}))
+        calls.append(Call("cofi_masked_ffn_gated_bwd_epilogue", [code, Buf(H), Buf(G),
+                                                                 Buf(sentinel((N, 2 * L), dtype), out=True), None, None,
+                                                                 Buf(s), N, L, a_code, None]))
+        checks.append((f"gated bwd {act}, no am / fg", {3: torch.cat([Gs * u * dact, Gs * f], 1)}))
+    empty = torch.zeros(0, 14, dtype=dtype)
+    calls.append(Call("cofi_masked_ffn_gated_fwd_epilogue", [code, Buf(empty, out=True), Buf(empty, out=True),
+                                                             Buf(sentinel(14, dtype), out=True), Buf(sentinel(7, dtype)),
+                                                             0, 7, 3, None]))
+    checks.append(("gated fwd N=0", {3: sentinel(14, torch.float64)}))
+    for res, (label, chk) in zip(driver("masked_ffn").run(calls), checks):
+        assert res.rc == 0, label
+        for idx, ref in chk.items():
+            close(res.outputs[idx], ref, dtype, f"{label}: argument {idx}", scale=4.0)
+
+
 # ============================== masked_layer_norm ================================================
 _LN_DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
@@ -410,6 +460,18 @@ def test_tsan_masked_ffn():
                                                    Buf(b1), Buf(s), N, L, 0, None]),
              Call("cofi_masked_ffn_bwd_epilogue", [0, Buf(h), Buf(g, out=True), Alias(2), Buf(h.clone(), out=True),
                                                    Buf(h.clone(), out=True), Buf(s), N, L, 1, None])]
+    assert [r.rc for r in driver("masked_ffn", "thread").run(calls)] == [0, 0]
+
+
+def test_tsan_masked_ffn_gated():
+    N, L = 3, 100
+    H, G, s = torch.randn(N, 2 * L), torch.randn(N, L), torch.rand(L)
+    calls = [Call("cofi_masked_ffn_gated_fwd_epilogue", [0, Buf(H.clone(), out=True),
+                                                         Buf(sentinel((N, L), H.dtype), out=True), Buf(torch.randn(2 * L)),
+                                                         Buf(s), N, L, 3, None]),
+             Call("cofi_masked_ffn_gated_bwd_epilogue", [0, Buf(H), Buf(G), Buf(H.clone(), out=True),
+                                                         Buf(G.clone(), out=True), Buf(G.clone(), out=True), Buf(s), N, L,
+                                                         3, None])]
     assert [r.rc for r in driver("masked_ffn", "thread").run(calls)] == [0, 0]
 
 

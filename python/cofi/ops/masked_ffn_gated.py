@@ -5,8 +5,8 @@ activation="swiglu", gate_weight=wg)``.
 
 Llama's MLP ``down(silu(gate(x)) * up(x))`` is wg = gate_proj, w1 = up_proj, w2 = down_proj with zero
 biases. Registered as ``torch.ops.cofi.masked_ffn_gated`` (+ ``masked_ffn_gated_backward``) with fake
-and autograd kernels; backends ``reference``, ``native`` (CPU C++: one GEMM on the stacked live rows
-of wg and w1, fused gated epilogue; no CUDA kernel) and ``triton``.
+and autograd kernels; backends ``reference``, ``native`` (C++ CPU and CUDA: one GEMM on the stacked
+live rows of wg and w1, then a fused gated epilogue) and ``triton``.
 
 Units are shared by the gate and the up projection: a dead unit (int_z exactly 0, or not in
 ``live_idx``) drops its wg row, w1 row and w2 column. ``h`` (saved for backward) is [N, 2L]: the
@@ -37,18 +37,7 @@ def _triton():
     return k
 
 
-def _native_reasons(x: torch.Tensor, *rest: object) -> list[str]:
-    if x.device.type == "cuda":
-        return ["the CUDA extension has no gated FFN kernel (use backend='triton' or 'reference')"]
-    return B.native_reasons(x.device, NATIVE_OP) + B.dtype_reasons("x", x, _DTYPES)
-
-
-def _triton_reasons(x: torch.Tensor, *rest: object) -> list[str]:
-    return B.triton_reasons(x.device) + B.dtype_reasons("x", x, _DTYPES)
-
-
-def _ref_reasons(x: torch.Tensor, *rest: object) -> list[str]:
-    return B.dtype_reasons("x", x, _DTYPES)
+_native_reasons, _triton_reasons, _ref_reasons = B.first_input_reasons(NATIVE_OP, "x", _DTYPES, _DTYPES, _DTYPES)
 
 
 # ============================== reference backend =================================================
