@@ -5,7 +5,10 @@ applied in the epilogue, per-row log-sum-exp stored for the backward. Dead heads
 are never launched: the grid runs over a live-head index list built once per call; their outputs
 are pre-filled (out = 0, lse = +inf, gradients 0). Backward recomputes the probabilities: one
 kernel per key block accumulates dK, dV over query blocks (no atomics), one per query block
-accumulates dQ. Padded keys are loaded as 0 and their scores set to -inf, so NaN in padding never
+accumulates dQ. Grouped-query attention: query head h reads K/V head h // G (G = H / Hkv); the dK/dV
+kernel writes one slice per query head and the launcher sums each group's slices. Causal: key loops
+stop at the diagonal block (forward, dQ) or start there (dK/dV), so the blocks above it are never
+computed; the diagonal block masks j > i. Padded keys are loaded as 0 and their scores set to -inf, so NaN in padding never
 reaches a result. Dropout uses the counter-based hash of reference/masked_attention.py.
 
 The grid is 1-D over (batch x live head, row block) and offsets are 64-bit (see ``_program``).
@@ -59,11 +62,13 @@ def _program(S, n_live, live_ptr, BLOCK: tl.constexpr):
 def _masked_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, mask_ptr, seed_ptr, live_ptr, out_ptr, lse_ptr,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
-    H, S, D, n_live, scale, thr, inv,
+    H, S, D, n_live, scale, thr, inv, G,
     HAS_Z: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     pid_m, b, h = _program(S, n_live, live_ptr, BLOCK_M)
+    hk = h // G
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < S
@@ -73,17 +78,23 @@ def _masked_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    for start_n in range(0, S, BLOCK_N):
+    n_end = S
+    if CAUSAL:
+        n_end = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, n_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < S
         if HAS_MASK:
             n_ok = n_ok & (tl.load(mask_ptr + b * S + offs_n, mask=offs_n < S, other=0) != 0)
         kv_mask = n_ok[:, None] & d_ok[None, :]
         rows = offs_n.to(tl.int64)[:, None]
-        k = tl.load(k_ptr + b * skb + h * skh + rows * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + b * svb + h * svh + rows * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_ptr + b * skb + hk * skh + rows * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * svb + hk * svh + rows * svs + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
-        s = tl.where(n_ok[None, :], s, float("-inf"))
+        ok = n_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= offs_m[:, None])
+        s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_use[:, None])
@@ -108,22 +119,28 @@ def _masked_attention_fwd_kernel(
 
 
 @triton.jit
-def _probs(q, k, lse, n_ok, scale, ACC: tl.constexpr, PREC: tl.constexpr):
+def _probs(q, k, lse, n_ok, offs_m, offs_n, scale, ACC: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr):
     s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
     p = tl.exp(s - lse[:, None])  # lse = +inf on fully masked rows -> 0
-    return tl.where(n_ok[None, :], p, 0.0)
+    ok = n_ok[None, :]
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None])
+    return tl.where(ok, p, 0.0)
 
 
 @triton.jit
 def _masked_attention_bwd_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, mask_ptr, seed_ptr, live_ptr, g_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
-    H, S, D, n_live, scale, thr, inv,
+    H, S, D, n_live, scale, thr, inv, G,
     HAS_Z: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
-    """dK, dV of one key block (accumulated over all query blocks)."""
+    """dK, dV of one key block for query head h (accumulated over all query blocks); written to
+    query head h's slice of [B, H, S, D] buffers."""
     pid_n, b, h = _program(S, n_live, live_ptr, BLOCK_N)
+    hk = h // G
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -131,15 +148,18 @@ def _masked_attention_bwd_kernel(
     if HAS_MASK:
         n_ok = n_ok & (tl.load(mask_ptr + b * S + offs_n, mask=offs_n < S, other=0) != 0)
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(k_ptr + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
     zh = 1.0
     if HAS_Z:
         zh = tl.load(z_ptr + h).to(ACC)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     base = (b * H + h) * S
-    for start_m in range(0, S, BLOCK_M):
+    m_begin = 0
+    if CAUSAL:
+        m_begin = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    for start_m in range(m_begin, S, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < S
         md = m_ok[:, None] & d_ok[None, :]
@@ -148,7 +168,7 @@ def _masked_attention_bwd_kernel(
         g = tl.load(g_ptr + (base + offs_m[:, None]) * D + offs_d[None, :], mask=md, other=0.0).to(ACC) * zh
         lse = tl.load(lse_ptr + base + offs_m, mask=m_ok, other=float("inf")).to(ACC)
         delta = tl.load(delta_ptr + base + offs_m, mask=m_ok, other=0.0).to(ACC)
-        p = _probs(q, k, lse, n_ok, scale, ACC, PREC)
+        p = _probs(q, k, lse, n_ok, offs_m, offs_n, scale, ACC, PREC, CAUSAL)
         dp = tl.dot(g.to(v.dtype), tl.trans(v), input_precision=PREC, out_dtype=ACC)
         if DROPOUT:
             keep, inv_ = _dropout_scale(seed_ptr, b * H + h, offs_m, offs_n, thr, inv)
@@ -168,12 +188,14 @@ def _masked_attention_bwd_kernel(
 def _masked_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, mask_ptr, seed_ptr, live_ptr, g_ptr, lse_ptr, delta_ptr, dq_ptr,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
-    H, S, D, n_live, scale, thr, inv,
+    H, S, D, n_live, scale, thr, inv, G,
     HAS_Z: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     """dQ of one query block (accumulated over all key blocks)."""
     pid_m, b, h = _program(S, n_live, live_ptr, BLOCK_M)
+    hk = h // G
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < S
@@ -188,16 +210,19 @@ def _masked_attention_bwd_dq_kernel(
     lse = tl.load(lse_ptr + base + offs_m, mask=m_ok, other=float("inf")).to(ACC)
     delta = tl.load(delta_ptr + base + offs_m, mask=m_ok, other=0.0).to(ACC)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    for start_n in range(0, S, BLOCK_N):
+    n_end = S
+    if CAUSAL:
+        n_end = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, n_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < S
         if HAS_MASK:
             n_ok = n_ok & (tl.load(mask_ptr + b * S + offs_n, mask=offs_n < S, other=0) != 0)
         kv_mask = n_ok[:, None] & d_ok[None, :]
         rows = offs_n.to(tl.int64)[:, None]
-        k = tl.load(k_ptr + b * skb + h * skh + rows * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + b * svb + h * svh + rows * svs + offs_d[None, :], mask=kv_mask, other=0.0)
-        p = _probs(q, k, lse, n_ok, scale, ACC, PREC)
+        k = tl.load(k_ptr + b * skb + hk * skh + rows * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * svb + hk * svh + rows * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+        p = _probs(q, k, lse, n_ok, offs_m, offs_n, scale, ACC, PREC, CAUSAL)
         dp = tl.dot(g.to(v.dtype), tl.trans(v), input_precision=PREC, out_dtype=ACC)
         if DROPOUT:
             keep, inv_ = _dropout_scale(seed_ptr, b * H + h, offs_m, offs_n, thr, inv)
@@ -240,8 +265,13 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
 
 
-def masked_attention_fwd_triton(q, k, v, head_z, mask, scale, dropout_p, seed):
-    """(out [B, H, S, D], lse [B, H, S]); see the module docstring."""
+def _groups(q: torch.Tensor, k: torch.Tensor) -> int:
+    """G = H / Hkv: query heads per K/V head."""
+    return q.shape[1] // k.shape[1] if k.shape[1] else 1
+
+
+def masked_attention_fwd_triton(q, k, v, head_z, mask, scale, dropout_p, seed, causal=False):
+    """(out [B, H, S, D], lse [B, H, S]) for k, v [B, Hkv, S, D]; see the module docstring."""
     Bsz, H, S, D = q.shape
     out = torch.zeros((Bsz, H, S, D), dtype=q.dtype, device=q.device)
     lse = torch.full((Bsz, H, S), float("inf"), dtype=_lse_dtype(q), device=q.device)
@@ -253,16 +283,19 @@ def masked_attention_fwd_triton(q, k, v, head_z, mask, scale, dropout_p, seed):
     grid = (triton.cdiv(S, cfg.fwd.block_m) * Bsz * n_live,)
     with device_guard(q):
         _masked_attention_fwd_kernel[grid](q, k, v, *ptrs, out, lse, *strides, H, S, D, n_live, float(scale), thr,
-                                           inv, **flags, **const, **_tile(cfg.fwd))
+                                           inv, _groups(q, k), **flags, **const, **_tile(cfg.fwd), CAUSAL=causal)
     return out, lse
 
 
-def masked_attention_bwd_triton(grad, q, k, v, head_z, mask, out, lse, scale, dropout_p, seed):
-    """(dq, dk, dv, d_head_z) with dq/dk/dv [B, H, S, D] and d_head_z [H] (or [0] without gates)."""
+def masked_attention_bwd_triton(grad, q, k, v, head_z, mask, out, lse, scale, dropout_p, seed, causal=False):
+    """(dq, dk, dv, d_head_z) with dq [B, H, S, D], dk/dv [B, Hkv, S, D] and d_head_z [H] (or [0]
+    without gates)."""
     Bsz, H, S, D = q.shape
+    Hkv, G = k.shape[1], _groups(q, k)
     dq = torch.zeros((Bsz, H, S, D), dtype=q.dtype, device=q.device)
-    dk = torch.zeros_like(dq)
-    dv = torch.zeros_like(dq)
+    # one slice per query head, summed over each K/V group below (in float32 for half inputs)
+    dk = torch.zeros((Bsz, H, S, D), dtype=q.dtype if G == 1 else _lse_dtype(q), device=q.device)
+    dv = torch.zeros_like(dk)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     # delta_i = rowsum(dO_eff * O) = rowsum(grad * out) (out is gated); d z_h = sum delta / z_h.
     delta = (grad.to(acc) * out.to(acc)).sum(-1)
@@ -275,13 +308,15 @@ def masked_attention_bwd_triton(grad, q, k, v, head_z, mask, out, lse, scale, dr
         dz = q.new_empty(0)
     live, thr, inv, ptrs, strides, flags = _common(q, k, v, head_z, mask, dropout_p, seed)
     n_live = live.numel()
-    if n_live == 0 or dq.numel() == 0:
-        return dq, dk, dv, dz
-    cfg, const = _config(q)
-    args = (*strides, H, S, D, n_live, float(scale), thr, inv)
-    with device_guard(q):
-        _masked_attention_bwd_kernel[(triton.cdiv(S, cfg.dkdv.block_n) * Bsz * n_live,)](
-            q, k, v, *ptrs, grad, lse, delta, dk, dv, *args, **flags, **const, **_tile(cfg.dkdv))
-        _masked_attention_bwd_dq_kernel[(triton.cdiv(S, cfg.dq.block_m) * Bsz * n_live,)](
-            q, k, v, *ptrs, grad, lse, delta, dq, *args, **flags, **const, **_tile(cfg.dq))
+    if n_live > 0 and dq.numel() > 0:
+        cfg, const = _config(q)
+        args = (*strides, H, S, D, n_live, float(scale), thr, inv, G)
+        with device_guard(q):
+            _masked_attention_bwd_kernel[(triton.cdiv(S, cfg.dkdv.block_n) * Bsz * n_live,)](
+                q, k, v, *ptrs, grad, lse, delta, dk, dv, *args, **flags, **const, **_tile(cfg.dkdv), CAUSAL=causal)
+            _masked_attention_bwd_dq_kernel[(triton.cdiv(S, cfg.dq.block_m) * Bsz * n_live,)](
+                q, k, v, *ptrs, grad, lse, delta, dq, *args, **flags, **const, **_tile(cfg.dq), CAUSAL=causal)
+    if G != 1:
+        dk = dk.view(Bsz, Hkv, G, S, D).sum(2).to(q.dtype)
+        dv = dv.view(Bsz, Hkv, G, S, D).sum(2).to(q.dtype)
     return dq, dk, dv, dz

@@ -24,8 +24,8 @@ TORCH_LIBRARY(cofi, m) {
   m.def("hard_concrete_step_fwd_native(Tensor log_alpha, Tensor u, int[] offsets, int num_layers, int hidden_size, int num_heads, int intermediate_size, float temperature, float limit_l, float limit_r, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("hard_concrete_step_bwd_native(Tensor? grad_z, Tensor? grad_keep, Tensor grad_params, Tensor grad_sparsity, Tensor log_alpha, Tensor u, Tensor z, Tensor keep, int[] offsets, int num_layers, int hidden_size, int num_heads, int intermediate_size, float temperature, float limit_l, float limit_r, float eps) -> Tensor");
   // --- masked_attention ---
-  m.def("masked_attention_fwd_native(Tensor q, Tensor k, Tensor v, Tensor? head_z, Tensor? key_padding_mask, float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
-  m.def("masked_attention_bwd_native(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? head_z, Tensor? key_padding_mask, Tensor out, Tensor lse, float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("masked_attention_fwd_native(Tensor q, Tensor k, Tensor v, Tensor? head_z, Tensor? key_padding_mask, float scale, float dropout_p, Tensor? seed, bool causal=False) -> (Tensor, Tensor)");
+  m.def("masked_attention_bwd_native(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? head_z, Tensor? key_padding_mask, Tensor out, Tensor lse, float scale, float dropout_p, Tensor? seed, bool causal=False) -> (Tensor, Tensor, Tensor, Tensor)");
   // --- end masked_attention ---
   // --- masked_ffn ---
   m.def("masked_ffn_fwd_native(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor? int_z, Tensor? mlp_z, Tensor? live, int activation) -> (Tensor, Tensor)");

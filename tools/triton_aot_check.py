@@ -106,7 +106,7 @@ def attention_specs(dtypes: list[str]) -> list[Spec]:
                               ("_masked_attention_bwd_dq_kernel", "dq")):
                 t = getattr(cfg, key)
                 fn = getattr(K, name)
-                const = dict(HAS_Z=True, HAS_MASK=True, DROPOUT=True, ACC="fp32",
+                const = dict(HAS_Z=True, HAS_MASK=True, DROPOUT=True, CAUSAL=True, ACC="fp32",
                              PREC="ieee" if dt == "fp32" else "tf32", BLOCK_M=t.block_m, BLOCK_N=t.block_n,
                              BLOCK_D=bd)
                 sig = _sig(fn.arg_names, _TT[dt], {k: v for k, v in scalars.items() if k in fn.arg_names}, const)

@@ -14,6 +14,12 @@
 // keys are never read (NaN in padding cannot leak; padded batches also do less work) and their
 // gradients are exactly 0. Dropout: counter-based hash of (seed, b * H + h, i, j) identical to
 // python/cofi/ops/reference/masked_attention.py.
+//
+// Grouped-query attention: k, v are [B, Hkv, S, D] and query head h reads K/V head h / G (G = H / Hkv);
+// the backward writes dK / dV per query head into [B, H, S, D] buffers and sums each group's slices
+// afterwards (tasks stay independent: no atomics). Causal: a query block stops at the number of
+// (kept) keys its last row may see, so key blocks above the diagonal are never multiplied (about half
+// the work at S >> kBQ); inside the diagonal block the keys j > i are set to -inf before the softmax.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -252,11 +258,13 @@ constexpr int kBK = 512;  // keys per block (S <= 512 is one block: no rescaling
 
 struct Geometry {
   int64_t B, H, S, D;
+  int64_t G;                    // query heads per K/V head (H / Hkv)
   int64_t qs[3], ks[3], vs[3];  // strides of b, h, s (last dim is unit stride)
 };
 
 inline Geometry geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  Geometry g{q.size(0), q.size(1), q.size(2), q.size(3), {}, {}, {}};
+  const int64_t hkv = k.size(1);
+  Geometry g{q.size(0), q.size(1), q.size(2), q.size(3), hkv > 0 ? q.size(1) / hkv : 1, {}, {}, {}};
   for (int i = 0; i < 3; ++i) {
     g.qs[i] = q.stride(i);
     g.ks[i] = k.stride(i);
@@ -321,6 +329,19 @@ inline std::vector<std::vector<int32_t>> kept_keys(const c10::optional<at::Tenso
   return keys;
 }
 
+// Number of (kept) keys whose position is <= i: the keys query row i may see under causal masking.
+// idx: the batch row's kept key positions (ascending), or null for all S keys.
+inline int64_t visible_keys(const std::vector<int32_t>* idx, int64_t S, int64_t i) {
+  if (idx == nullptr) return std::min<int64_t>(i + 1, S);
+  return std::upper_bound(idx->begin(), idx->end(), static_cast<int32_t>(i)) - idx->begin();
+}
+
+// Scores of keys c >= lim (positions after the query row) of one block row set to -inf.
+template <typename T>
+inline void mask_after(T* s, int64_t lim, int n) {
+  for (int64_t c = std::max<int64_t>(lim, 0); c < n; ++c) s[c] = -std::numeric_limits<T>::infinity();
+}
+
 template <typename T>
 void gather_rows(T* dst, const T* src, int64_t stride, const std::vector<int32_t>& idx, int64_t D) {
   for (size_t r = 0; r < idx.size(); ++r) std::memcpy(dst + r * D, src + idx[r] * stride, D * sizeof(T));
@@ -329,8 +350,8 @@ void gather_rows(T* dst, const T* src, int64_t stride, const std::vector<int32_t
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& head_z,
-                const c10::optional<at::Tensor>& mask, double scale_d, const Dropout& drop, at::Tensor& out,
-                at::Tensor& lse) {
+                const c10::optional<at::Tensor>& mask, double scale_d, const Dropout& drop, bool causal,
+                at::Tensor& out, at::Tensor& lse) {
   const Geometry g = geometry(q, k, v);
   const int64_t S = g.S, D = g.D;
   const auto live = live_heads<T>(head_z, g.H);
@@ -360,9 +381,11 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
       // this task's query rows: [q_begin, q_end)
       const int64_t q_begin = qsplit == 1 ? 0 : (t % qsplit) * kBQ;
       const int64_t q_end = qsplit == 1 ? S : std::min(S, q_begin + kBQ);
+      const int64_t hk = h / g.G;
       const T* Q = qp + b * g.qs[0] + h * g.qs[1];
-      const T* K = kp + b * g.ks[0] + h * g.ks[1];
-      const T* V = vp + b * g.vs[0] + h * g.vs[1];
+      const T* K = kp + b * g.ks[0] + hk * g.ks[1];
+      const T* V = vp + b * g.vs[0] + hk * g.vs[1];
+      const std::vector<int32_t>* kidx = mask.has_value() ? &keys[b] : nullptr;
       int64_t ldk = g.ks[2], ldv = g.vs[2];
       int64_t nk = S;
       if (mask.has_value()) {
@@ -393,16 +416,20 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
         T* Oi = O + i0 * D;
         std::fill(mrow.begin(), mrow.end(), -inf);
         std::fill(lrow.begin(), lrow.end(), T(0));
-        for (int64_t j0 = 0; j0 < nk; j0 += kBK) {
-          const int n = static_cast<int>(std::min<int64_t>(kBK, nk - j0));
+        // keys this block's last row may see: the blocks past them are skipped, not masked
+        const int64_t nkb = causal ? visible_keys(kidx, S, i0 + m - 1) : nk;
+        for (int64_t j0 = 0; j0 < nkb; j0 += kBK) {
+          const int n = static_cast<int>(std::min<int64_t>(kBK, nkb - j0));
           rm_gemm(false, true, m, n, static_cast<int>(D), scale, Q + i0 * g.qs[2], static_cast<int>(g.qs[2]),
                   K + j0 * ldk, static_cast<int>(ldk), T(0), sbuf.data(), kBK);
           for (int r = 0; r < m; ++r) {
             T* s = sbuf.data() + static_cast<int64_t>(r) * kBK;
+            if (causal) mask_after(s, visible_keys(kidx, S, i0 + r) - j0, n);
             const T mnew = std::max(mrow[r], max_of(s, n));
-            const T sum = exp_sub_sum(s, n, mnew);
+            const T muse = mnew == -inf ? T(0) : mnew;  // a row with no visible key yet: all p = 0
+            const T sum = exp_sub_sum(s, n, muse);
             if (j0 > 0) {
-              const T alpha = std::exp(mrow[r] - mnew);
+              const T alpha = std::exp(mrow[r] - muse);
               lrow[r] = lrow[r] * alpha + sum;
               scale_row(Oi + r * D, static_cast<int>(D), alpha);
             } else {
@@ -418,6 +445,11 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
                   j0 == 0 ? T(0) : T(1), Oi, static_cast<int>(D));
         }
         for (int r = 0; r < m; ++r) {
+          if (lrow[r] == T(0)) {  // no visible key (causal + padding): zeros, lse = +inf
+            std::fill(Oi + r * D, Oi + (r + 1) * D, T(0));
+            L[i0 + r] = inf;
+            continue;
+          }
           scale_row(Oi + r * D, static_cast<int>(D), zh / lrow[r]);
           L[i0 + r] = mrow[r] + std::log(lrow[r]);
         }
@@ -439,8 +471,8 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
 template <typename T>
 void bwd_kernel(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const c10::optional<at::Tensor>& head_z, const c10::optional<at::Tensor>& mask, const at::Tensor& out,
-                const at::Tensor& lse, double scale_d, const Dropout& drop, at::Tensor& dq, at::Tensor& dk,
-                at::Tensor& dv, at::Tensor& dz) {
+                const at::Tensor& lse, double scale_d, const Dropout& drop, bool causal, at::Tensor& dq,
+                at::Tensor& dk, at::Tensor& dv, at::Tensor& dz) {
   const Geometry g = geometry(q, k, v);
   const int64_t S = g.S, D = g.D;
   const auto live = live_heads<T>(head_z, g.H);
@@ -467,11 +499,12 @@ void bwd_kernel(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k
     std::vector<T> kc, vc, dkc, dvc;
     std::vector<uint32_t> kmix(S);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / nl, hl = t % nl, h = live[hl];
-      const int64_t off = (b * g.H + h) * S * D;
+      const int64_t b = t / nl, hl = t % nl, h = live[hl], hk = h / g.G;
+      const int64_t off = (b * g.H + h) * S * D;  // dk / dv are per query head here (see bwd_float_cpu)
       const T* Q = qp + b * g.qs[0] + h * g.qs[1];
-      const T* K = kp + b * g.ks[0] + h * g.ks[1];
-      const T* V = vp + b * g.vs[0] + h * g.vs[1];
+      const T* K = kp + b * g.ks[0] + hk * g.ks[1];
+      const T* V = vp + b * g.vs[0] + hk * g.vs[1];
+      const std::vector<int32_t>* kidx = mask.has_value() ? &keys[b] : nullptr;
       const T* G = gp + off;
       const T* O = op + off;
       const T* L = lp + (b * g.H + h) * S;
@@ -486,8 +519,8 @@ void bwd_kernel(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k
         nk = static_cast<int64_t>(idx.size());
         kc.resize(nk * D);
         vc.resize(nk * D);
-        dkc.resize(nk * D);
-        dvc.resize(nk * D);
+        dkc.assign(nk * D, T(0));
+        dvc.assign(nk * D, T(0));
         gather_rows(kc.data(), K, ldk, idx, D);
         gather_rows(vc.data(), V, ldv, idx, D);
         K = kc.data();
@@ -511,13 +544,17 @@ void bwd_kernel(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k
       if (nk == 0) continue;  // outputs stay zero
       for (int64_t i0 = 0; i0 < S; i0 += kBQ) {
         const int m = static_cast<int>(std::min<int64_t>(kBQ, S - i0));
-        for (int64_t j0 = 0; j0 < nk; j0 += kBK) {
-          const int n = static_cast<int>(std::min<int64_t>(kBK, nk - j0));
+        const int64_t nkb = causal ? visible_keys(kidx, S, i0 + m - 1) : nk;
+        for (int64_t j0 = 0; j0 < nkb; j0 += kBK) {
+          const int n = static_cast<int>(std::min<int64_t>(kBK, nkb - j0));
           T* P = pbuf.data();
           T* dP = dpbuf.data();
           rm_gemm(false, true, m, n, static_cast<int>(D), scale, Q + i0 * ldq, static_cast<int>(ldq), K + j0 * ldk,
                   static_cast<int>(ldk), T(0), P, kBK);
-          for (int r = 0; r < m; ++r) exp_sub(P + static_cast<int64_t>(r) * kBK, n, L[i0 + r]);
+          for (int r = 0; r < m; ++r) {
+            if (causal) mask_after(P + static_cast<int64_t>(r) * kBK, visible_keys(kidx, S, i0 + r) - j0, n);
+            exp_sub(P + static_cast<int64_t>(r) * kBK, n, L[i0 + r]);
+          }
           const T* Pd = P;
           if (drop.on) {
             for (int r = 0; r < m; ++r) {
@@ -530,8 +567,8 @@ void bwd_kernel(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k
             Pd = dP;
           }
           // dV_j += z * Pd^T G_i
-          rm_gemm(true, false, n, static_cast<int>(D), m, zh, Pd, kBK, G + i0 * D, static_cast<int>(D),
-                  i0 == 0 ? T(0) : T(1), dV + j0 * D, static_cast<int>(D));
+          rm_gemm(true, false, n, static_cast<int>(D), m, zh, Pd, kBK, G + i0 * D, static_cast<int>(D), T(1),
+                  dV + j0 * D, static_cast<int>(D));  // dK / dV start at zero: accumulate from any i0
           // dP = z * G_i V_j^T (then through the dropout mask)
           rm_gemm(false, true, m, n, static_cast<int>(D), zh, G + i0 * D, static_cast<int>(D), V + j0 * ldv,
                   static_cast<int>(ldv), T(0), dP, kBK);
@@ -543,8 +580,8 @@ void bwd_kernel(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k
           // dQ_i += scale * dS K_j ; dK_j += scale * dS^T Q_i
           rm_gemm(false, false, m, static_cast<int>(D), n, scale, dP, kBK, K + j0 * ldk, static_cast<int>(ldk),
                   j0 == 0 ? T(0) : T(1), dQ + i0 * D, static_cast<int>(D));
-          rm_gemm(true, false, n, static_cast<int>(D), m, scale, dP, kBK, Q + i0 * ldq, static_cast<int>(ldq),
-                  i0 == 0 ? T(0) : T(1), dK + j0 * D, static_cast<int>(D));
+          rm_gemm(true, false, n, static_cast<int>(D), m, scale, dP, kBK, Q + i0 * ldq, static_cast<int>(ldq), T(1),
+                  dK + j0 * D, static_cast<int>(D));
         }
       }
       if (mask.has_value()) {  // scatter compact key grads back; padded keys stay zero
@@ -571,8 +608,11 @@ void bwd_kernel(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k
 void check_inputs(const char* fn, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const c10::optional<at::Tensor>& head_z, const c10::optional<at::Tensor>& mask) {
   TORCH_CHECK(q.dim() == 4, fn, ": q must be [B, H, S, D], got ", q.sizes());
-  TORCH_CHECK(k.sizes() == q.sizes(), fn, ": k must have q's shape ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.sizes() == q.sizes(), fn, ": v must have q's shape ", q.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(k.dim() == 4 && k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3), fn,
+              ": k must be [B, Hkv, S, D] with q's B, S, D (q ", q.sizes(), "), got ", k.sizes());
+  TORCH_CHECK(k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0, fn,
+              ": k's head count (n_kv_heads) must divide q's ", q.size(1), ", got ", k.size(1));
+  TORCH_CHECK(v.sizes() == k.sizes(), fn, ": v must have k's shape ", k.sizes(), ", got ", v.sizes());
   const auto qt = q.scalar_type();
   TORCH_CHECK(qt == at::kFloat || qt == at::kDouble || qt == at::kHalf || qt == at::kBFloat16, fn,
               ": q must be float32, float64, float16 or bfloat16, got ", qt);
@@ -609,7 +649,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_float_cpu(const at::Tensor& q_, const at:
                                                             const at::Tensor& v_, const c10::optional<at::Tensor>& head_z_,
                                                             const c10::optional<at::Tensor>& key_padding_mask_,
                                                             double scale, double dropout_p,
-                                                            const c10::optional<at::Tensor>& seed) {
+                                                            const c10::optional<at::Tensor>& seed, bool causal) {
   const char* fn = "cofi::masked_attention_fwd_native";
   check_inputs(fn, q_, k_, v_, head_z_, key_padding_mask_);
   check_scalars(fn, scale, dropout_p);
@@ -623,7 +663,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_float_cpu(const at::Tensor& q_, const at:
   }
   const Dropout drop = make_dropout(dropout_p, seed);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_attention_fwd_cpu", [&] {
-    fwd_kernel<scalar_t>(q, k, v, head_z, key_padding_mask, scale, drop, out, lse);
+    fwd_kernel<scalar_t>(q, k, v, head_z, key_padding_mask, scale, drop, causal, out, lse);
   });
   return {out, lse};
 }
@@ -631,7 +671,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_float_cpu(const at::Tensor& q_, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_float_cpu(
     const at::Tensor& grad_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const c10::optional<at::Tensor>& head_z_, const c10::optional<at::Tensor>& key_padding_mask_, const at::Tensor& out_,
-    const at::Tensor& lse_, double scale, double dropout_p, const c10::optional<at::Tensor>& seed) {
+    const at::Tensor& lse_, double scale, double dropout_p, const c10::optional<at::Tensor>& seed, bool causal) {
   const char* fn = "cofi::masked_attention_bwd_native";
   check_inputs(fn, q_, k_, v_, head_z_, key_padding_mask_);
   check_scalars(fn, scale, dropout_p);
@@ -645,16 +685,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_float_cpu(
   const at::Tensor q = blas_rows(q_), k = blas_rows(k_), v = blas_rows(v_);
   const at::Tensor grad = grad_.contiguous(), out = out_.contiguous(), lse = lse_.contiguous();
   const auto head_z = contiguous_or_none(head_z_), key_padding_mask = contiguous_or_none(key_padding_mask_);
+  // dK / dV per query head ([B, H, S, D]); grouped-query K/V sum each group's slices below
   auto dq = at::zeros(q.sizes(), q.options());
   auto dk = at::zeros(q.sizes(), q.options());
   auto dv = at::zeros(q.sizes(), q.options());
   auto dz = head_z.has_value() ? at::zeros({q.size(1)}, q.options()) : at::empty({0}, q.options());
-  if (q.numel() == 0) return {dq, dk, dv, dz};
+  const int64_t hkv = k.size(1);
+  const auto grouped = [&](const at::Tensor& t) {
+    if (hkv == q.size(1)) return t;
+    if (hkv == 0 || t.numel() == 0) return at::zeros(k.sizes(), q.options());
+    return t.view({q.size(0), hkv, q.size(1) / hkv, q.size(2), q.size(3)}).sum(2);
+  };
+  if (q.numel() == 0) return {dq, grouped(dk), grouped(dv), dz};
   const Dropout drop = make_dropout(dropout_p, seed);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_attention_bwd_cpu", [&] {
-    bwd_kernel<scalar_t>(grad, q, k, v, head_z, key_padding_mask, out, lse, scale, drop, dq, dk, dv, dz);
+    bwd_kernel<scalar_t>(grad, q, k, v, head_z, key_padding_mask, out, lse, scale, drop, causal, dq, dk, dv, dz);
   });
-  return {dq, dk, dv, dz};
+  return {dq, grouped(dk), grouped(dv), dz};
 }
 
 // float16 / bfloat16 inputs are computed in float: upcast once, outputs rounded back to q's dtype;
@@ -670,21 +717,23 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(const at::Tensor& q,
                                                             const at::Tensor& v, const c10::optional<at::Tensor>& head_z,
                                                             const c10::optional<at::Tensor>& key_padding_mask,
                                                             double scale, double dropout_p,
-                                                            const c10::optional<at::Tensor>& seed) {
+                                                            const c10::optional<at::Tensor>& seed, bool causal) {
   const NoAutocast no_autocast;
-  if (!is_half(q)) return fwd_float_cpu(q, k, v, head_z, key_padding_mask, scale, dropout_p, seed);
+  if (!is_half(q)) return fwd_float_cpu(q, k, v, head_z, key_padding_mask, scale, dropout_p, seed, causal);
   check_inputs("cofi::masked_attention_fwd_native", q, k, v, head_z, key_padding_mask);
   auto [out, lse] = fwd_float_cpu(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), to_float(head_z),
-                                  key_padding_mask, scale, dropout_p, seed);
+                                  key_padding_mask, scale, dropout_p, seed, causal);
   return {out.to(q.scalar_type()), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& head_z, const c10::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
-    const at::Tensor& lse, double scale, double dropout_p, const c10::optional<at::Tensor>& seed) {
+    const at::Tensor& lse, double scale, double dropout_p, const c10::optional<at::Tensor>& seed, bool causal) {
   const NoAutocast no_autocast;
-  if (!is_half(q)) return bwd_float_cpu(grad, q, k, v, head_z, key_padding_mask, out, lse, scale, dropout_p, seed);
+  if (!is_half(q)) {
+    return bwd_float_cpu(grad, q, k, v, head_z, key_padding_mask, out, lse, scale, dropout_p, seed, causal);
+  }
   const char* fn = "cofi::masked_attention_bwd_native";
   check_inputs(fn, q, k, v, head_z, key_padding_mask);
   TORCH_CHECK(grad.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), fn,
@@ -694,7 +743,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_
               lse.scalar_type());
   auto [dq, dk, dv, dz] = bwd_float_cpu(grad.to(at::kFloat), q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat),
                                         to_float(head_z), key_padding_mask, out.to(at::kFloat), lse, scale, dropout_p,
-                                        seed);
+                                        seed, causal);
   const auto dt = q.scalar_type();
   return {dq.to(dt), dk.to(dt), dv.to(dt), dz.to(dt)};
 }

@@ -33,7 +33,8 @@ void check(const char* fn, const at::Tensor& q, const at::Tensor& k, const at::T
            const c10::optional<at::Tensor>& head_z, const c10::optional<at::Tensor>& mask) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), fn, ": q, k, v must be CUDA tensors");
   TORCH_CHECK(q.dim() == 4, fn, ": q must be [B, H, S, D], got ", q.sizes());
-  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), fn, ": k and v must have q's shape ", q.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), fn, ": k and v must have q's shape ", q.sizes(),
+              " (no grouped-query attention on CUDA)");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), fn, ": k, v must have q's dtype");
   TORCH_CHECK(q.size(3) <= 128, fn, ": head dim must be <= 128 on CUDA, got ", q.size(3));
   TORCH_CHECK(q.size(0) <= std::numeric_limits<int>::max() && q.size(2) <= std::numeric_limits<int>::max(), fn,
@@ -89,10 +90,11 @@ const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr()
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                             const c10::optional<at::Tensor>& head_z,
                                             const c10::optional<at::Tensor>& key_padding_mask, double scale,
-                                            double dropout_p, const c10::optional<at::Tensor>& seed) {
+                                            double dropout_p, const c10::optional<at::Tensor>& seed, bool causal) {
   const cofi::NoAutocast no_autocast;
   const char* fn = "cofi::masked_attention_fwd_native";
   check(fn, q, k, v, head_z, key_padding_mask);
+  TORCH_CHECK(!causal, fn, ": causal=True is not supported by the CUDA kernel (use the sdpa or triton backend)");
   check_scalars(fn, scale, dropout_p);
   c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
@@ -116,10 +118,11 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& head_z, const c10::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
-    const at::Tensor& lse, double scale, double dropout_p, const c10::optional<at::Tensor>& seed) {
+    const at::Tensor& lse, double scale, double dropout_p, const c10::optional<at::Tensor>& seed, bool causal) {
   const cofi::NoAutocast no_autocast;
   const char* fn = "cofi::masked_attention_bwd_native";
   check(fn, q, k, v, head_z, key_padding_mask);
+  TORCH_CHECK(!causal, fn, ": causal=True is not supported by the CUDA kernel (use the sdpa or triton backend)");
   check_scalars(fn, scale, dropout_p);
   TORCH_CHECK(grad.sizes() == q.sizes() && out.sizes() == q.sizes(), fn, ": grad and out must have q's shape");
   c10::cuda::CUDAGuard guard(q.device());

@@ -57,6 +57,28 @@ def dropout_keep(seed: torch.Tensor, B: int, H: int, S: int, p: float) -> torch.
     return dropout_hash(seed, B, H, S) >= dropout_threshold(p)
 
 
+def repeat_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """K or V [B, Hkv, S, D] repeated to [B, n_heads, S, D]: K/V head g serves the n_heads / Hkv
+    consecutive query heads g * G .. g * G + G - 1 (transformers' ``repeat_kv``); no copy if Hkv = n_heads."""
+    hkv = t.shape[1]
+    if hkv == n_heads or hkv == 0:
+        return t
+    return t.repeat_interleave(n_heads // hkv, dim=1)
+
+
+def attention_keep(key_padding_mask: torch.Tensor | None, S: int, causal: bool,
+                   device: torch.device) -> torch.Tensor | None:
+    """Bool keep mask broadcastable to the scores [B, H, S, S] (True = query i may see key j), or
+    None when every key is visible: padding [B, 1, 1, S] and / or causal (j <= i) [1, 1, S, S]."""
+    keep = None
+    if key_padding_mask is not None:
+        keep = key_padding_mask[:, None, None, :].to(torch.bool)
+    if causal:
+        tri = torch.ones(S, S, dtype=torch.bool, device=device).tril()[None, None]
+        keep = tri if keep is None else keep & tri
+    return keep
+
+
 def masked_attention_core_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -66,8 +88,12 @@ def masked_attention_core_ref(
     scale: float,
     dropout_p: float,
     seed: torch.Tensor | None,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, S, D], lse [B, H, S]) with an explicit dropout seed.
+
+    k, v: [B, Hkv, S, D] with Hkv dividing H (grouped-query attention: query head h reads K/V head
+    h // (H / Hkv)). causal: query i sees keys j <= i only (on top of the padding mask).
 
     lse is the log-sum-exp of each row's scaled, masked scores; +inf for a fully masked row (so
     exp(s - lse) = 0 there). Heads with head_z exactly 0 give out = 0 and zero gradients for every
@@ -76,9 +102,10 @@ def masked_attention_core_ref(
     """
     Bsz, H, S, _ = q.shape
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    k, v = repeat_kv(k, H), repeat_kv(v, H)
     scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale  # [B, H, S, S]
-    if key_padding_mask is not None:
-        keep = key_padding_mask[:, None, None, :].to(torch.bool)
+    keep = attention_keep(key_padding_mask, S, causal, q.device)
+    if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
@@ -105,10 +132,12 @@ def masked_attention_ref(
     scale: float | None = None,
     dropout_p: float = 0.0,
     generator: torch.Generator | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
-    """out[:, h] = head_z[h] * softmax(q_h k_h^T * scale + padding) v_h.
+    """out[:, h] = head_z[h] * softmax(q_h k_g^T * scale + padding (+ causal)) v_g, g = h // (H / Hkv).
 
-    q, k, v: [B, H, S, D]; head_z: [H] or None; key_padding_mask: [B, S] bool, True = keep.
+    q: [B, H, S, D]; k, v: [B, Hkv, S, D] (Hkv divides H); head_z: [H] or None; key_padding_mask:
+    [B, S] bool, True = keep; causal: query i sees keys j <= i only.
     A query row whose keys are all masked gives zeros (never NaN). Dropout (probability
     ``dropout_p`` on the attention probabilities) draws its seed from ``generator`` with
     ``dropout_seed`` and the hash mask of the module docstring, so the kernels reproduce it
@@ -118,4 +147,5 @@ def masked_attention_ref(
     if scale is None:
         scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
     seed = dropout_seed(generator, q.device) if dropout_p > 0.0 else None
-    return masked_attention_core_ref(q, k, v, head_z, key_padding_mask, float(scale), float(dropout_p), seed)[0]
+    return masked_attention_core_ref(q, k, v, head_z, key_padding_mask, float(scale), float(dropout_p), seed,
+                                     causal)[0]
