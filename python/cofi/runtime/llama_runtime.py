@@ -8,8 +8,8 @@ Built once from a ``CompactLlamaForCausalLM`` (or a dense folder folded with no 
   o_proj columns (exact: a padded head's output is multiplied by 0), so every layer is a uniform GQA
   layout: prefill uses SDPA's ``enable_gqa`` and decoding folds a group's query heads into SDPA's
   query-length axis, so K/V are never copied or repeated;
-- RoPE cos/sin come from one table computed by transformers' rotary class (values identical to its
-  per-call computation for the static RoPE types; dynamic ones are refused);
+- RoPE cos/sin come from transformers' rotary class at each call's positions (dynamic RoPE types,
+  whose frequencies depend on the sequence length, are refused);
 - the cache is ``[B, G_l, T_max, D]`` per layer, allocated once per generation, written in place.
 
 Positions follow transformers with an attention mask: ``cumsum(mask) - 1`` (left padding puts a row's
@@ -115,7 +115,6 @@ class LlamaRuntime(nn.Module):
         self.register_buffer("lm_head", model.lm_head.weight.detach())
         self.register_buffer("norm", model.model.norm.weight.detach().clone())
         self.layers = nn.ModuleList(_Layer(layer, c.head_dim) for layer in model.model.layers)
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -128,15 +127,6 @@ class LlamaRuntime(nn.Module):
     @property
     def vocab_size(self) -> int:
         return self.embed.shape[0]
-
-    def rope_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin ``[length, D]`` in the model dtype (grown on demand, reused)."""
-        if self._rope is None or self._rope[0].shape[0] < length:
-            n = max(length, 256)
-            pos = torch.arange(n, device=self.device)[None]
-            cos, sin = self.rotary(self.embed[:1][None], pos)
-            self._rope = (cos[0], sin[0])
-        return self._rope
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty cache for ``batch`` rows and ``capacity`` positions (prompt + new tokens)."""
@@ -151,7 +141,10 @@ class LlamaRuntime(nn.Module):
                        torch.zeros(batch, dtype=torch.int64, device=self.device), False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, last_only: bool = False,
+                present: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """``attention_mask``: None when no position is padding (the fast causal path). ``present``:
+        a list that receives each attention layer's (k, v) ``[B, G_l, S, D]`` (after RoPE)."""
         B, S = input_ids.shape
         start = 0 if cache is None else cache.length
         if cache is not None and start + S > cache.capacity:
@@ -159,8 +152,6 @@ class LlamaRuntime(nn.Module):
                             f"got {start} cached + {S} new")
         self.base_shape.check_length(start + S)
         keep = None if attention_mask is None else attention_mask.to(torch.bool)
-        if keep is not None and bool(keep.all()):
-            keep = None
         if cache is not None:
             cache.valid[:, start:start + S] = True if keep is None else keep
             cache.padded = cache.padded or keep is not None
@@ -173,15 +164,14 @@ class LlamaRuntime(nn.Module):
             pos = pos.clamp_min(0)
         if cache is not None:
             cache.next_pos = pos[:, -1] + 1 if keep is None else cache.next_pos + keep.long().sum(1)
-        cos_t, sin_t = self.rope_table(int(pos.max()) + 1)
-        cos, sin = cos_t[pos], sin_t[pos]
-        mask = self._mask(keep, cache, start, S)
         r = F.embedding(input_ids, self.embed)
+        cos, sin = self.rotary(r, pos)
+        mask = self._mask(keep, cache, start, S)
         d = r.shape[-1]
         for i, layer in enumerate(self.layers):
             if layer.attn:
                 y = F.rms_norm(r, (d,), layer.ln1, self.eps)
-                r = r + self._attention(layer, i, y, cos, sin, mask, cache, start)
+                r = r + self._attention(layer, i, y, cos, sin, mask, cache, start, present)
             elif layer.attn_bias is not None:
                 r = r + layer.attn_bias
             if layer.mlp:
@@ -215,13 +205,16 @@ class LlamaRuntime(nn.Module):
         return m | (~m.any(-1, keepdim=True) & causal)
 
     def _attention(self, layer: _Layer, i: int, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   mask: torch.Tensor | None, cache: KVCache | None, start: int) -> torch.Tensor:
+                   mask: torch.Tensor | None, cache: KVCache | None, start: int,
+                   present: list[tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
         B, S, _ = y.shape
         D, hq, hk = self.head_dim, layer.nq, layer.nk
         qkv = F.linear(y, layer.qkv_w, layer.qkv_b).view(B, S, hq + 2 * hk, D).transpose(1, 2)
         q = ops.apply_rope(qkv[:, :hq], cos, sin)
         k = ops.apply_rope(qkv[:, hq:hq + hk], cos, sin)
         v = qkv[:, hq + hk:]
+        if present is not None:
+            present.append((k, v))
         if cache is not None:
             cache.k[i][:, :, start:start + S] = k
             cache.v[i][:, :, start:start + S] = v
