@@ -119,6 +119,7 @@ def attention_specs(dtypes: list[str]) -> list[Spec]:
 def ffn_specs(dtypes: list[str]) -> list[Spec]:
     from cofi_kernels import configs as C
     from cofi_kernels import masked_ffn as K
+    from cofi_kernels import masked_ffn_gated as KG
 
     c = C.FFN_GEMM
     tiles = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k)
@@ -131,12 +132,14 @@ def ffn_specs(dtypes: list[str]) -> list[Spec]:
                             ("_masked_ffn_bwd_kernel", dict(ACT=0)), ("_masked_ffn_bwd_kernel", dict(ACT=1)),
                             ("_gather_gemm_kernel", dict(IDX=0, HAS_BIAS=False)),
                             ("_gather_gemm_kernel", dict(IDX=1, HAS_BIAS=True)),
-                            ("_gather_gemm_kernel", dict(IDX=2, HAS_BIAS=False))):
-            fn = getattr(K, name)
+                            ("_gather_gemm_kernel", dict(IDX=2, HAS_BIAS=False)),
+                            ("_gated_fwd_kernel", dict(ACT=3)), ("_gated_bwd_kernel", dict(ACT=3))):
+            mod = KG if name.startswith("_gated") else K
+            fn = getattr(mod, name)
             const = dict(extra, ACC=acc, IEEE=ieee, **tiles)
             sig = _sig(fn.arg_names, _TT[dt], {"idx_ptr": "*i64"}, const)
             label = " ".join(f"{k}={v}" for k, v in extra.items())
-            out.append(Spec("cofi_kernels.masked_ffn", name,
+            out.append(Spec(mod.__name__, name,
                             f"{dt} {c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages} {label}",
                             sig, const, opts))
     return out
