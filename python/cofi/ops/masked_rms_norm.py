@@ -15,6 +15,7 @@ import torch
 
 from .. import _ext
 from . import _backends as B
+from ._autocast import policy_dtype
 from ._validate import check_float, check_tensor, has_data
 from .reference.masked_rms_norm import masked_add_rms_norm_ref, masked_rms_norm_ref
 
@@ -193,10 +194,10 @@ def _call(x, residual, weight, hidden_z, eps, backend, live, want_sum):
     if live is not None:
         if hidden_z is not None:
             raise ValueError(f"cofi.ops.{op}: pass hidden_z or live, not both")
-        hidden_z = _live_mask(live, d, x)
+        hidden_z = _live_mask(live, d, x).to(policy_dtype(op, x))
     elif hidden_z is not None:
         check_tensor(op, "hidden_z", hidden_z, shape=(d,), device=x.device)
-        hidden_z = hidden_z.to(x.dtype)
+        hidden_z = hidden_z.to(policy_dtype(op, x))  # not rounded through x's dtype under autocast
     check_float(op, "eps", eps, 0.0)
     lead = x.shape[:-1]
     y, s, _ = torch.ops.cofi.masked_rms_norm(x.reshape(-1, d), residual.reshape(-1, d) if residual is not None else None,
