@@ -246,6 +246,22 @@ class TestMaskedRmsNormRouting:
         torch.testing.assert_close(y.float(), want, atol=3e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("backend", available())
+def test_autocast_fp32_policy(backend):
+    """Under bf16 autocast the op runs in float32 (masked_layer_norm's policy): float32 outputs equal
+    to the reference on the fp32 copies, gradients back in each input's dtype."""
+    x, r, w, z = make((4,), 10, torch.float32)
+    xb = x.detach().bfloat16().requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16):
+        y, s = ops.masked_add_rms_norm(xb, r, w, z, backend=backend)
+    assert y.dtype == s.dtype == torch.float32
+    yr, sr = masked_add_rms_norm_ref(xb.detach().float(), r.detach(), w.detach(), z.detach())
+    torch.testing.assert_close(y, yr, **tol(OP, "fwd", torch.float32))
+    torch.testing.assert_close(s, sr, **tol(OP, "fwd", torch.float32))
+    gs = torch.autograd.grad((y.sum() + s.sum()), (xb, r, w, z))
+    assert [g.dtype for g in gs] == [torch.bfloat16, torch.float32, torch.float32, torch.float32]
+
+
 @pytest.mark.cuda
 class TestMaskedRmsNormGpu:
     @pytest.mark.parametrize("backend", ["triton"])
