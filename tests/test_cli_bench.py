@@ -26,6 +26,7 @@ def tiny(monkeypatch):
     """Every op benchmark on tiny shapes (the cases read these module constants per call)."""
     monkeypatch.setattr(attn, "CONFIGS", {"a": (1, 3, 8, 4), "tiny": (2, 3, 9, 4)})
     monkeypatch.setattr(ffn, "CONFIGS", {"tiny": (8, 16)})
+    monkeypatch.setattr(ffn, "GATED_CONFIGS", {"tiny": (8, 16)})
     monkeypatch.setattr(ffn, "QUICK_TOKENS", 5)
     monkeypatch.setattr(ln, "D", 12)
     monkeypatch.setattr(ln, "QUICK_TOKENS", 6)
