@@ -42,9 +42,9 @@ from cofi.runtime.llama_runtime import LlamaRuntime
 SMOLLM2 = Path(os.environ.get("COFI_CACHE", Path.home() / ".cache" / "cofi")) / "smollm2-135m-instruct-q4_1"
 SHAPES = {  # random-weight configs
     "quick": {"vocab_size": 4096, "hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4,
-                  "num_attention_heads": 6, "num_key_value_heads": 2, "tie_word_embeddings": True},
+              "num_attention_heads": 6, "num_key_value_heads": 2, "tie_word_embeddings": True},
     "smollm2": {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                    "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True},
+                "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True},
     "llama-3.2-1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
                          "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "tie_word_embeddings": True,
                          "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
