@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny(monkeypatch):
     """Every op benchmark on tiny shapes (the cases read these module constants per call)."""
     monkeypatch.setattr(attn, "CONFIGS", {"a": (1, 3, 8, 4), "tiny": (2, 3, 9, 4)})
+    monkeypatch.setattr(attn, "GQA_CONFIGS", {"gqa": (1, 4, 2, 7, 4)})
     monkeypatch.setattr(ffn, "CONFIGS", {"tiny": (8, 16)})
     monkeypatch.setattr(ffn, "GATED_CONFIGS", {"tiny": (8, 16)})
     monkeypatch.setattr(ffn, "QUICK_TOKENS", 5)
@@ -66,7 +67,7 @@ def test_wrong_provider_is_reported_not_timed(tiny):
     assert all("p50_ms" in r for r in rows)
     b = bench("masked_attention")
     broken = type(b)(**{**b.__dict__, "providers": lambda s: b.providers(s) + [
-        type(b.providers(s)[0])("broken", lambda q, k, v, z: attn.masked_attention_ref(q, k, v, z) * 1.1)]})
+        type(b.providers(s)[0])("broken", lambda q, k, v, z, causal=False: attn.masked_attention_ref(q, k, v, z, causal=causal) * 1.1)]})
     rows = run(broken, Settings("cpu", torch.float32, True, 0.001))
     bad = [r for r in rows if r["provider"] == "broken"]
     assert bad and all("relative error" in r["error"] and "p50_ms" not in r for r in bad)
