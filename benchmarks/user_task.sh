@@ -70,5 +70,5 @@ for name in ("s0.6_full", "s0.9_full", "s0.6_half", "s0.9_half", "shape_full"):
         "prune_best_dev_acc": res["prune"]["best_metric"], "compact_best_dev_acc": res["compact"]["best_metric"],
         "wall_s": float(walls.get(name, "nan"))}
     print(name, f"real sparsity {cm.sparsity():.4f}", out["runs"][name]["delivered"]["masks"], out["runs"][name]["shape"])
-print(write_result("user_task", {**out, "env": env_tags()}))
+print(write_result("user_task", {**out, "env": env_tags("cpu")}))
 PYEOF
