@@ -165,7 +165,9 @@ def precision_main(a, shapes: list[str], sps: list[float], batch: int, seq: int,
             "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "batch": batch, "seq": seq, "quick": a.quick, "rounds": reps, "warmup": a.warmup, "precisions": precs,
             "step": "Trainer.train_step", "timestamp": datetime.now(timezone.utc).isoformat(), "device": "cpu",
-            "uncommitted_sources": _uncommitted(["python/cofi", "csrc", "cofi_kernels"])}
+            "uncommitted_sources": _uncommitted(["python/cofi", "csrc", "cofi_kernels"]),
+            "cofi_backend": os.environ.get("COFI_BACKEND") or "auto",
+            "ops_ran": sorted({b for r in rows for b in r.get("backends_all_precisions", [])})}
     out = a.out if a.out_given else str(ROOT / "benchmarks/results/cpu/train_step_precision.json")
     path = H.write_result("train_step_precision", {"meta": meta, "rows": rows}, "cpu", out, indent=1)
     print(f"wrote {path}")

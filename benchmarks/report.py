@@ -55,6 +55,11 @@ CAVEATS: dict[str, str] = {
     "runtime_alignment.json": (
         "a session-3 experiment (the reason for `CompactModel.pad_`); the runtime has changed since, "
         "so only the ratios between its variants mean something."),
+    "train_step_precision.json": (
+        "measured with `COFI_BACKEND=reference` (every op's eager reference, fp32 and bf16 alike): at this "
+        "git sha the fused native encoder, which `cofi prune` runs for its budget latency probe, fails "
+        "(csrc/compact_encoder/native_ops.h calls masked_attention_fwd_native without the `causal` argument "
+        "8f1ddfc added); to be rerun with the default backends."),
 }
 
 
@@ -418,6 +423,10 @@ def render_train_step_precision(rel: str, data: dict[str, Any]) -> str:
                          *[fmt_r(got[p]["ratio_vs_fp32"], 3) for p in precs[1:]], str(got["fp32"]["rounds"])])
     env = {k: meta.get(k) for k in ("device", "torch", "threads", "git_sha", "timestamp")}
     quick = " · `--quick`" if meta.get("quick") else ""
+    if meta.get("cofi_backend", "auto") != "auto":
+        quick += f" · `COFI_BACKEND={meta['cofi_backend']}`"
+    if meta.get("ops_ran"):
+        quick += f" · ops ran: {', '.join(meta['ops_ran'])}"
     return (f"{env_line(rel, env)}{quick} · batch {meta['batch']} x {meta['seq']} · `Trainer.train_step` of `cofi prune` "
             f"(compact, a teacher forward per step) with `precision` fp32 / bf16 (autocast forwards; fp32 master "
             f"weights, masks, Lagrangian and losses), one trainer per precision timed in interleaved rounds · "
