@@ -378,8 +378,11 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
     std::vector<uint32_t> kmix(S);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / qsplit, b = bh / nl, h = live[bh % nl];
-      // this task's query rows: [q_begin, q_end)
-      const int64_t q_begin = qsplit == 1 ? 0 : (t % qsplit) * kBQ;
+      // this task's query rows: [q_begin, q_end). Causal blocks cost more the later they are, so the
+      // blocks go in the order 0, n-1, 1, n-2, ...: parallel_for's contiguous chunks then get equal work.
+      const int64_t r = t % qsplit;
+      const int64_t qb = causal ? (r % 2 == 0 ? r / 2 : qsplit - 1 - r / 2) : r;
+      const int64_t q_begin = qsplit == 1 ? 0 : qb * kBQ;
       const int64_t q_end = qsplit == 1 ? S : std::min(S, q_begin + kBQ);
       const int64_t hk = h / g.G;
       const T* Q = qp + b * g.qs[0] + h * g.qs[1];

@@ -51,9 +51,10 @@ def cases(s: Settings) -> Iterator[Case]:
                 return {"gflops_live": round(4 * n * (3.5 if mode == "fwd_bwd" else 1.0) / (ms * 1e-3) / 1e9, 2)}
 
             kv = f" KV{Hkv}" if Hkv != Hh else ""
+            gqa = {"Hkv": Hkv, "causal": True} if causal else {}  # MHA rows keep their shape keys
             yield Case(f"B{Bsz} S{S} H{Hh}{kv} D{D}{' causal' if causal else ''} live {live}/{Hh}",
-                       {"config": name, "B": Bsz, "H": Hh, "Hkv": Hkv, "S": S, "D": D, "causal": causal,
-                        "live_frac": frac, "live_heads": live},
+                       {"config": name, "B": Bsz, "H": Hh, **gqa, "S": S, "D": D, "live_frac": frac,
+                        "live_heads": live},
                        args, (0, 1, 2, 3), metrics)
 
 
