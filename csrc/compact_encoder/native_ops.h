@@ -18,8 +18,8 @@ inline std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, co
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("cofi::masked_attention_fwd_native", "")
                        .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptT&,
-                                                         const OptT&, double, double, const OptT&)>();
-  return op.call(q, k, v, std::nullopt, kpm, scale, 0.0, std::nullopt);
+                                                         const OptT&, double, double, const OptT&, bool)>();
+  return op.call(q, k, v, std::nullopt, kpm, scale, 0.0, std::nullopt, /*causal=*/false);
 }
 
 inline Tensor ffn(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
