@@ -207,6 +207,7 @@ ATTN_KERNELS = {"native": "native", "triton": "triton", "cofi_sdpa": "cofi sdpa 
 def render_masked_attention(rel: str, rows: list[Row]) -> str:
     """masked_attention: cofi's backends vs the eager reference and vs SDPA on all heads."""
     groups = index(rows, lambda r: (r["shape"]["B"], r["shape"]["S"], r["shape"]["H"], r["shape"]["D"],
+                                    r["shape"].get("Hkv", r["shape"]["H"]), r["shape"].get("causal", False),
                                     r["shape"]["live_frac"], r["shape"]["live_heads"]))
     multi = len(runs_of(rows)) > 1
     present = [p for p in ATTN_KERNELS if any(r.get("provider") == p and "p50_ms" in r for r in rows)]
@@ -214,8 +215,9 @@ def render_masked_attention(rel: str, rows: list[Row]) -> str:
         f"{ATTN_KERNELS[p]} ms fwd / fwd_bwd (vs reference; vs SDPA all heads)" for p in present] + (
         ["run"] if multi else [])
     body = []
-    for (B, S, H, D, frac, live, dt), cell in groups.items():
-        cells = [f"{B} x {S} ({H}, {D})", f"{live} ({frac:g})"] + dtype_cell(rows, dt)
+    for (B, S, H, D, Hkv, causal, frac, live, dt), cell in groups.items():
+        shape = f"{B} x {S} ({H}, {D})" + (f", {Hkv} K/V heads" if Hkv != H else "") + (", causal" if causal else "")
+        cells = [shape, f"{live} ({frac:g})"] + dtype_cell(rows, dt)
         for p in present:
             f, b = p50(cell, p, "fwd"), p50(cell, p, "fwd_bwd")
             cells.append(f"{fmt_ms(f)} / {fmt_ms(b)} "
@@ -512,7 +514,7 @@ RENDERERS: list[tuple[str, str, Callable[[str, Any], str]]] = [
     ("refactor_train_step", "refactor_train_step — the trainer step, old vs new checkout", render_refactor_train_step),
     ("prune_cost", "prune_cost — a pruning run, compact vs `backend=\"dense\"`", render_prune_cost),
     ("hard_concrete", "hard_concrete — one step's mask work, fused vs eager", render_hard_concrete),
-    ("masked_attention", "masked_attention — gated MHA", render_masked_attention),
+    ("masked_attention", "masked_attention — gated MHA, causal GQA", render_masked_attention),
     ("masked_ffn", "masked_ffn — gated FFN", render_masked_ffn),
     ("masked_layer_norm", "masked_layer_norm", render_masked_layer_norm),
     ("cpu_linear", "cpu_linear — few-row GEMMs, column split vs BLAS threading", render_cpu_linear),
