@@ -250,12 +250,12 @@ def render_masked_ffn(rel: str, rows: list[Row]) -> str:
             f"cost); `reference` = the eager masked FFN (dense GEMMs, then multiply).\n\n" + table(head, body))
 
 
-def render_masked_layer_norm(rel: str, rows: list[Row]) -> str:
-    """masked_layer_norm: native vs the eager masked reference and vs F.layer_norm(x + r)."""
+def render_masked_norm(rel: str, rows: list[Row], dense: str, no_mask: str) -> str:
+    """A masked norm (layer / RMS): native vs the eager masked reference and vs the unmasked torch norm."""
     groups = index(rows, lambda r: (r["shape"]["tokens"], r["shape"]["d"], r["shape"]["pruned_fraction"]))
     multi = len(runs_of(rows)) > 1
     head = ["tokens x d", "hidden_z pruned"] + dtype_head(rows) + [
-        "native ms fwd / fwd_bwd", "vs reference fwd / fwd_bwd", "vs F.layer_norm(x + r) fwd / fwd_bwd"] + (
+        "native ms fwd / fwd_bwd", "vs reference fwd / fwd_bwd", f"vs {dense} fwd / fwd_bwd"] + (
         ["run"] if multi else [])
     body = []
     for (n, d, pruned, dt), cell in groups.items():
@@ -266,7 +266,17 @@ def render_masked_layer_norm(rel: str, rows: list[Row]) -> str:
                      f"{fmt_x(p50(cell, 'dense', 'fwd'), nf)} / {fmt_x(p50(cell, 'dense', 'fwd_bwd'), nb)}"]
                     + run_col(cell, multi))
     return (f"{op_header(rel, rows)}\n\nRatios = other provider's p50 / native's p50; `no mask` = the "
-            f"runtime's LayerNorm with the fused residual add.\n\n" + table(head, body))
+            f"runtime's {no_mask} with the fused residual add.\n\n" + table(head, body))
+
+
+def render_masked_layer_norm(rel: str, rows: list[Row]) -> str:
+    """masked_layer_norm: native vs the eager masked reference and vs F.layer_norm(x + r)."""
+    return render_masked_norm(rel, rows, "F.layer_norm(x + r)", "LayerNorm")
+
+
+def render_masked_rms_norm(rel: str, rows: list[Row]) -> str:
+    """masked_rms_norm (SmolLM2 rows): native vs the eager masked reference and vs F.rms_norm(x + r)."""
+    return render_masked_norm(rel, rows, "F.rms_norm(x + r)", "RMSNorm")
 
 
 # ----------------------------------------------------------------------------- benchmarks with their own layouts
@@ -504,6 +514,110 @@ def render_sst2_table(rel: str, data: dict[str, Any]) -> str:
     return text
 
 
+def run_notes(meta: dict[str, Any], threads: Any = None) -> tuple[str, str]:
+    """(header suffix, caveat line) from a results file's meta: the command that produced it when the
+    meta holds one, and a caveat when the run was `--quick` or the machine's load average exceeded its
+    threads (load makes every time up to ~2.4x slower; ratios within the run still hold)."""
+    cmd = meta.get("command")
+    suffix = f" · `{cmd}`" if cmd else ""
+    why: list[str] = []
+    if meta.get("quick"):
+        why.append("a `--quick` run (small shapes: shows the harness works, not speed)")
+    load = meta.get("load_avg")
+    if load is None and "loadavg_start" in meta:
+        load = [meta["loadavg_start"], meta.get("loadavg_end", meta["loadavg_start"])]
+    threads = threads or meta.get("threads")
+    if load and threads and max(load) > float(threads):
+        why.append(f"the machine was loaded (load average {min(load):.1f}-{max(load):.1f} with {threads} threads)")
+    return suffix, ("*Caveat:* " + "; ".join(why) + ".") if why else ""
+
+
+def with_caveat(text: str, caveat: str) -> str:
+    return f"{text}\n\n{caveat}" if caveat else text
+
+
+def render_lm_train_step(rel: str, data: dict[str, Any]) -> str:
+    """lm_train_step: one `cofi prune-lm` step at each sparsity vs the dense-masked step, same run."""
+    meta, rows = data["meta"], data["rows"]
+    dense = next((r["p50_ms"] for r in rows if r["real_sparsity"] == 0), None)
+    head = ["case", "real sparsity", "p50 s", "p10 - p90 s", "steps", "**vs sparsity 0** (dense-masked)"]
+    body = [[r["case"], f"{r['real_sparsity']:.2f}", fmt_ms(r["p50_ms"] / 1e3),
+             f"{fmt_ms(r['p10_ms'] / 1e3)} - {fmt_ms(r['p90_ms'] / 1e3)}", str(r["n"]), fmt_x(dense, r["p50_ms"])]
+            for r in rows]
+    env = {k: meta.get(k) for k in ("device_name", "torch", "threads", "git_sha", "timestamp")}
+    cmd, caveat = run_notes(meta)
+    text = (f"{env_line(rel, env)}{cmd} · {meta['shape']}, {meta['layers']} layers, batch {meta['batch']} x "
+            f"{meta['seq']}, {meta['loss']}\n\n`LMPruner.train_step` (`benchmarks/bench_lm_train_step.py`), the "
+            f"pruners timed interleaved; vs sparsity 0 = its p50 / this p50 (above 1: faster).\n\n"
+            + table(head, body))
+    return with_caveat(text, caveat)
+
+
+GEN_PROVIDERS = ("rt_pruned", "rt_dense", "hf_dense", "hf_pruned")
+
+
+def render_generate(rel: str, data: dict[str, Any]) -> str:
+    """generate[_*]: pruned-decoder prefill and decode, cofi's runtime vs transformers, same run."""
+    meta = data["meta"]
+    cells: dict[tuple[int, float], dict[str, Row]] = {}
+    for r in data["rows"]:
+        cells.setdefault((r["batch"], r["sparsity_target"]), {})[r["provider"]] = r
+    others = GEN_PROVIDERS[1:]
+    head = ["batch", "sparsity (target)", f"prefill ms {' / '.join(GEN_PROVIDERS)}",
+            f"decode tok/s {' / '.join(GEN_PROVIDERS)}", f"**rt_pruned prefill vs** {' / '.join(others)}",
+            f"**rt_pruned decode vs** {' / '.join(others)}", "rt_pruned decode / bound"]
+    body = []
+    for (b, target), got in cells.items():
+        ours = got.get("rt_pruned", {})
+        pre = {p: got[p]["prefill_ms"] if p in got else None for p in GEN_PROVIDERS}
+        dec = {p: got[p]["decode_tok_s"] if p in got else None for p in GEN_PROVIDERS}
+        real = next(iter(got.values()))["sparsity"]
+        body.append([str(b), f"{real:.3f} ({target:g})", " / ".join(fmt_ms(pre[p]) for p in GEN_PROVIDERS),
+                     " / ".join(fmt_ms(dec[p]) for p in GEN_PROVIDERS),
+                     " / ".join(fmt_x(pre[p], pre["rt_pruned"]) for p in others),
+                     " / ".join(fmt_x(dec["rt_pruned"], dec[p]) for p in others),
+                     fmt_r(ours.get("decode_efficiency"))])
+    env = {k: meta.get(k) for k in ("device_name", "torch", "threads", "git_sha", "timestamp")}
+    cmd, caveat = run_notes(meta)
+    text = (f"{env_line(rel, env)}{cmd} · {meta.get('source')}, {meta.get('dtype')} · prefill {meta['prefill_tokens']} "
+            f"tokens, decode {meta['new_tokens']} new tokens after {meta['prompt_tokens']}\n\n"
+            f"`benchmarks/bench_generate.py`, all providers interleaved in one process. Prefill ratios = the other's "
+            f"ms / rt_pruned's, decode ratios = rt_pruned's tok/s / the other's (above 1: rt_pruned is faster); "
+            f"bound = weight + KV bytes per step over the read bandwidth measured in the run "
+            f"({meta.get('read_bandwidth_gb_s', 0):.1f} GB/s).\n\n" + table(head, body))
+    return with_caveat(text, caveat)
+
+
+def render_user_task(rel: str, data: dict[str, Any]) -> str:
+    """user_task: a user's own CSV task, teacher fine-tuned then pruned by the CLI presets."""
+    teacher = max(e["eval"]["accuracy"] for e in data["teacher_evals"])
+    head = ["run", "budget", "real sparsity", "encoder params", "structure (hidden; heads; FFN per layer)",
+            "dev acc prune / compact", "budget latency: unpruned / budget", "wall s"]
+    body = []
+    for name, r in data["runs"].items():
+        b, st = r["budget"], r["delivered"]["structure"]
+        if b["budget"] == "target_shape":
+            t = b["target_shape"]
+            what = (f"shape {t['target_hidden']}, {t['target_heads']} heads, FFN {t['target_ffn']}, "
+                    f"{t['target_layers']} layers")
+        else:
+            what = f"sparsity {b['target_sparsity']:g}"
+        lat = b.get("latency") or {}
+        body.append([f"`{name}`", what, f"{r['compact_real_sparsity']:.3f}",
+                     f"{r['compact_encoder_params']:,} / {b['encoder_params_full']:,}",
+                     f"{st['hidden']}; {','.join(map(str, st['heads']))}; {','.join(map(str, st['ffn']))}",
+                     f"{100 * r['prune_best_dev_acc']:.1f} / {100 * r['compact_best_dev_acc']:.1f}",
+                     fmt_x(lat.get("unpruned_ms"), lat.get("budget_ms")), fmt_ms(r.get("wall_s"))])
+    env = data.get("env", {})
+    cmd, caveat = run_notes(data.get("meta", env))
+    text = (f"{env_line(rel, env)}{cmd} · {data['task']}\n\n`benchmarks/user_task.sh`: MiniLM-L6 fine-tuned "
+            f"(teacher best dev acc {100 * teacher:.1f} on the full dev set), then `cofi prune --preset cpu-small` "
+            f"on 600 training / 300 dev rows; `_half` = every epoch count halved. Budget latency = the budget "
+            f"model's unpruned / budget ms measured in that run (not the delivered model's speed); wall s = one "
+            f"run under `nice` on the shared machine, runs one after another.\n\n" + table(head, body))
+    return with_caveat(text, caveat)
+
+
 # ----------------------------------------------------------------------------- the report
 # file stem (or stem prefix, for tagged variants) -> (section title, renderer); README order.
 RENDERERS: list[tuple[str, str, Callable[[str, Any], str]]] = [
@@ -512,11 +626,15 @@ RENDERERS: list[tuple[str, str, Callable[[str, Any], str]]] = [
     ("train_step", "train_step — one CoFi pruning step", render_train_step),
     ("train_step_precision", "train_step_precision — the pruning step in bf16 vs fp32", render_train_step_precision),
     ("refactor_train_step", "refactor_train_step — the trainer step, old vs new checkout", render_refactor_train_step),
+    ("lm_train_step", "lm_train_step — one decoder pruning step (SmolLM2 shape)", render_lm_train_step),
+    ("generate", "generate — pruned-decoder prefill and decode", render_generate),
+    ("user_task", "user_task — a user's own CSV task, start to finish", render_user_task),
     ("prune_cost", "prune_cost — a pruning run, compact vs `backend=\"dense\"`", render_prune_cost),
     ("hard_concrete", "hard_concrete — one step's mask work, fused vs eager", render_hard_concrete),
     ("masked_attention", "masked_attention — gated MHA, causal GQA", render_masked_attention),
     ("masked_ffn", "masked_ffn — gated FFN", render_masked_ffn),
     ("masked_layer_norm", "masked_layer_norm", render_masked_layer_norm),
+    ("masked_rms_norm", "masked_rms_norm — SmolLM2 rows", render_masked_rms_norm),
     ("cpu_linear", "cpu_linear — few-row GEMMs, column split vs BLAS threading", render_cpu_linear),
     ("runtime_alignment", "runtime_alignment — hidden / FFN width alignment", render_runtime_alignment),
 ]

@@ -175,6 +175,32 @@ def layer_norm_specs(dtypes: list[str]) -> list[Spec]:
     return out
 
 
+def rms_norm_specs(dtypes: list[str]) -> list[Spec]:
+    """masked_rms_norm: the layer norm's row widths and launch options, every optional input on."""
+    import torch
+
+    from cofi_kernels import configs as C
+    from cofi_kernels import masked_rms_norm as K
+
+    out = []
+    for dt in dtypes:
+        stat = "fp64" if dt == "fp64" else "fp32"
+        for bd in LAYER_NORM_BLOCK_D[dt]:
+            w = C.layer_norm_num_warps(bd, getattr(torch, _TORCH[dt]))
+            f = K._masked_rms_norm_fwd_kernel
+            const = dict(HAS_R=True, HAS_Z=True, WANT_S=True, BLOCK_D=bd)
+            sig = _sig(f.arg_names, _TT[dt], dict(rstd_ptr=f"*{stat}", eps="fp32"), const)
+            out.append(Spec("cofi_kernels.masked_rms_norm", f.__name__, f"{dt} D={bd} w{w}", sig, const,
+                            dict(num_warps=w)))
+            b = K._masked_rms_norm_bwd_kernel
+            const = dict(HAS_GS=True, HAS_R=True, HAS_Z=True, WANT_DX=True, WANT_DR=True, ROWS_PER=K.ROWS,
+                         BLOCK_D=bd)
+            sig = _sig(b.arg_names, _TT[dt], dict(rstd_ptr=f"*{stat}", cols_ptr=f"*{stat}"), const)
+            out.append(Spec("cofi_kernels.masked_rms_norm", b.__name__, f"{dt} D={bd} w{w} rows={K.ROWS}",
+                            sig, const, dict(num_warps=w)))
+    return out
+
+
 def hard_concrete_specs(dtypes: list[str]) -> list[Spec]:
     from cofi_kernels import hard_concrete as K
 
@@ -200,7 +226,8 @@ def hard_concrete_specs(dtypes: list[str]) -> list[Spec]:
 def all_specs(quick: bool, all_dtypes: bool) -> list[Spec]:
     half = ["fp16", "bf16"] if all_dtypes else ["bf16"]
     specs = (attention_specs(half + ["fp32"]) + ffn_specs(half + ["fp32", "fp64"])
-             + layer_norm_specs(half + ["fp32", "fp64"]) + hard_concrete_specs(["fp32", "fp64"]))
+             + layer_norm_specs(half + ["fp32", "fp64"]) + rms_norm_specs(half + ["fp32", "fp64"])
+             + hard_concrete_specs(["fp32", "fp64"]))
     if quick:
         # one small configuration per kernel: proves the toolchain and every kernel's codegen
         seen: set[str] = set()
