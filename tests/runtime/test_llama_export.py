@@ -53,6 +53,13 @@ CHILD = textwrap.dedent("""
 """)
 
 
+def dropped_masks(s):
+    """Uniform, with layer 1's attention and MLP gates both 0: a stock model of the other layers."""
+    m = uniform_masks(s)
+    m.mha[1], m.ffn[1] = 0.0, 0.0
+    return m
+
+
 def _export(tmp_path, name: str, dtype: torch.dtype, masks_fn, kind: str = "llama", tie: bool = True, **kw) -> str:
     from safetensors.torch import save_file
 
@@ -72,7 +79,8 @@ def test_exported_folders_load_in_plain_transformers_without_cofi(tmp_path):
     folders = {"stock32": _export(tmp_path, "stock32", torch.float32, uniform_masks),
                "stock64": _export(tmp_path, "stock64", torch.float64, uniform_masks, tie=False),
                "ragged32": _export(tmp_path, "ragged32", torch.float32, ragged_masks),
-               "ragged64_qwen2": _export(tmp_path, "ragged64", torch.float64, ragged_masks, kind="qwen2", tie=False)}
+               "ragged64_qwen2": _export(tmp_path, "ragged64", torch.float64, ragged_masks, kind="qwen2", tie=False),
+               "dropped64": _export(tmp_path, "dropped64", torch.float64, dropped_masks, tie=False)}
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
     env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_HUB_DISABLE_PROGRESS_BARS="1")
@@ -83,16 +91,19 @@ def test_exported_folders_load_in_plain_transformers_without_cofi(tmp_path):
     print(json.dumps(res, indent=1))
     assert set(res) == set(folders)
     assert not any(v["cofi_loaded"] for v in res.values())
-    assert res["stock32"]["class"] == res["stock64"]["class"] == "LlamaForCausalLM"
+    assert res["stock32"]["class"] == res["stock64"]["class"] == res["dropped64"]["class"] == "LlamaForCausalLM"
     assert res["ragged32"]["class"] == res["ragged64_qwen2"]["class"] == "CofiLlamaCompactForCausalLM"
     assert res["stock64"]["dtype"] == res["ragged64_qwen2"]["dtype"] == "torch.float64"
     for name in ("stock32", "ragged32"):
         assert res[name]["rel"] <= 1e-5, (name, res[name])
-    for name in ("stock64", "ragged64_qwen2"):
+    for name in ("stock64", "ragged64_qwen2", "dropped64"):
         assert res[name]["rel"] <= 1e-8, (name, res[name])
     stock = json.loads((tmp_path / "stock32" / "config.json").read_text())
     assert stock["model_type"] == "llama" and "auto_map" not in stock
     assert not (tmp_path / "stock32" / "modeling_cofi_llama.py").exists()
+    dropped = json.loads((tmp_path / "dropped64" / "config.json").read_text())
+    assert dropped["num_hidden_layers"] == 2 and "auto_map" not in dropped
+    assert "layers [1] keep neither sublayer" in (tmp_path / "dropped64" / "README.md").read_text()
     assert (tmp_path / "ragged32" / "modeling_cofi_llama.py").is_file()
 
 
@@ -136,3 +147,27 @@ def test_refusals(tmp_path):
         export_llama(ragged, tmp_path / "c")
     with pytest.raises(UserError, match="source must be"):
         export_llama(ragged, tmp_path / "d", source=tmp_path / "missing")
+
+
+def test_dropped_layers_renumber_and_one_sublayer_is_refused():
+    import transformers as T
+
+    hf, m = pair("qwen2", dtype=torch.float64)  # per-layer layer_types follow the kept layers
+    compact = fold_llama(m, dropped_masks(m.shape))
+    cfg = compact.config.stock_config()
+    assert compact.config.stock_layers() == [0, 2] and cfg.num_hidden_layers == 2 and len(cfg.layer_types) == 2
+    stock = T.Qwen2ForCausalLM(cfg).double().eval()
+    missing, unexpected = stock.load_state_dict(compact.stock_state_dict(), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = m(ids, masks=dropped_masks(m.shape)).logits
+        assert float((stock(ids).logits - want).abs().max() / want.abs().max()) <= 1e-6  # RMSNorm via float32
+
+    for gate, kept in (("mha", "MLP"), ("ffn", "attention")):
+        masks = uniform_masks(m.shape)
+        getattr(masks, gate)[2] = 0.0
+        one = fold_llama(m, masks)
+        assert not is_stock(one)
+        with pytest.raises(UserError, match=f"both sublayers or neither in every layer; layer 2 keeps only its {kept}$"):
+            one.config.stock_config()

@@ -59,28 +59,40 @@ class CompactLlamaConfig:
         d.update(overrides)
         return AutoConfig.for_model(self.base["model_type"], **d)
 
+    def stock_layers(self) -> list[int]:
+        """Indices of the layers a stock model holds: every layer that keeps a sublayer. A layer with
+        both sublayers removed is the identity of the pre-norm residual stream and is left out; a
+        layer with exactly one removed has no stock form (UserError naming it)."""
+        for i, (a, m) in enumerate(zip(self.attention, self.mlp)):
+            if a != m:
+                raise UserError(f"cofi.runtime.compact_llama: stock export needs both sublayers or neither in every "
+                                f"layer; layer {i} keeps only its {'attention' if a else 'MLP'}")
+        return [i for i, a in enumerate(self.attention) if a]
+
     def stock_config(self):
-        """A transformers config of the same class whose stock model holds exactly these weights, or a
+        """A transformers config of the same class whose stock model holds exactly these weights
+        (``stock_layers()`` renumbered 0..n-1, see ``CompactLlamaForCausalLM.stock_state_dict``), or a
         UserError naming what is not uniform (transformers needs every layer to keep both sublayers,
         the same query / K/V head counts with equal query heads per group, and the same FFN width)."""
-        nq = {len(h) for h in self.q_heads}
-        nk = {len(h) for h in self.kv_heads}
-        nf = set(self.intermediate_sizes)
-        if not all(self.attention) or not all(self.mlp):
-            raise UserError("cofi.runtime.compact_llama: stock export needs every layer's attention and MLP; "
-                            f"removed: attention {[i for i, a in enumerate(self.attention) if not a]}, "
-                            f"mlp {[i for i, a in enumerate(self.mlp) if not a]}")
+        keep = self.stock_layers()
+        nq = {len(self.q_heads[i]) for i in keep}
+        nk = {len(self.kv_heads[i]) for i in keep}
+        nf = {self.intermediate_sizes[i] for i in keep}
         if len(nq) != 1 or len(nk) != 1 or len(nf) != 1 or 0 in nq | nf:
-            raise UserError("cofi.runtime.compact_llama: stock export needs equal nonzero counts in every layer, got "
-                            f"query heads {sorted(nq)}, K/V heads {sorted(nk)}, intermediate {sorted(nf)}")
+            raise UserError("cofi.runtime.compact_llama: stock export needs equal nonzero counts in every kept layer, "
+                            f"got query heads {sorted(nq)}, K/V heads {sorted(nk)}, intermediate {sorted(nf)}")
         (q,), (k,), (f,) = nq, nk, nf
-        for i, m in enumerate(self.q_to_kv):
+        for i in keep:
+            m = self.q_to_kv[i]
             if q % k or m != [j // (q // k) for j in range(q)]:
                 raise UserError(f"cofi.runtime.compact_llama: stock export needs equal query heads per K/V group; "
                                 f"layer {i} maps its query heads to groups {m}")
+        extra = {}
+        if isinstance(self.base.get("layer_types"), list):  # per-layer attention kinds (Qwen2): the kept ones
+            extra["layer_types"] = [self.base["layer_types"][i] for i in keep]
         return self.hf_config(hidden_size=self.hidden_size, num_attention_heads=q, num_key_value_heads=k,
-                              intermediate_size=f, head_dim=self.head_dim,
-                              tie_word_embeddings=self.tie_word_embeddings)
+                              intermediate_size=f, head_dim=self.head_dim, num_hidden_layers=len(keep),
+                              tie_word_embeddings=self.tie_word_embeddings, **extra)
 
     def num_parameters(self) -> dict[str, int]:
         """body (layers + final norm), embedding, lm_head (0 when tied), total: cofi.vocab's formulas."""
@@ -204,6 +216,20 @@ class CompactLlamaForCausalLM(nn.Module):
                     r = r + ops.swiglu(y, m.gate_proj.weight, m.gate_proj.bias, m.up_proj.weight, m.up_proj.bias,
                                        m.down_proj.weight, m.down_proj.bias)
         return self.lm_head(F.rms_norm(r, (d,), self.model.norm.weight, self.eps))
+
+    def stock_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under a stock model's names: the ``config.stock_layers()`` renumbered 0..n-1
+        (a tied LM head left out, stored once as the embedding)."""
+        new = {old: n for n, old in enumerate(self.config.stock_layers())}
+        out = {}
+        for k, v in self.state_dict().items():
+            if self.config.tie_word_embeddings and k == "lm_head.weight":
+                continue
+            if k.startswith("model.layers."):
+                i, rest = k.removeprefix("model.layers.").split(".", 1)
+                k = f"model.layers.{new[int(i)]}.{rest}"
+            out[k] = v.detach().contiguous().cpu()
+        return out
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """cofi_llama.json + model.safetensors into a new folder (an existing one is refused)."""

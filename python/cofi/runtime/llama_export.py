@@ -1,7 +1,8 @@
 """Save a compact (pruned) decoder as a folder plain transformers loads.
 
-- uniform structure (``CompactLlamaConfig.stock_config()``: every layer keeps both sublayers with
-  the same query / K/V head counts, equal query heads per group and the same FFN width): a stock
+- uniform structure (``CompactLlamaConfig.stock_config()``: every kept layer keeps both sublayers
+  with the same query / K/V head counts, equal query heads per group and the same FFN width; a layer
+  with both sublayers removed is an identity and left out, the others renumbered): a stock
   ``LlamaForCausalLM`` (or Qwen2 / Mistral) folder: config.json + model.safetensors +
   generation_config.json + README.md (+ the source model's tokenizer files). No cofi, no remote
   code. A pruned hidden size is exact: the fold put the hidden mask into the RMSNorm weights.
@@ -88,6 +89,10 @@ def model_card(model: CompactLlamaForCausalLM, stock: bool, base_model: str | No
               f"per layer {heads} (of {b['num_attention_heads']}), K/V heads {kv} (of "
               f"{b.get('num_key_value_heads') or b['num_attention_heads']}), FFN units {ffn} "
               f"(of {b['intermediate_size']}), head dim {c.head_dim}")]
+    if stock and len(c.stock_layers()) < c.num_layers:
+        gone = [i for i in range(c.num_layers) if i not in c.stock_layers()]
+        lines.append(f"- layers {gone} keep neither sublayer (the identity) and are left out: the checkpoint has "
+                     f"{len(c.stock_layers())} layers, the others in order")
     lines += [f"- {x}" for x in notes or []]
     if stock:
         lines += ["", "## Use", "", "A stock transformers checkpoint (no cofi, no remote code):", "", "```python",
@@ -118,9 +123,7 @@ def export_llama(model: CompactLlamaForCausalLM, folder: str | Path, source: str
 
         out.mkdir(parents=True)
         cfg.save_pretrained(out)
-        sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-              if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
-        save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+        save_file(model.stock_state_dict(), str(out / "model.safetensors"), metadata={"format": "pt"})
     else:
         model.save_pretrained(out)
         shutil.copyfile(Path(__file__).with_name(MODELING_FILE), out / MODELING_FILE)
