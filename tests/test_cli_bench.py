@@ -16,6 +16,7 @@ from cofi.bench import hard_concrete as hc
 from cofi.bench import masked_attention as attn
 from cofi.bench import masked_ffn as ffn
 from cofi.bench import masked_layer_norm as ln
+from cofi.bench import masked_rms_norm as rms
 from cofi.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +32,8 @@ def tiny(monkeypatch):
     monkeypatch.setattr(ffn, "QUICK_TOKENS", 5)
     monkeypatch.setattr(ln, "D", 12)
     monkeypatch.setattr(ln, "QUICK_TOKENS", 6)
+    monkeypatch.setattr(rms, "D", 12)
+    monkeypatch.setattr(rms, "QUICK_TOKENS", 6)
     monkeypatch.setattr(hc, "CONFIGS", {"bert-base": (1, 8, 2, 16)})
 
 
@@ -55,10 +58,11 @@ def test_bench_all_ops_table_and_json(tiny, tmp_path, capsys):
 
 
 def test_bench_bfloat16_on_cpu_reports_what_cannot_run(tiny, capsys):
-    assert main(["bench", "--op", "masked_attention", "--quick", "--dtype", "bfloat16",
+    # the native CPU masked_rms_norm kernel is float32/float64 only; native attention takes bf16
+    assert main(["bench", "--op", "masked_attention", "masked_rms_norm", "--quick", "--dtype", "bfloat16",
                  "--min-run-time", "0.001"]) == 0
     text = capsys.readouterr().out
-    assert "not run: cofi.ops.masked_attention: backend 'native' cannot run this call" in text
+    assert "not run: cofi.ops.masked_rms_norm: backend 'native' cannot run this call" in text
     assert "bfloat16" in text and "cofi_sdpa" in text
 
 
