@@ -15,6 +15,10 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .training.config import TrainConfig
 
 
 def minilm_path() -> str:
@@ -176,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
           f"\n==== cofi demo: {cfg.task} ====")
     print(f"teacher : {line('teacher')}, encoder params {enc_teacher:,}")
     print(f"pruned  : {line('compact')}, encoder params {report['compact']['encoder_params']:,}"
-          f", real sparsity {report['compact']['sparsity']:.4f} (target {cfg.target_sparsity})")
+          f", real sparsity {report['compact']['sparsity']:.4f} ({_target(cfg)})")
     print(f"delivered: heads per layer {structure['heads']}, FFN units {structure['ffn']}, "
           f"hidden {structure['hidden']} (of {structure['original_hidden']})")
     print("(checkpoints selected on dev; test is held out)")
@@ -187,3 +191,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"{k}: {v:.0f} s")
     print(f"compact model: {compact_dir}\nplots: {', '.join(files)}\nreport: {out / 'report.json'}")
     return 0
+
+
+def _target(cfg: TrainConfig) -> str:
+    """What the run was asked for: the target sparsity, or the target architecture's counts."""
+    from .training.config import TARGET_SHAPE_KEYS
+
+    shape = {k.removeprefix("target_"): getattr(cfg, k) for k in TARGET_SHAPE_KEYS if getattr(cfg, k) is not None}
+    if shape:
+        return "target shape " + ", ".join(f"{k} {v}" for k, v in shape.items())
+    return f"target {cfg.target_sparsity}"
+
