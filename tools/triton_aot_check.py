@@ -102,17 +102,21 @@ def attention_specs(dtypes: list[str]) -> list[Spec]:
                 continue
             cfg = C.AttentionConfig(bd, *tiles)
             est = C.attention_smem_bytes(getattr(torch, _TORCH[dt]), cfg)
-            for name, key in (("_masked_attention_fwd_kernel", "fwd"), ("_masked_attention_bwd_kernel", "dkdv"),
-                              ("_masked_attention_bwd_dq_kernel", "dq")):
-                t = getattr(cfg, key)
-                fn = getattr(K, name)
-                const = dict(HAS_Z=True, HAS_MASK=True, DROPOUT=True, CAUSAL=True, ACC="fp32",
-                             PREC="ieee" if dt == "fp32" else "tf32", BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                             BLOCK_D=bd)
-                sig = _sig(fn.arg_names, _TT[dt], {k: v for k, v in scalars.items() if k in fn.arg_names}, const)
-                out.append(Spec("cofi_kernels.masked_attention", name,
-                                f"{dt} {t.block_m}x{t.block_n}x{bd} w{t.num_warps} s{t.num_stages}", sig, const,
-                                dict(num_warps=t.num_warps, num_stages=t.num_stages), est[key]))
+            # causal and non-causal are different programs (constexpr branches): both must fit
+            for causal in (False, True):
+                for name, key in (("_masked_attention_fwd_kernel", "fwd"), ("_masked_attention_bwd_kernel", "dkdv"),
+                                  ("_masked_attention_bwd_dq_kernel", "dq")):
+                    t = getattr(cfg, key)
+                    fn = getattr(K, name)
+                    const = dict(HAS_Z=True, HAS_MASK=True, DROPOUT=True, CAUSAL=causal, ACC="fp32",
+                                 PREC="ieee" if dt == "fp32" else "tf32", BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                                 BLOCK_D=bd)
+                    sig = _sig(fn.arg_names, _TT[dt], {k: v for k, v in scalars.items() if k in fn.arg_names},
+                               const)
+                    out.append(Spec("cofi_kernels.masked_attention", name,
+                                    f"{dt} {t.block_m}x{t.block_n}x{bd} w{t.num_warps} s{t.num_stages}"
+                                    + (" causal" if causal else ""), sig, const,
+                                    dict(num_warps=t.num_warps, num_stages=t.num_stages), est[key]))
     return out
 
 

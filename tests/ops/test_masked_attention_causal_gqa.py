@@ -188,7 +188,7 @@ def test_bad_inputs_refused_in_one_line(kwargs, match):
 @pytest.mark.skipif(torch.cuda.is_available() or "triton" not in BACKENDS,
                     reason="interpreter test (GPU runs use these tiles anyway)")
 def test_triton_gpu_tiles_causal_gqa():
-    """The GPU tiles under the interpreter (float32, head dim 100: forward 64x32, dK/dV 16x32, dQ
+    """The GPU tiles under the interpreter (float32, head dim 100: forward 16x32, dK/dV 16x32, dQ
     32x32, so the diagonal-block bounds are exercised with BLOCK_M != BLOCK_N); S spans several tiles.
     float32 vs the float64 reference on the same values."""
     from cofi_kernels import configs
