@@ -166,6 +166,8 @@ def native_reasons(device: torch.device, native_op: str) -> list[str]:
         return [f"no native kernels for device {device.type!r}"]
     if not _ext.has_kernel(native_op, key):
         if key == "CUDA":
+            if _ext.build_info().get("cuda_compiled"):
+                return [f"cofi::{native_op} has no CUDA kernel (on CUDA this op runs its triton or reference backend)"]
             return ["extension built without CUDA kernels (CPU torch, no CUDA_HOME, or COFI_CUDA=0)"]
         return [f"cofi::{native_op} has no {key} kernel"]
     return []
