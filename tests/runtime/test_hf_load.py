@@ -5,32 +5,24 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import textwrap
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "pruning"))
+sys.path.insert(0, os.path.dirname(__file__))
+from cofi_free import run_without_cofi  # noqa: E402
 from masked_forward_ref import random_masks, tiny_hf_model  # noqa: E402
 
 from cofi.pruning import prune  # noqa: E402
 from cofi.runtime import CompactModel  # noqa: E402
 from cofi.runtime.export import example_inputs  # noqa: E402
 
-# runs in a fresh interpreter: -I (no PYTHONPATH, no user site, not the cwd), cofi blocked before
-# anything else is imported; reads inputs and cofi's logits from safetensors, writes the max errors
-CHILD = textwrap.dedent("""
-    import sys
-    sys.modules["cofi"] = None  # `import cofi` raises ImportError from here on
-    import json, torch
+# runs where cofi cannot be imported (cofi_free.run_without_cofi); reads inputs and cofi's logits from safetensors, writes the max errors
+CHILD = """
+    import json, sys, torch
     from safetensors.torch import load_file
     from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
-    try:
-        import cofi  # noqa: F401
-        sys.exit("cofi is importable")
-    except ImportError:
-        pass
     folders, out = json.loads(sys.argv[1]), {}
     for name, d in folders.items():
         t = load_file(d + "/expected.safetensors")
@@ -43,7 +35,7 @@ CHILD = textwrap.dedent("""
                      "err": max(float((got[k] - t[k]).abs().max()) for k in got),
                      "cofi_loaded": any(k.startswith("cofi") for k in sys.modules if sys.modules[k] is not None)}
     print(json.dumps(out))
-""")
+"""
 
 
 def _save_with_expected(c: CompactModel, d) -> str:
@@ -71,12 +63,7 @@ def test_plain_transformers_loads_compact_folders_without_cofi(tmp_path):
     qa = tiny_hf_model("roberta", "qa", torch.float32, num_labels=2)
     folders["qa"] = _save_with_expected(prune(qa, random_masks(qa.config, True, 3)), tmp_path / "qa")
 
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-I", "-c", CHILD, json.dumps(folders)], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = run_without_cofi(CHILD, folders, tmp_path)
     assert set(res) == set(folders)
     for name, v in res.items():
         assert not v["cofi_loaded"], name

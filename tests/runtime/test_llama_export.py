@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -18,20 +16,14 @@ from cofi.runtime.compact_llama import CompactLlamaForCausalLM
 from cofi.runtime.llama_export import export_llama, is_stock
 
 sys.path.insert(0, os.path.dirname(__file__))
+from cofi_free import run_without_cofi
 from llama_tiny import V, pair, ragged_masks, uniform_masks
 
-CHILD = textwrap.dedent("""
-    import sys
-    sys.modules["cofi"] = None  # `import cofi` raises ImportError from here on
-    import json, torch
+CHILD = """
+    import json, sys, torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
     from transformers.models.llama import modeling_llama
-    try:
-        import cofi  # noqa: F401
-        sys.exit("cofi is importable")
-    except ImportError:
-        pass
 
     def rms64(self, h):  # stock RMSNorm rounds through float32; float64 folders compare in float64
         if h.dtype != torch.float64:
@@ -50,7 +42,7 @@ CHILD = textwrap.dedent("""
         out[name] = {"class": type(m).__name__, "dtype": str(next(m.parameters()).dtype), "rel": err,
                      "cofi_loaded": any(k.startswith("cofi") for k in sys.modules if sys.modules[k] is not None)}
     print(json.dumps(out))
-""")
+"""
 
 
 def dropped_masks(s):
@@ -81,13 +73,7 @@ def test_exported_folders_load_in_plain_transformers_without_cofi(tmp_path):
                "ragged32": _export(tmp_path, "ragged32", torch.float32, ragged_masks),
                "ragged64_qwen2": _export(tmp_path, "ragged64", torch.float64, ragged_masks, kind="qwen2", tie=False),
                "dropped64": _export(tmp_path, "dropped64", torch.float64, dropped_masks, tie=False)}
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_HUB_DISABLE_PROGRESS_BARS="1")
-    r = subprocess.run([sys.executable, "-I", "-c", CHILD, json.dumps(folders)], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = run_without_cofi(CHILD, folders, tmp_path)
     print(json.dumps(res, indent=1))
     assert set(res) == set(folders)
     assert not any(v["cofi_loaded"] for v in res.values())
