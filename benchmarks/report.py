@@ -513,6 +513,35 @@ def render_sst2_table(rel: str, data: dict[str, Any]) -> str:
     return text
 
 
+def render_budget_curve(rel: str, data: dict[str, Any]) -> str:
+    """budget_curve: accuracy drop vs the teacher against schedule length, at 60 / 90 %, RT and SST-2."""
+    head = ["data", "target", "schedule (x demo)", "pruning steps", "real sparsity", "dev acc (drop)",
+            "test acc (drop)", "wall min"]
+    body = []
+    for r in sorted(data["rows"], key=lambda r: (r["dataset"], r["target"], r["scale"])):
+        test = "-" if r["test"] is None else f"{100 * r['test']:.2f} ({100 * r['drop_test']:+.2f})"
+        body.append([r["dataset"], f"{100 * r['target']:g} %", f"{r['scale']:g}", str(r.get("prune_steps", "-")),
+                     f"{r['real_sparsity']:.4f}", f"{100 * r['dev']:.2f} ({100 * r['drop_dev']:+.2f})", test,
+                     "-" if "wall_s" not in r else f"{r['wall_s'] / 60:.1f}"])
+    teach = "; ".join(f"{ds} dev {100 * t['dev']:.2f}" + (f", test {100 * t['test']:.2f}" if t["test"] else "")
+                      for ds, t in data["teachers"].items())
+    env = data.get("env", {})
+    cmd, caveat = run_notes(data.get("meta", env))
+    u = data["schedule_unit"]
+    text = (f"{env_line(rel, env)}{cmd}
+
+Teachers (MiniLM-L6): {teach}. Schedule 1 = the `demo` preset "
+            f"({u['epochs']:g} pruning epochs, {u['lagrangian_warmup_epochs']:g} warm-up, {u['prepruning_steps']} "
+            f"pre-pruning steps, {u['compact_epochs']:g} compact epoch); drop = teacher minus pruned, in points "
+            f"(negative = pruned is better). SST-2 prunes on the first {data['sst2_prune_samples']:,} training "
+            f"sentences and has no labelled test split (dev is also the selection set). Wall = one run, "
+            f"{data['jobs']} runs at a time with {max(1, data['threads'] // data['jobs'])} thread(s) each."
+            f"\n\n" + table(head, body))
+    if data.get("plot"):
+        text += f"\n\nPlot: [{Path(data['plot']).name}]({Path(data['plot']).relative_to('benchmarks').as_posix()})."
+    return with_caveat(text, caveat)
+
+
 def run_notes(meta: dict[str, Any], threads: Any = None) -> tuple[str, str]:
     """(header suffix, caveat line) from a results file's meta: the command that produced it when the
     meta holds one, and a caveat when the run was `--quick` or the machine's load average exceeded its
@@ -622,6 +651,7 @@ def render_user_task(rel: str, data: dict[str, Any]) -> str:
 RENDERERS: list[tuple[str, str, Callable[[str, Any], str]]] = [
     ("runtime", "runtime — compact models vs dense BERT-base", render_runtime),
     ("sst2_table", "SST-2: MiniLM-L6 pruned to 60 / 90 / 95 %", render_sst2_table),
+    ("budget_curve", "budget_curve — accuracy a budget buys vs schedule length", render_budget_curve),
     ("train_step", "train_step — one CoFi pruning step", render_train_step),
     ("train_step_precision", "train_step_precision — the pruning step in bf16 vs fp32", render_train_step_precision),
     ("refactor_train_step", "refactor_train_step — the trainer step, old vs new checkout", render_refactor_train_step),
