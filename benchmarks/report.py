@@ -528,9 +528,7 @@ def render_budget_curve(rel: str, data: dict[str, Any]) -> str:
     env = data.get("env", {})
     cmd, caveat = run_notes(data.get("meta", env))
     u = data["schedule_unit"]
-    text = (f"{env_line(rel, env)}{cmd}
-
-Teachers (MiniLM-L6): {teach}. Schedule 1 = the `demo` preset "
+    text = (f"{env_line(rel, env)}{cmd}\n\nTeachers (MiniLM-L6): {teach}. Schedule 1 = the `demo` preset "
             f"({u['epochs']:g} pruning epochs, {u['lagrangian_warmup_epochs']:g} warm-up, {u['prepruning_steps']} "
             f"pre-pruning steps, {u['compact_epochs']:g} compact epoch); drop = teacher minus pruned, in points "
             f"(negative = pruned is better). SST-2 prunes on the first {data['sst2_prune_samples']:,} training "
