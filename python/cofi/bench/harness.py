@@ -92,7 +92,9 @@ def time_interleaved(fns: dict, rounds: int, warmup: int = 2, once: tuple[str, .
     ``once`` (an expensive baseline) once and then the others k times over, still one call of each in
     turn (so no provider runs twice in a row with warm caches), k = the baseline's time over the
     others' in the last warmup round, clamped to [1, max_sub_rounds]: cheap providers get k times the
-    samples for about the price of the baseline calls. Each provider's ``n`` says how many it got."""
+    samples for about the price of the baseline calls. Each provider's ``n`` says how many it got.
+    p10/p90 interpolate between samples (``method="inclusive"``): with few rounds the default
+    "exclusive" method extrapolates past the fastest / slowest sample, even below zero."""
     spent = {}
     for _ in range(warmup):
         for k, f in fns.items():
@@ -113,7 +115,7 @@ def time_interleaved(fns: dict, rounds: int, warmup: int = 2, once: tuple[str, .
     out = {}
     for k, v in samples.items():
         v = sorted(v)
-        q = statistics.quantiles(v, n=10) if len(v) >= 2 else [v[0]] * 9
+        q = statistics.quantiles(v, n=10, method="inclusive") if len(v) >= 2 else [v[0]] * 9
         out[k] = {"p50_ms": statistics.median(v), "p10_ms": q[0], "p90_ms": q[-1], "n": len(v)}
     return out
 
