@@ -3,13 +3,12 @@ synthetic domains: the update rule in float64, the domain with the higher excess
 rows follow the weights, a loader restored from its state continues bitwise, one-line mistakes."""
 from __future__ import annotations
 
-import io
 import importlib.util
+import io
 import math
 
 import pytest
 import torch
-
 from cofi.data.lm_domains import Domain, DomainLoader, dbl_update, parse_domains, parse_values
 from cofi.data.lm_text import LMDataError
 

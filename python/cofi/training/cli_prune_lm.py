@@ -16,6 +16,15 @@ _HELP = {
     "kl_weight": "weight of the logit KL to the unpruned model (chunked over tokens)",
     "ce_weight": "weight of the next-token cross-entropy",
     "hidden_weight": "weight of the hidden-state MSE to the unpruned model (every layer, kept dims)",
+    "domains": "named training domains instead of --train-text: built-in 'shakespeare', 'reviews' (Rotten Tomatoes "
+               "sentences) or NAME=PATH, comma-separated; each is evaluated on its own held-out text",
+    "domain_weights": "initial sampling weights of the domains, in order or NAME=W (default: their training tokens)",
+    "dynamic_batch_loading": "Sheared-LLaMA's dynamic batch loading: the held-out loss per domain above its "
+                             "reference steers the sampling weights",
+    "dbl_update_steps": "steps between weight updates of dynamic batch loading",
+    "dbl_eta": "step size of the weight update (w <- w exp(eta * excess loss), renormalised)",
+    "dbl_reference_loss": "reference loss per domain (nats/token), in order or NAME=L (default: the unpruned "
+                          "model's held-out loss at step 0)",
 }
 
 
@@ -30,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(LMPruneConfig):
         flag = "--" + f.name.replace("_", "-")
         required = f.default is dataclasses.MISSING
+        if _type(f) is bool:  # an off-by-default switch
+            p.add_argument(flag, dest=f.name, action="store_true", help=_HELP.get(f.name))
+            continue
         kw: dict = {"type": _type(f), "required": required, "help": _HELP.get(f.name)}
         if not required:
             kw["default"] = f.default

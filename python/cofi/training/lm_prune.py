@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ..data.lm_domains import check_flags, loader_from_config
 from ..errors import UserError, first_line
 from ..masks.decoder import DecoderMasks, kept_structure, real_size
 from ..masks.decoder_maskset import DecoderMaskConfig, DecoderMaskSet, DecoderTarget
@@ -32,6 +32,7 @@ from ..masks.decoder_projection import delivered_masks
 from . import checkpoint as C
 from .distributed import DistInfo
 from .lm_distill import IGNORE, fused_lm_loss, hidden_distill_loss, shifted_targets
+from .lm_prune_domains import DomainSteps
 from .optim import Optimizers
 from .precision import autocast
 
@@ -81,6 +82,13 @@ class LMPruneConfig:
     seed: int = 0
     num_threads: int | None = None
     device: str = "cpu"
+    # Named domains and dynamic batch loading (cofi.data.lm_domains)
+    domains: str | None = None
+    domain_weights: str | None = None
+    dynamic_batch_loading: bool = False
+    dbl_update_steps: int = 10
+    dbl_eta: float = 1.0
+    dbl_reference_loss: str | None = None
 
     def target(self) -> DecoderTarget | None:
         shape = {"num_layers": self.target_layers, "hidden_size": self.target_hidden, "num_heads": self.target_heads,
@@ -106,6 +114,7 @@ class LMPruneConfig:
             raise UserError(f"{who}: --mask-mode must be soft or binary, got {self.mask_mode!r}")
         if self.kl_weight == self.ce_weight == 0.0:
             raise UserError(f"{who}: --kl-weight and --ce-weight are both 0: nothing trains the model")
+        check_flags(self)
 
     def warmup(self) -> int:
         w = self.lagrangian_warmup_steps
@@ -147,7 +156,7 @@ def batch_at(train: torch.Tensor, step: int, batch_size: int, seed: int) -> torc
     return train[perm[i * batch_size:(i + 1) * batch_size]]
 
 
-class LMPruner:
+class LMPruner(DomainSteps):
     """Everything one run holds; ``run()`` trains to ``max_steps`` (resuming from the newest
     checkpoint with ``resume``) and delivers. ``on_step(step)``: after each optimizer step (tests)."""
 
@@ -166,7 +175,8 @@ class LMPruner:
         self.student = CoFiLlamaForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).to(self.device)
         self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
         tok = load_tokenizer(cfg.model, vocab_size=self.student.shape.vocab_size)
-        self.train, self.eval_seqs = load_text(cfg, tok)
+        self.loader = loader_from_config(cfg, tok) if cfg.domains is not None else None
+        self.train, self.eval_seqs = load_text(cfg, tok) if self.loader is None else (None, self.loader.heldout())
         self.shape = self.student.shape
         self.masks = DecoderMaskSet(DecoderMaskConfig(self.shape), cfg.target(), device=self.device)
         self.masks.reset_parameters(torch.Generator(self.device).manual_seed(cfg.seed + 1))
@@ -232,15 +242,19 @@ class LMPruner:
                    lambda_2=float(ms.lambda_2.detach().sum()))
         return rec
 
-    @torch.no_grad()
     def evaluate(self, masks: DecoderMasks | None) -> float:
         """Perplexity of the masked student on (up to ``eval_batches`` batches of) the eval sequences."""
+        return self.perplexities(masks)["all"]
+
+    @torch.no_grad()
+    def eval_nll(self, masks: DecoderMasks | None, seqs: torch.Tensor) -> tuple[float, int]:
+        """(summed next-token NLL, predicted tokens) of the masked student on ``seqs`` [n, seq_len]."""
         was = self.student.training
         self.student.eval()
         nll, n = 0.0, 0
         bs = self.cfg.batch_size
-        for i in range(0, min(len(self.eval_seqs), bs * self.cfg.eval_batches), bs):
-            ids = self.eval_seqs[i:i + bs].to(self.device)
+        for i in range(0, len(seqs), bs):
+            ids = seqs[i:i + bs].to(self.device)
             out = self.student(ids, masks=masks, logits=False)
             _, parts = fused_lm_loss(out.last_hidden.reshape(-1, out.last_hidden.shape[-1]).float(),
                                         self.student.lm_head.weight.float(), targets=shifted_targets(ids),
@@ -249,7 +263,7 @@ class LMPruner:
             nll += float(parts["ce"]) * k
             n += k
         self.student.train(was)
-        return math.exp(nll / max(n, 1))
+        return nll, n
 
     def delivered(self) -> DecoderMasks:
         return delivered_masks(self.masks, self.target, self.cfg.mask_mode)
@@ -258,6 +272,8 @@ class LMPruner:
     def _save(self) -> None:
         st = {"stage": "prune", "loop": {"step": self.step}, "model": self.student.state_dict(),
               "maskset": self.masks.state_dict(), "optim": self.optim.state_dict(), "rng": C.rng_state(self.mask_gen)}
+        if self.loader is not None:
+            st["domains"] = self.loader.state_dict()
         C.save_checkpoint(self.out / "checkpoints", C.STAGES["prune"], self.step, st)
 
     def _restore(self) -> None:
@@ -270,6 +286,8 @@ class LMPruner:
             self.student.load_state_dict(st["model"])
             self.masks.load_state_dict(st["maskset"])
             self.optim.load_state_dict(st["optim"])
+            if self.loader is not None:
+                self.loader.load_state_dict(st["domains"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise C.CheckpointError(f"cofi prune-lm: --resume: {path} does not fit this run ({first_line(e)})") from e
         C.set_rng_state(st["rng"], self.mask_gen)
@@ -283,21 +301,26 @@ class LMPruner:
             self._restore()
         log_path = self.out / "metrics.jsonl"
         if self.step == 0:
-            self.log(f"[prune-lm] {len(self.train)} x {cfg.seq_len} training tokens, {cfg.max_steps} steps, target "
+            self.start_domains()
+            n_train = len(self.train) if self.loader is None else sum(len(d.train) for d in self.loader.domains)
+            self.log(f"[prune-lm] {n_train} x {cfg.seq_len} training tokens, {cfg.max_steps} steps, target "
                      f"sparsity {self.target:.4f}" + (f" (shape {self.masks.target_counts})" if self.masks.target else ""))
         else:  # drop records past the checkpoint
             kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= self.step]
             C.atomic_write_bytes(log_path, "".join(ln + "\n" for ln in kept).encode())
         self.student.train()
         while self.step < cfg.max_steps:
-            ids = batch_at(self.train, self.step, cfg.batch_size, cfg.seed).to(self.device)
-            rec = self.train_step(ids, self.step)
+            ids, dom_rec = self.next_batch()
+            rec = {**self.train_step(ids.to(self.device), self.step), **dom_rec}
             self.step += 1
             if self.on_step is not None:
                 self.on_step(self.step)
             if self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps:
-                m = self.delivered() if self.progress(self.step) >= 1.0 else self.masks.deterministic(cfg.mask_mode)
-                rec.update(eval_ppl=self.evaluate(m), real_sparsity=self.masks.real_sparsity(m))
+                m = self.eval_masks()
+                ppl = self.perplexities(m)
+                rec.update(eval_ppl=ppl.pop("all"), real_sparsity=self.masks.real_sparsity(m))
+                if ppl:
+                    rec["eval_ppl_domains"] = ppl
                 self.log(f"[prune-lm] step {self.step}: loss {rec['loss']:.4f}, eval ppl {rec['eval_ppl']:.3f}, "
                          f"real sparsity {rec['real_sparsity']:.4f}, expected {rec['expected_sparsity']:.4f}")
             with log_path.open("a") as f:
@@ -331,19 +354,12 @@ class LMPruner:
                              "intermediate": [len(k.units) for k in layers],
                              "attention": [k.attention for k in layers], "mlp": [k.mlp for k in layers]},
                "stock_llama": stock, "fold_max_abs_gap": gap, "steps": self.step,
-               "eval_ppl_teacher": self._teacher_ppl(), "eval_ppl_pruned": self.evaluate(masks)}
+               **self.final_ppl(masks)}
         C.atomic_write_bytes(self.out / "results.json", json.dumps(res, indent=2).encode())
         self.log(f"[prune-lm] delivered: real sparsity {res['real_sparsity']:.4f} (target {self.target:.4f}), "
                  f"eval ppl {res['eval_ppl_pruned']:.3f} (unpruned {res['eval_ppl_teacher']:.3f}), fold gap {gap:.2e}; "
                  f"compact model in {self.out / 'compact'}")
         return res
-
-    def _teacher_ppl(self) -> float:
-        student, self.student = self.student, self.teacher
-        try:
-            return self.evaluate(None)
-        finally:
-            self.student = student
 
 
 __all__ = ["LMPruneConfig", "LMPruner", "batch_at", "load_text"]
