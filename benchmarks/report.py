@@ -359,6 +359,48 @@ def render_runtime_ort(data: dict[str, Any]) -> str | None:
             f"compact (what pruning buys on onnxruntime).\n\n" + table(head, body))
 
 
+def render_runtime_ort_file(rel: str, data: dict[str, Any]) -> str:
+    """runtime_ort: cofi's runtime vs onnxruntime on MiniLM-L6 and its compact models, one run
+    (``bench_runtime.py --ort``), and a generated note on where cofi wins or loses."""
+    head = ["batch x seq", "real sparsity", "torch dense ms", "ort dense", "ort dense fused", "cofi compact",
+            "ort compact", "cofi skip", "pruning buys: torch / ort", "**cofi vs ort compact**",
+            "cofi skip vs ort compact", "**cofi skip vs ort dense fused**", "samples (dense / compact)"]
+    body, like, deployed = [], [], []
+    for r in data["rows"]:
+        t = {k: v["p50_ms"] for k, v in r["times"].items()}
+        where = f"{r['batch']} x {r['seq']} at {r['real_sparsity']:.2f}"
+        like.append((where, fmt_x(t["ort_compact"], t["compact"]), t["ort_compact"] > t["compact"]))
+        deployed.append((where, fmt_x(t["ort_compact"], t["compact_skip"]), t["ort_compact"] > t["compact_skip"]))
+        body.append([f"{r['batch']} x {r['seq']}", f"{r['real_sparsity']:.3f}", fmt_ms(t["dense"]), fmt_ms(t["ort_dense"]),
+                     fmt_ms(t["ort_dense_fused"]), fmt_ms(t["compact"]), fmt_ms(t["ort_compact"]),
+                     fmt_ms(t["compact_skip"]),
+                     f"{fmt_x(t['dense'], t['compact'])} / {fmt_x(t['ort_dense'], t['ort_compact'])}",
+                     fmt_x(t["ort_compact"], t["compact"]), fmt_x(t["ort_compact"], t["compact_skip"]),
+                     fmt_x(t["ort_dense_fused"], t["compact_skip"]),
+                     f"{r['times']['dense']['n']} / {r['times']['compact']['n']}"])
+
+    def split(cases: list[tuple[str, str, bool]]) -> str:
+        won = ", ".join(f"{w} ({x})" for w, x, ok in cases if ok)
+        lost = ", ".join(f"{w} ({x})" for w, x, ok in cases if not ok)
+        return f"wins {'at ' + won if won else 'nowhere'}; loses {'at ' + lost if lost else 'nowhere'}"
+
+    meta = data.get("meta", {})
+    cmd, caveat = run_notes(meta)
+    text = (f"{env_line(rel, data.get('env', {}))}{cmd} · {data.get('model')} · onnxruntime "
+            f"{data.get('onnxruntime', '?')}\n\nAll providers timed interleaved in one process, same threads "
+            f"(onnxruntime: CPUExecutionProvider, intra-op = torch's threads, sequential), logits checked against "
+            f"the torch models first; ms = p50 per call. `ort dense` / `ort compact` = the project's ONNX export "
+            f"(`cofi.runtime.export.export_onnx`) of the teacher-size / compact model; `ort dense fused` = the "
+            f"transformers model through onnxruntime's BERT fusion; `cofi compact` computes every row like the "
+            f"exported graph; `cofi skip` = the runtime as deployed for classification (CLS tail, padding "
+            f"skipped: less work). `cofi ...` ratios = the onnxruntime p50 / cofi's (above 1: cofi is faster); "
+            f"pruning buys = dense / compact on the same engine.\n\n" + table(head, body)
+            + f"\n\n**Where cofi wins or loses** (this run; ort compact p50 / cofi's):\n\n"
+            f"- like for like (`cofi compact` vs `ort compact`, same model, every row computed): {split(like)}.\n"
+            f"- as deployed (`cofi skip` vs `ort compact`): {split(deployed)}.")
+    return with_caveat(text, caveat)
+
+
 def render_runtime_alignment(rel: str, data: dict[str, Any]) -> str:
     """runtime_alignment: the same 60 % structure with hidden / FFN widths aligned or not."""
     head = ["variant", "hidden", "FFN widths", "median ms", "speedup vs dense"]
@@ -648,6 +690,7 @@ def render_user_task(rel: str, data: dict[str, Any]) -> str:
 # file stem (or stem prefix, for tagged variants) -> (section title, renderer); README order.
 RENDERERS: list[tuple[str, str, Callable[[str, Any], str]]] = [
     ("runtime", "runtime — compact models vs dense BERT-base", render_runtime),
+    ("runtime_ort", "runtime_ort — cofi's runtime vs onnxruntime (MiniLM-L6)", render_runtime_ort_file),
     ("sst2_table", "SST-2: MiniLM-L6 pruned to 60 / 90 / 95 %", render_sst2_table),
     ("budget_curve", "budget_curve — accuracy a budget buys vs schedule length", render_budget_curve),
     ("train_step", "train_step — one CoFi pruning step", render_train_step),
