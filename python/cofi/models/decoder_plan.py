@@ -1,6 +1,6 @@
-"""Per-step live-unit plan of the masked decoder: which query heads, K/V groups, SwiGLU units and
-sublayers a step computes (GQA rule: ``cofi.masks.decoder``). One device->host copy of all mask
-values and one host->device copy of all index lists per forward.
+"""Per-step live-unit plan of the masked decoder's compact backend: which hidden dims, query heads,
+K/V groups, SwiGLU units and sublayers a step computes (GQA rule: ``cofi.masks.decoder``). One
+device->host copy of all mask values and one host->device copy of all index lists per forward.
 """
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ class DecoderLayerPlan:
     q_idx, q_rows: kept query heads and their q_proj rows (o_proj columns), None = all; kv_rows:
     kept K/V groups' k_proj / v_proj rows; q_to_kv: each kept query head's position among the kept
     groups; uniform: every kept group keeps the same number of query heads (SDPA enable_gqa).
-    unit_idx: kept SwiGLU units (None = all). n_q / n_units: counts computed."""
+    kv_idx: the kept K/V groups (None with q_idx None). unit_idx: kept SwiGLU units (None = all).
+    n_q / n_units: counts computed."""
 
     attn_skip: bool = False
     q_idx: torch.Tensor | None = None
     q_rows: torch.Tensor | None = None
+    kv_idx: torch.Tensor | None = None
     kv_rows: torch.Tensor | None = None
     q_to_kv: torch.Tensor | None = None
     uniform: bool = True
@@ -33,7 +35,11 @@ class DecoderLayerPlan:
 
 @dataclass
 class DecoderPlan:
+    """hidden_idx: kept hidden dims when some are pruned (the compact residual stream's width), else
+    None; layers: one DecoderLayerPlan per layer."""
+
     layers: list[DecoderLayerPlan] = field(default_factory=list)
+    hidden_idx: torch.Tensor | None = None
 
 
 def _rows(idx: list[int], width: int) -> torch.Tensor:
@@ -47,7 +53,7 @@ def make_decoder_plan(masks: DecoderMasks | None, shape: DecoderShape, device: t
     L, H, F, D = s.num_layers, s.num_heads, s.intermediate_size, s.head_dim
     if masks is None:
         return DecoderPlan([DecoderLayerPlan(n_q=H, n_units=F) for _ in range(L)])
-    present = [(g, t) for g, t in masks.items() if g != "hidden"]
+    present = list(masks.items())
     host = DecoderMasks()
     if present:
         flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for _, t in present]).cpu()
@@ -55,16 +61,18 @@ def make_decoder_plan(masks: DecoderMasks | None, shape: DecoderShape, device: t
         for g, t in present:
             setattr(host, g, flat[o:o + t.numel()].reshape(t.shape))
             o += t.numel()
-    _, kept = kept_structure(host, s)
+    hid, kept = kept_structure(host, s)
     parts: list[torch.Tensor] = []
-    slots: list[tuple[DecoderLayerPlan, str, int, int]] = []
+    slots: list[tuple[object, str, int, int]] = []
 
-    def want(lp: DecoderLayerPlan, attr: str, t: torch.Tensor) -> None:
+    def want(lp: object, attr: str, t: torch.Tensor) -> None:
         a = sum(p.numel() for p in parts)
         parts.append(t)
         slots.append((lp, attr, a, a + t.numel()))
 
     plan = DecoderPlan()
+    if len(hid) < s.hidden_size:
+        want(plan, "hidden_idx", torch.tensor(hid, dtype=torch.int64))
     for k in kept:
         lp = DecoderLayerPlan(attn_skip=not k.attention, n_q=len(k.q_heads), mlp_skip=not k.mlp,
                               n_units=len(k.units))
@@ -73,6 +81,7 @@ def make_decoder_plan(masks: DecoderMasks | None, shape: DecoderShape, device: t
             lp.uniform = len(set(counts)) == 1
             want(lp, "q_idx", torch.tensor(k.q_heads, dtype=torch.int64))
             want(lp, "q_rows", _rows(k.q_heads, D))
+            want(lp, "kv_idx", torch.tensor(k.kv_heads, dtype=torch.int64))
             want(lp, "kv_rows", _rows(k.kv_heads, D))
             if not lp.uniform:
                 want(lp, "q_to_kv", torch.tensor(k.q_to_kv, dtype=torch.int64))

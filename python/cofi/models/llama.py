@@ -11,9 +11,21 @@ with z the hidden mask and K its kept dims:
   r  += z * g_ffn * down_proj(intermediate * silu(gate_proj(y)) * up_proj(y))
   logits = lm_head(RMSNorm_K(r) * w_final * z)
 
-With every mask 1 (or None) this is transformers' model. Each step gathers the live query heads,
-K/V groups and SwiGLU units (one host copy of the masks, ``decoder_plan``) and skips sublayers that
-add nothing; the residual stream stays at full width d (pruned dims hold 0).
+With every mask 1 (or None) this is transformers' model. Two ways to run the same math, as the
+encoder (``forward(backend=...)``, default ``self.backend``):
+
+- ``"compact"``: after one host copy of the masks (``decoder_plan``) the kept hidden dims, live
+  query heads, K/V groups and SwiGLU units are gathered (``index_select``: gradients scatter back
+  into the full parameters) and only they are computed, on cofi's fused ops (``masked_attention``
+  causal / GQA with head and K/V-group gates, ``masked_ffn`` SwiGLU with live-unit lists,
+  ``masked_add_rms_norm``); the residual stream runs at the kept width d'; sublayers that add
+  nothing are skipped. Hidden states and the final norm output come back at width d (pruned dims 0).
+- ``"dense"``: the dense-masked method: full-width GEMMs, every head and unit computed, the masks
+  multiplied, on cofi's plain-PyTorch reference ops; no host sync. Its cost does not fall with sparsity.
+
+Gradients at exact zeros follow the ops' convention (a head, unit or group whose value is exactly 0
+gets gradient 0); a layer gate that is exactly 0 gets gradient 0 in compact mode (skipped) and its
+analytic one in dense mode. Hard-concrete's clip gives 0 there anyway.
 """
 from __future__ import annotations
 
@@ -28,16 +40,19 @@ from torch import nn
 
 from ..errors import UserError
 from ..masks.decoder import DecoderMasks, DecoderShape, effective_heads
-from ..ops import masked_add_rms_norm
+from ..ops import masked_add_rms_norm, masked_attention, masked_ffn
+from ..ops.reference import masked_add_rms_norm_ref, masked_attention_ref, masked_ffn_gated_ref
 from . import _decoder_ops as ops
-from .decoder_plan import DecoderPlan, make_decoder_plan
+from .decoder_plan import DecoderLayerPlan, DecoderPlan, make_decoder_plan
+
+BACKENDS = ("compact", "dense")
 
 
 @dataclass
 class LlamaOutput:
     """logits [B, S, V] (None when not asked for); hidden_states: (embedding output, each layer's
     output), each the residual stream [B, S, d] before the final norm, or None; plan: the step's
-    live-unit plan; last_hidden: the final norm's output [B, S, d] (logits = last_hidden @ lm_head^T)."""
+    live-unit plan (None for backend="dense"); last_hidden: the final norm's output [B, S, d] (logits = last_hidden @ lm_head^T)."""
 
     logits: torch.Tensor | None
     hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -88,6 +103,62 @@ class _Body(nn.Module):
         self.rotary_emb = ops.rotary_embedding(config)
 
 
+@dataclass
+class _Ctx:
+    """What every sublayer of one forward reads: masks (in the activations' dtype), head values
+    head * kv [L, H], rotary cos / sin [B, S, D], key padding [B, S] (True = token), attention
+    dropout, kept hidden dims (compact, None = all)."""
+
+    m: DecoderMasks
+    hv: torch.Tensor | None
+    cos: torch.Tensor
+    sin: torch.Tensor
+    kpm: torch.Tensor | None
+    p_drop: float
+    hk: torch.Tensor | None
+
+
+class _Stream:
+    """The pre-norm residual stream with the last sublayer output held back, so that the next norm
+    adds it in one fused pass (``masked_add_rms_norm``: s = x * hidden_z + residual).
+
+    dense (reference op, full width): outputs arrive multiplied by z, norms take hidden_z = 1[z != 0]
+    and weight w * z. compact (fused op, kept dims hk only): outputs arrive without z, norms take
+    hidden_z = z[hk] (all nonzero) and weight w[hk]. Both give y = RMSNorm_K(r) * w * z."""
+
+    def __init__(self, first: torch.Tensor, z: torch.Tensor | None, hk: torch.Tensor | None, eps: float,
+                 dense: bool) -> None:
+        self.dense, self.eps, self.hk = dense, eps, hk
+        self.z = z if z is None or hk is None else z.index_select(0, hk)
+        self.keep = None if z is None or not dense else (z != 0).to(z.dtype)
+        self.pend: torch.Tensor | None = first if z is None or not dense else first * z
+        self.r: torch.Tensor | None = None
+
+    def add(self, out: torch.Tensor) -> None:
+        self.pend = out if self.z is None or not self.dense else out * self.z
+
+    def flush(self) -> torch.Tensor:
+        """The stream with the held-back output added: [B, S, d] (dense) or [B, S, d'] (compact)."""
+        if self.pend is not None:
+            x = self.pend if self.dense or self.z is None else self.pend * self.z
+            self.r, self.pend = (x if self.r is None else x + self.r), None
+        return self.r
+
+    def norm(self, w: torch.Tensor) -> torch.Tensor:
+        """The norm with weight w [d] of the stream (its pending output added in): [B, S, d'] ."""
+        z = self.z
+        if self.dense:
+            x, res = (self.pend, self.r) if self.pend is not None else (self.r, None)
+            y, self.r = masked_add_rms_norm_ref(x, res, w if z is None else w * z, self.keep, self.eps)
+        elif self.pend is not None:
+            y, self.r = masked_add_rms_norm(self.pend, self.r, _rows(w, self.hk), z, self.eps)
+        else:  # after a flush the stream already holds z
+            wk = _rows(w, self.hk)
+            y = masked_add_rms_norm(self.r, None, wk if z is None else wk * z, None, self.eps)[0]
+        self.pend = None
+        return y
+
+
 def _rows(w: torch.Tensor | None, idx: torch.Tensor | None) -> torch.Tensor | None:
     return w if idx is None or w is None else w.index_select(0, idx)
 
@@ -116,100 +187,128 @@ class CoFiLlamaForCausalLM(nn.Module):
                 nn.init.zeros_(mod.bias)
         if s.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.backend = "compact"  # forward's default (the bench and checks set "dense")
+        self._units: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 masks: DecoderMasks | None = None, output_hidden_states: bool = False,
-                logits: bool = True) -> LlamaOutput:
+                logits: bool = True, backend: str | None = None) -> LlamaOutput:
         """input_ids [B, S]; attention_mask [B, S] (1 = token, 0 = padding) or None; positions are
         0..S-1 as in transformers without a cache. masks: None = the plain model. ``logits=False``:
-        stop at the final norm (``last_hidden``), for losses that apply the LM head in chunks."""
+        stop at the final norm (``last_hidden``), for losses that apply the LM head in chunks.
+        backend: "compact" (live units only, cofi's fused ops) or "dense" (full width, masks
+        multiplied, cofi's reference ops); None = ``self.backend``."""
+        backend = self.backend if backend is None else backend
+        if backend not in BACKENDS:
+            raise UserError(f"cofi.models.llama: backend must be one of {BACKENDS}, got {backend!r}")
         s = self.shape
         B, S = input_ids.shape
         s.check_length(S)
         if masks is not None:
             masks.check(s)
+        dense = backend == "dense"
+        plan = None if dense else make_decoder_plan(masks, s, input_ids.device)
+        hk = None if plan is None else plan.hidden_idx
+        if hk is not None and hk.numel() == 0:  # no kept hidden dim: every norm output is 0
+            y = self.lm_head.weight.new_zeros(B, S, s.hidden_size)
+            st = (y,) * (s.num_layers + 1) if output_hidden_states else None
+            return LlamaOutput(F.linear(y, self.lm_head.weight) if logits else None, st, plan, y)
         emb = self.model.embed_tokens(input_ids)
         m = masks.map(lambda t: t.to(emb.dtype)) if masks is not None else DecoderMasks()
-        plan = make_decoder_plan(masks, s, input_ids.device)
-        z = m.hidden
-        keep = None if z is None else (z != 0).to(z.dtype)
-        hv = effective_heads(m.head, m.kv, s.group_size)
         cos, sin = self.model.rotary_emb(emb, torch.arange(S, device=input_ids.device)[None].expand(B, S))
-        mask = ops.causal_mask(attention_mask, S)
-        p_drop = float(getattr(self.config, "attention_dropout", 0.0)) if self.training else 0.0
-        eps = s.rms_norm_eps
-
-        pend: torch.Tensor | None = emb if z is None else emb * z  # sublayer output not yet in the stream
-        r: torch.Tensor | None = None
+        ctx = _Ctx(m, effective_heads(m.head, m.kv, s.group_size), cos, sin,
+                   None if attention_mask is None else attention_mask != 0,
+                   float(getattr(self.config, "attention_dropout", 0.0)) if self.training else 0.0, hk)
+        st = _Stream(emb if hk is None else emb.index_select(-1, hk), m.hidden, hk, s.rms_norm_eps, dense)
         states: list[torch.Tensor] = []
-
-        def flush() -> None:
-            nonlocal pend, r
-            if pend is not None:
-                r = pend if r is None else pend + r
-                pend = None
-            states.append(r)
-
-        def norm(w: torch.Tensor) -> torch.Tensor:
-            nonlocal pend, r
-            x, res = (pend, r) if pend is not None else (r, None)
-            y, r = masked_add_rms_norm(x, res, w if z is None else w * z, keep, eps)
-            pend = None
-            return y
-
-        def scale(out: torch.Tensor, gate: torch.Tensor | None, l: int) -> torch.Tensor:
-            g = None if gate is None else gate[l]
-            f = g if z is None else (z if g is None else g * z)
-            return out if f is None else out * f
-
         if output_hidden_states:
-            flush()
-        for l, (layer, lp) in enumerate(zip(self.model.layers, plan.layers)):
-            if not lp.attn_skip:
-                y = norm(layer.input_layernorm.weight)
-                a = layer.self_attn
-                if lp.n_q == 0:
-                    out = a.o_proj.bias.expand(B, S, -1)
-                else:
-                    out = self._attention(a, y, lp, None if hv is None else hv[l], cos, sin, mask, p_drop)
-                pend = scale(out, m.mha, l)
-            if not lp.mlp_skip:
-                y = norm(layer.post_attention_layernorm.weight)
-                mp = layer.mlp
-                if lp.n_units == 0:
-                    out = mp.down_proj.bias.expand(B, S, -1)
-                else:
-                    u = lp.unit_idx
-                    iz = None if m.intermediate is None else _rows(m.intermediate[l], u)
-                    out = ops.swiglu(y, _rows(mp.gate_proj.weight, u), _rows(mp.gate_proj.bias, u),
-                                     _rows(mp.up_proj.weight, u), _rows(mp.up_proj.bias, u),
-                                     _cols(mp.down_proj.weight, u), mp.down_proj.bias, iz)
-                pend = scale(out, m.ffn, l)
+            states.append(self._widen(st.flush(), hk))
+        for l, layer in enumerate(self.model.layers):
+            lp = None if plan is None else plan.layers[l]
+            if dense or not lp.attn_skip:
+                y = st.norm(layer.input_layernorm.weight)
+                st.add(self._attn_dense(layer.self_attn, y, ctx, l) if dense
+                       else self._attn_compact(layer.self_attn, y, ctx, l, lp))
+            if dense or not lp.mlp_skip:
+                y = st.norm(layer.post_attention_layernorm.weight)
+                st.add(self._mlp_dense(layer.mlp, y, ctx, l) if dense else self._mlp_compact(layer.mlp, y, ctx, l, lp))
             if output_hidden_states:
-                flush()
-        y = norm(self.model.norm.weight)
+                states.append(self._widen(st.flush(), hk))
+        y = self._widen(st.norm(self.model.norm.weight), hk)
         return LlamaOutput(F.linear(y, self.lm_head.weight) if logits else None,
                            tuple(states) if output_hidden_states else None, plan, y)
 
-    def _attention(self, a: _Attention, y: torch.Tensor, lp, hv: torch.Tensor | None, cos: torch.Tensor,
-                   sin: torch.Tensor, mask: torch.Tensor | None, p_drop: float) -> torch.Tensor:
-        """The attention sublayer on its live heads: y [B, S, d] -> o_proj output [B, S, d]."""
+    def _widen(self, x: torch.Tensor, hk: torch.Tensor | None) -> torch.Tensor:
+        """[..., d'] on the kept dims hk -> [..., d] with 0 on the pruned ones (differentiable)."""
+        if hk is None:
+            return x
+        return x.new_zeros(*x.shape[:-1], self.shape.hidden_size).index_copy(-1, hk, x)
+
+    def _qkv(self, a: _Attention, y: torch.Tensor, ctx: _Ctx, q_rows, kv_rows, hk):
+        """Rotated q [B, nq, S, D], k [B, nk, S, D] and v [B, nk, S, D] (a view) of the given rows."""
         B, S, _ = y.shape
         D = self.shape.head_dim
-        nq = lp.n_q
-        nk = self.shape.num_kv_heads if lp.kv_rows is None else lp.kv_rows.numel() // D
-        q = F.linear(y, _rows(a.q_proj.weight, lp.q_rows), _rows(a.q_proj.bias, lp.q_rows))
-        k = F.linear(y, _rows(a.k_proj.weight, lp.kv_rows), _rows(a.k_proj.bias, lp.kv_rows))
-        v = F.linear(y, _rows(a.v_proj.weight, lp.kv_rows), _rows(a.v_proj.bias, lp.kv_rows))
-        q = ops.apply_rope(q.view(B, S, nq, D).transpose(1, 2), cos, sin)
-        k = ops.apply_rope(k.view(B, S, nk, D).transpose(1, 2), cos, sin)
-        v = v.view(B, S, nk, D).transpose(1, 2)
-        ctx = ops.causal_gqa_attention(q, k, v, lp.q_to_kv, lp.uniform, mask, p_drop, D ** -0.5)
-        if hv is not None:
-            ctx = ctx * _rows(hv, lp.q_idx)[:, None, None]
-        ctx = ctx.transpose(1, 2).reshape(B, S, nq * D)
-        return F.linear(ctx, _cols(a.o_proj.weight, lp.q_rows), a.o_proj.bias)
+        q, k, v = (F.linear(y, _cols(_rows(p.weight, r), hk), _rows(p.bias, r)).view(B, S, -1, D).transpose(1, 2)
+                   for p, r in ((a.q_proj, q_rows), (a.k_proj, kv_rows), (a.v_proj, kv_rows)))
+        return ops.apply_rope(q, ctx.cos, ctx.sin), ops.apply_rope(k, ctx.cos, ctx.sin), v
+
+    # dense: full width, every head and unit computed, masks multiplied (the reference ops); the
+    # caller multiplies the output by the hidden mask z
+    def _attn_dense(self, a: _Attention, y: torch.Tensor, ctx: _Ctx, l: int) -> torch.Tensor:
+        B, S, _ = y.shape
+        q, k, v = self._qkv(a, y, ctx, None, None, None)
+        hz = None if ctx.hv is None else ctx.hv[l]
+        o = masked_attention_ref(q, k, v, hz, ctx.kpm, self.shape.head_dim ** -0.5, ctx.p_drop, causal=True)
+        out = F.linear(o.transpose(1, 2).reshape(B, S, -1), a.o_proj.weight, a.o_proj.bias)
+        return out if ctx.m.mha is None else out * ctx.m.mha[l]
+
+    def _mlp_dense(self, mp: _MLP, y: torch.Tensor, ctx: _Ctx, l: int) -> torch.Tensor:
+        m = ctx.m
+        return masked_ffn_gated_ref(y, mp.gate_proj.weight, mp.gate_proj.bias, mp.up_proj.weight, mp.up_proj.bias,
+                                    mp.down_proj.weight, mp.down_proj.bias, None if m.intermediate is None else
+                                    m.intermediate[l], None if m.ffn is None else m.ffn[l])
+
+    # compact: live heads / groups / units and kept hidden dims only (cofi's fused ops); the
+    # layer gate is folded in, the caller's norm multiplies by the kept hidden values
+    def _attn_compact(self, a: _Attention, y: torch.Tensor, ctx: _Ctx, l: int, lp: DecoderLayerPlan) -> torch.Tensor:
+        B, S, _ = y.shape
+        m, hk = ctx.m, ctx.hk
+        wo, bo = _rows(_cols(a.o_proj.weight, lp.q_rows), hk), _rows(a.o_proj.bias, hk)
+        if m.mha is not None:  # gate on W_O and b_O: d' x n_q D multiplies instead of B S x d'
+            wo, bo = wo * m.mha[l], None if bo is None else bo * m.mha[l]
+        if lp.n_q == 0:  # no head left: the sublayer adds its (gated) bias
+            return bo.expand(B, S, -1)
+        q, k, v = self._qkv(a, y, ctx, lp.q_rows, lp.kv_rows, hk)
+        hz = None if m.head is None else _rows(m.head[l], lp.q_idx)
+        kz = None if m.kv is None else _rows(m.kv[l], lp.kv_idx)
+        if not lp.uniform:  # ragged heads per group: each query head gets its own copy of its K/V
+            k, v = k.index_select(1, lp.q_to_kv), v.index_select(1, lp.q_to_kv)
+            if kz is not None:
+                kz = kz.index_select(0, lp.q_to_kv)
+                hz, kz = (kz if hz is None else hz * kz), None
+        o = masked_attention(q, k, v, hz, ctx.kpm, self.shape.head_dim ** -0.5, ctx.p_drop, causal=True, kv_z=kz)
+        return F.linear(o.transpose(1, 2).reshape(B, S, -1), wo, bo)
+
+    def _mlp_compact(self, mp: _MLP, y: torch.Tensor, ctx: _Ctx, l: int, lp: DecoderLayerPlan) -> torch.Tensor:
+        m, hk = ctx.m, ctx.hk
+        g = None if m.ffn is None else m.ffn[l]
+        bd = _rows(mp.down_proj.bias, hk)
+        if lp.n_units == 0:  # no unit left: the sublayer adds its (gated) bias
+            return (bd if g is None else bd * g).expand(*y.shape[:-1], -1)
+        iz = None if m.intermediate is None else m.intermediate[l]
+        live = lp.unit_idx
+        if live is None and (iz is not None or g is not None):  # all units: tells the op not to sync
+            live = self._all_units(y.device)
+        return masked_ffn(y, _cols(mp.up_proj.weight, hk), mp.up_proj.bias, _rows(mp.down_proj.weight, hk), bd, iz, g,
+                          activation="swiglu", live_idx=live, gate_weight=_cols(mp.gate_proj.weight, hk),
+                          gate_bias=mp.gate_proj.bias)
+
+    def _all_units(self, device: torch.device) -> torch.Tensor:
+        t = self._units.get(str(device))
+        if t is None:
+            t = self._units[str(device)] = torch.arange(self.shape.intermediate_size, device=device)
+        return t
 
     # ------------------------------------------------------------------ load
     @classmethod
