@@ -86,6 +86,9 @@ class TrainConfig:
     lagrangian_warmup_epochs: float = _f(2.0, "epochs over which the target sparsity ramps up linearly from 0")
     lagrangian_warmup_steps: int | None = _f(None, "warm-up steps; overrides lagrangian_warmup_epochs when set")
     reg_learning_rate: float = _f(0.01, "learning rate of the masks' log_alpha and the Lagrange multipliers")
+    reg_learning_rate_adapt: bool = _f(True, "raise reg_learning_rate when the Lagrangian warm-up is too short for "
+                                             "log_alpha to follow the ramp (3 x its travel / warm-up steps); "
+                                             "off when reg_learning_rate is given on the command line, --config or --set")
     mask_groups: list[str] = _f(list(GROUPS), f"mask groups to prune (comma-separated): {', '.join(GROUPS)}")
     mask_init: Literal["reference", "uniform"] = _f("reference", "initial log_alpha per group "
                                                                  "(cofi.masks.INIT_PRESETS)")
@@ -134,7 +137,11 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], base: "TrainConfig | None" = None, source: str = "config") -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any], base: "TrainConfig | None" = None, source: str = "config",
+                  user: bool = False) -> "TrainConfig":
+        """``base`` (default: the defaults) with the keys of ``d`` set. ``user``: ``d`` is the
+        user's own choice (command line, --config, --set; not a preset), so a rate given there
+        is kept as given (``reg_learning_rate_adapt`` off unless ``d`` sets it too)."""
         names = {f.name for f in fields(cls)}
         for old, new in RENAMED.items():
             if old in d:
@@ -149,6 +156,8 @@ class TrainConfig:
         cfg = dataclasses.replace(base) if base is not None else cls()
         for k, v in d.items():
             setattr(cfg, k, _coerce(k, v))
+        if user and "reg_learning_rate" in d and "reg_learning_rate_adapt" not in d:
+            cfg.reg_learning_rate_adapt = False
         return cfg
 
     @classmethod
@@ -166,7 +175,7 @@ class TrainConfig:
             raise ConfigError(f"cofi config: {p} is not valid YAML: {_one_line(e)}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"cofi config: {p} must hold a mapping of keys to values")
-        return cls.from_dict(d, base, source=str(p))
+        return cls.from_dict(d, base, source=str(p), user=True)
 
     # ------------------------------------------------------------------ validation
     def _validate_device(self) -> None:

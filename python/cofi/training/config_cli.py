@@ -59,7 +59,7 @@ def resolve(args: argparse.Namespace, command: str) -> TrainConfig:
         cfg = TrainConfig.load(args.config, cfg)
     explicit = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                 if getattr(args, f.name, None) is not None}
-    cfg = TrainConfig.from_dict(explicit, cfg, "command line")
+    cfg = TrainConfig.from_dict(explicit, cfg, "command line", user=True)
     for item in getattr(args, "set", None) or []:
         if "=" not in item:
             raise ConfigError(f"cofi config: --set expects key=value, got {item!r}")
@@ -68,7 +68,7 @@ def resolve(args: argparse.Namespace, command: str) -> TrainConfig:
             value = yaml.safe_load(v)
         except yaml.YAMLError as e:
             raise ConfigError(f"cofi config: --set {item!r}: the value is not valid YAML: {_one_line(e)}") from None
-        cfg = TrainConfig.from_dict({k.strip().replace("-", "_"): value}, cfg, "--set")
+        cfg = TrainConfig.from_dict({k.strip().replace("-", "_"): value}, cfg, "--set", user=True)
     if cfg.freeze_embeddings is None:
         cfg.freeze_embeddings = command != "finetune"
     return cfg.validate(command)
