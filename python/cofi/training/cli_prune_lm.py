@@ -48,11 +48,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             kw["help"] = (kw["help"] + " " if kw["help"] else "") + f"(default {f.default})"
         p.add_argument(flag, dest=f.name, **kw)
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its newest checkpoint")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the student and teacher with FSDP2 (fully_shard per decoder layer and "
+                        "root; masks and lambdas replicated) instead of data parallel replicas")
 
 
 def run(args: argparse.Namespace) -> int:
     from .lm_prune import LMPruner
 
     cfg = LMPruneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LMPruneConfig)})
-    LMPruner(cfg, resume=args.resume).run()
+    pruner = LMPruner(cfg, resume=args.resume, fsdp=args.fsdp)
+    try:
+        pruner.run()
+    finally:
+        pruner.par.close()
     return 0

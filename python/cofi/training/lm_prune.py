@@ -30,8 +30,8 @@ from ..masks.decoder import DecoderMasks, kept_structure, real_size
 from ..masks.decoder_maskset import DecoderMaskConfig, DecoderMaskSet, DecoderTarget
 from ..masks.decoder_projection import delivered_masks
 from . import checkpoint as C
-from .distributed import DistInfo
 from .lm_distill import IGNORE, fused_lm_loss, hidden_distill_loss, shifted_targets
+from .lm_parallel import LMParallel
 from .lm_prune_domains import DomainSteps
 from .optim import Optimizers
 from .precision import autocast
@@ -158,15 +158,18 @@ def batch_at(train: torch.Tensor, step: int, batch_size: int, seed: int) -> torc
 
 class LMPruner(DomainSteps):
     """Everything one run holds; ``run()`` trains to ``max_steps`` (resuming from the newest
-    checkpoint with ``resume``) and delivers. ``on_step(step)``: after each optimizer step (tests)."""
+    checkpoint with ``resume``) and delivers. ``on_step(step)``: after each optimizer step (tests).
+    ``fsdp``: under torchrun, shard the student and teacher with FSDP2; without it torchrun's
+    processes run data parallel (``lm_parallel``)."""
 
     def __init__(self, cfg: LMPruneConfig, *, resume: bool = False, log: Callable[[str], None] = print,
-                 on_step: Callable[[int], None] | None = None) -> None:
+                 on_step: Callable[[int], None] | None = None, fsdp: bool = False) -> None:
         from ..data.tokenizer import load_tokenizer
         from ..models.llama import CoFiLlamaForCausalLM
 
         cfg.check()
-        self.cfg, self.log, self.on_step = cfg, log, on_step
+        self.par = LMParallel.start(cfg.device, fsdp, cfg.batch_size, cfg.precision)
+        self.cfg, self.log, self.on_step = cfg, log if self.par.main else (lambda m: None), on_step
         self.out = Path(cfg.output_dir)
         self._claim(resume)
         if cfg.num_threads:
@@ -183,8 +186,10 @@ class LMPruner(DomainSteps):
         self.target = cfg.target_sparsity if cfg.target_sparsity is not None else self.masks.target_sparsity
         self.mask_gen = torch.Generator(self.device).manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
+        self.par.wrap(self.student, self.teacher)
         self.optim = Optimizers(list(self.student.named_parameters()), cfg, lr=cfg.learning_rate, kind=cfg.scheduler,
                                 total=cfg.max_steps, maskset=self.masks)  # type: ignore[arg-type]
+        self.par.adopt(self.optim)
         self.step = 0
         self.resume = resume
 
@@ -201,8 +206,11 @@ class LMPruner(DomainSteps):
             return
         if self.out.exists() and any(self.out.iterdir()):
             raise UserError(f"cofi prune-lm: --output-dir {self.out} is not empty; give a new folder or --resume")
-        self.out.mkdir(parents=True, exist_ok=True)
-        C.atomic_write_bytes(path, cfg_json.encode())
+        self.par.barrier()  # every rank has checked before rank 0 writes
+        if self.par.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            C.atomic_write_bytes(path, cfg_json.encode())
+        self.par.barrier()
 
     # ------------------------------------------------------------------ steps
     def progress(self, step: int) -> float:
@@ -213,6 +221,7 @@ class LMPruner(DomainSteps):
         """One step on ids [B, S]: sampled masks -> student (no logits) -> teacher (no grad) ->
         chunked KL / CE (+ hidden MSE) + Lagrangian -> Optimizers.step."""
         cfg, ms = self.cfg, self.masks
+        ids = self.par.local(ids)
         mstep = ms.step(generator=self.mask_gen)
         want_states = cfg.hidden_weight > 0
         with autocast(cfg.precision, self.device):
@@ -236,11 +245,11 @@ class LMPruner(DomainSteps):
         p = self.progress(step)
         lag, exp_s = ms.lagrangian(None if ms.target is not None else self.target * p, progress=p, step=mstep)
         loss = loss + lag
-        self.optim.step(loss, DistInfo())
+        self.optim.step(loss, self.par.dist)
         rec.update(loss=float(loss.detach()), lagrangian=float(lag.detach()), expected_sparsity=float(exp_s.detach()),
                    target_sparsity=self.target * p, lambda_1=float(ms.lambda_1.detach().sum()),
                    lambda_2=float(ms.lambda_2.detach().sum()))
-        return rec
+        return self.par.mean(rec)  # the global batch's values
 
     def evaluate(self, masks: DecoderMasks | None) -> float:
         """Perplexity of the masked student on (up to ``eval_batches`` batches of) the eval sequences."""
@@ -270,11 +279,13 @@ class LMPruner(DomainSteps):
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self) -> None:
-        st = {"stage": "prune", "loop": {"step": self.step}, "model": self.student.state_dict(),
-              "maskset": self.masks.state_dict(), "optim": self.optim.state_dict(), "rng": C.rng_state(self.mask_gen)}
+        st = {"stage": "prune", "loop": {"step": self.step}, "model": self.par.model_state(self.student),
+              "maskset": self.masks.state_dict(), "optim": self.par.optim_state(self.optim),
+              "rng": C.rng_state(self.mask_gen)}
         if self.loader is not None:
             st["domains"] = self.loader.state_dict()
-        C.save_checkpoint(self.out / "checkpoints", C.STAGES["prune"], self.step, st)
+        if self.par.main:
+            C.save_checkpoint(self.out / "checkpoints", C.STAGES["prune"], self.step, st)
 
     def _restore(self) -> None:
         found = C.load_latest(self.out / "checkpoints", self.log)
@@ -283,9 +294,9 @@ class LMPruner(DomainSteps):
             return
         path, st = found
         try:
-            self.student.load_state_dict(st["model"])
+            self.par.load_model_state(self.student, st["model"])
             self.masks.load_state_dict(st["maskset"])
-            self.optim.load_state_dict(st["optim"])
+            self.par.load_optim_state(self.optim, st["optim"])
             if self.loader is not None:
                 self.loader.load_state_dict(st["domains"])
         except (KeyError, RuntimeError, ValueError) as e:
@@ -305,7 +316,7 @@ class LMPruner(DomainSteps):
             n_train = len(self.train) if self.loader is None else sum(len(d.train) for d in self.loader.domains)
             self.log(f"[prune-lm] {n_train} x {cfg.seq_len} training tokens, {cfg.max_steps} steps, target "
                      f"sparsity {self.target:.4f}" + (f" (shape {self.masks.target_counts})" if self.masks.target else ""))
-        else:  # drop records past the checkpoint
+        elif self.par.main:  # drop records past the checkpoint
             kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= self.step]
             C.atomic_write_bytes(log_path, "".join(ln + "\n" for ln in kept).encode())
         self.student.train()
@@ -323,8 +334,9 @@ class LMPruner(DomainSteps):
                     rec["eval_ppl_domains"] = ppl
                 self.log(f"[prune-lm] step {self.step}: loss {rec['loss']:.4f}, eval ppl {rec['eval_ppl']:.3f}, "
                          f"real sparsity {rec['real_sparsity']:.4f}, expected {rec['expected_sparsity']:.4f}")
-            with log_path.open("a") as f:
-                f.write(json.dumps({"step": self.step, **rec}) + "\n")
+            if self.par.main:
+                with log_path.open("a") as f:
+                    f.write(json.dumps({"step": self.step, **rec}) + "\n")
             if self.step % cfg.save_steps == 0 or self.step == cfg.max_steps:
                 self._save()
         return self.finish()
@@ -334,6 +346,7 @@ class LMPruner(DomainSteps):
         from ..pruning.fold_llama import fold_llama
 
         masks = self.delivered()
+        self.student = self.par.plain(self.student)
         self.student.eval()
         compact = fold_llama(self.student, masks)
         ids = self.eval_seqs[: self.cfg.batch_size].to(self.device)
@@ -345,8 +358,9 @@ class LMPruner(DomainSteps):
             stock = True
         except UserError:
             stock = False
-        save_file({g: t.detach().cpu().contiguous() for g, t in masks.items()}, str(self.out / "masks.safetensors"))
-        compact.save_pretrained(self.out / "compact")
+        if self.par.main:
+            save_file({g: t.detach().cpu().contiguous() for g, t in masks.items()}, str(self.out / "masks.safetensors"))
+            compact.save_pretrained(self.out / "compact")
         res = {"target_sparsity": self.target, "target_shape": self.masks.target_counts or None,
                "real_sparsity": self.masks.real_sparsity(masks), "params": real_size(masks, self.shape),
                "structure": {"hidden": len(hid), "query_heads": [len(k.q_heads) for k in layers],
@@ -355,7 +369,8 @@ class LMPruner(DomainSteps):
                              "attention": [k.attention for k in layers], "mlp": [k.mlp for k in layers]},
                "stock_llama": stock, "fold_max_abs_gap": gap, "steps": self.step,
                **self.final_ppl(masks)}
-        C.atomic_write_bytes(self.out / "results.json", json.dumps(res, indent=2).encode())
+        if self.par.main:
+            C.atomic_write_bytes(self.out / "results.json", json.dumps(res, indent=2).encode())
         self.log(f"[prune-lm] delivered: real sparsity {res['real_sparsity']:.4f} (target {self.target:.4f}), "
                  f"eval ppl {res['eval_ppl_pruned']:.3f} (unpruned {res['eval_ppl_teacher']:.3f}), fold gap {gap:.2e}; "
                  f"compact model in {self.out / 'compact'}")
