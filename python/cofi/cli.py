@@ -45,7 +45,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("cofi.runtime.cli_export", "export a compact model folder to ONNX or torch.export"),
     "generate": ("cofi.runtime.cli_generate", "generate text from a pruned (or dense) Llama-family decoder, streamed"),
     "bench": ("cofi.bench.cli", "op microbenchmarks on this machine: same-run ratios vs the references"),
-    "demo": ("cofi.pipeline", "the whole pipeline on the bundled default (README command 1)"),
+    "demo": ("cofi.pipeline", "the whole pipeline on the bundled default (README command 1); --preset llm: the decoder job"),
 }
 
 

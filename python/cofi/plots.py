@@ -68,3 +68,62 @@ def run_plots(out: Path, metrics_path: Path, structure: dict[str, Any] | None, p
                   title=f"FFN width per layer (sparsity {st['sparsity']:.4f})")
         save(fig, "structure.png")
     return files
+
+
+def lm_run_plots(out: Path, prune: list[dict[str, Any]], recover: list[dict[str, Any]], structure: dict[str, Any],
+                 dense_ppl: float | None = None) -> list[str]:
+    """Plots of a decoder demo (``cofi demo --preset llm``): ``ppl_steps.png`` (in-training eval
+    perplexity over the pruning steps, then the recovery steps of the compact model), ``sparsity_lambdas.png``
+    (expected / target / delivered sparsity and the Lagrange multipliers over the pruning steps) and
+    ``structure.png`` (query heads, K/V heads and SwiGLU units per original layer; 0 = layer dropped).
+    ``prune``: cofi prune-lm's metrics.jsonl records; ``recover``: the recovery's; ``structure``:
+    its results.json "structure" with "original" (the dense counts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        files.append(str(out / name))
+        plt.close(fig)
+
+    ev = [r for r in prune if "eval_ppl" in r]
+    rev = [r for r in recover if "eval_ppl" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in ev], [r["eval_ppl"] for r in ev], "o-", label="pruning (masked model)")
+    ax.plot([r["step"] for r in rev], [r["eval_ppl"] for r in rev], "s-", label="recovery (compact model)")
+    if dense_ppl is not None:
+        ax.axhline(dense_ppl, ls="--", c="gray", label=f"dense {dense_ppl:.2f}")
+    ax.set(xlabel="step", ylabel="eval perplexity", yscale="log", title="held-out perplexity over steps")
+    ax.legend()
+    save(fig, "ppl_steps.png")
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in prune]
+    ax[0].plot(steps, [r["expected_sparsity"] for r in prune], label="expected")
+    ax[0].plot(steps, [r["target_sparsity"] for r in prune], "--", label="target (ramped)")
+    ax[0].plot([r["step"] for r in ev], [r["real_sparsity"] for r in ev], "o", label="delivered")
+    ax[0].set(xlabel="step", ylabel="body sparsity", title="sparsity (non-embedding parameters)")
+    ax[0].legend()
+    ax[1].plot(steps, [r["lambda_1"] for r in prune], label="lambda_1 (sum)")
+    ax[1].plot(steps, [r["lambda_2"] for r in prune], label="lambda_2 (sum)")
+    ax[1].set(xlabel="step", title="Lagrange multipliers")
+    ax[1].legend()
+    save(fig, "sparsity_lambdas.png")
+    st, orig = structure, structure["original"]
+    layers = range(len(st["query_heads"]))
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    w = 0.4
+    ax[0].bar([i - w / 2 for i in layers], st["query_heads"], w, label=f"query heads (of {orig['heads']})")
+    ax[0].bar([i + w / 2 for i in layers], st["kv_heads"], w, label=f"K/V heads (of {orig['kv_heads']})")
+    ax[0].set(xlabel="original layer", ylim=(0, orig["heads"]),
+              title=f"heads per layer ({sum(st['attention'])} of {orig['layers']} layers kept)")
+    ax[0].legend()
+    ax[1].bar(layers, st["intermediate"])
+    ax[1].set(xlabel="original layer", ylabel=f"SwiGLU units (of {orig['intermediate']})",
+              ylim=(0, orig["intermediate"]), title=f"FFN width per layer (hidden {st['hidden']} of {orig['hidden']})")
+    save(fig, "structure.png")
+    return files
