@@ -98,13 +98,26 @@ def _main(argv: list[str]) -> int:
         cfg = LMPruneConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(LMPruneConfig)})
         pruner = LMPruner(cfg, resume=a.resume, fsdp=a.fsdp, log=lambda m: None)
         try:
+            if a.fsdp:
+                _check_sharded(pruner.student)
             pruner.run()
+            if a.fsdp:  # the teacher's layers are resharded after its forwards without grad
+                _check_sharded(pruner.teacher)
             sd = {k: v.detach().clone().contiguous() for k, v in pruner.student.state_dict().items()}
             save_file(sd, str(Path(cfg.output_dir) / f"rank{pruner.par.dist.rank}.safetensors"))
         finally:
             if i == len(runs) - 1:
                 pruner.par.close()
     return 0
+
+
+def _check_sharded(model: torch.nn.Module) -> None:
+    """Every rank holds half of each decoder layer's weights (FSDP2's dim-0 shards)."""
+    from torch.distributed.tensor import DTensor
+
+    for layer in model.model.layers:
+        for name, w in layer.named_parameters():
+            assert isinstance(w, DTensor) and w.to_local().shape[0] == w.shape[0] // 2, name
 
 
 def _records(out: Path) -> list[dict]:
