@@ -33,6 +33,18 @@ def _values(masks: DecoderMasks | None, shape: DecoderShape) -> DecoderMasks:
     return out
 
 
+class _CastOnStore(dict):
+    """A dict that casts each tensor to ``dtype`` (contiguous) when it is stored: the fold computes
+    one tensor at a time in float64, and a float64 copy of a whole 1B model would be 10 GB."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        super().__setitem__(key, value.to(self.dtype).contiguous())
+
+
 def fold_llama_state_dict(state_dict: Mapping[str, torch.Tensor], hf_config: Any, masks: DecoderMasks | None,
                           dtype: torch.dtype | None = None) -> tuple[CompactLlamaConfig, dict[str, torch.Tensor]]:
     """Fold + cut a transformers-named *ForCausalLM state dict. Returns the compact config and state
@@ -57,8 +69,9 @@ def fold_llama_state_dict(state_dict: Mapping[str, torch.Tensor], hf_config: Any
         return (t[:, None] * D + torch.arange(D)[None, :]).reshape(-1)
 
     tied = s.tie_word_embeddings
-    new = {"model.embed_tokens.weight": g("model.embed_tokens.weight")[:, K] * zK,
-           "model.norm.weight": g("model.norm.weight")[K] * (1.0 if tied else zK)}
+    new = _CastOnStore(out_dtype)
+    new["model.embed_tokens.weight"] = g("model.embed_tokens.weight")[:, K] * zK
+    new["model.norm.weight"] = g("model.norm.weight")[K] * (1.0 if tied else zK)
     for i, k in enumerate(kept):
         P, O = f"model.layers.{i}.", f"model.layers.{i}."
         if k.attention:
@@ -96,7 +109,7 @@ def fold_llama_state_dict(state_dict: Mapping[str, torch.Tensor], hf_config: Any
         attention=[k.attention for k in kept], intermediate_sizes=[len(k.units) for k in kept],
         mlp=[k.mlp for k in kept], head_dim=D, qkv_bias=s.qkv_bias, o_bias=s.o_bias, mlp_bias=s.mlp_bias,
         tie_word_embeddings=tied)
-    return cfg, {k: v.to(out_dtype).contiguous() for k, v in new.items()}
+    return cfg, dict(new)
 
 
 def fold_llama(model: torch.nn.Module, masks: DecoderMasks | None, dtype: torch.dtype | None = None
