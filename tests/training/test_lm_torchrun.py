@@ -1,6 +1,7 @@
 """``cofi prune-lm`` under a real ``torchrun --standalone --nproc_per_node=2`` (gloo, CPU): data
 parallel and FSDP2 (``--fsdp``) against one process with the same global batch, on a tiny random
-GQA Llama with a tied head; and a single process resuming from an FSDP run's checkpoint.
+GQA Llama with a tied head; each of them resuming the single-process run's checkpoint, and one
+process resuming the FSDP run's (checkpoints hold full state dicts in the single-process layout).
 
 What must be equal, and how closely:
 - the ranks of the data-parallel run: bitwise (the final student weights; they apply the same
@@ -9,7 +10,8 @@ What must be equal, and how closely:
   exactly; logged losses of every step, log_alpha, mask values, compact weights and logits up to
   float32 summation order (each rank's mean over its half batch, averaged by all-reduce or FSDP2's
   reduce-scatter, vs one mean over the whole batch): RTOL 1e-4 relative (measured <= 1e-5 here);
-- an FSDP checkpoint resumed by one process: the same tolerance against the uninterrupted run.
+- a run resumed in another layout (1 process <-> DP / FSDP): the same tolerance against the
+  uninterrupted single-process run.
 
 Run as a script (``torchrun ... test_lm_torchrun.py ARGS [:: ARGS ...]``) this file is what every
 rank runs: ``cofi prune-lm ARGS`` for each argument list in turn (one launch, one process group),
@@ -169,30 +171,48 @@ def _compact_logits(out: Path) -> torch.Tensor:
         return m(ids)
 
 
+def _killed_at_step_4(src: Path, dst: Path) -> Path:
+    """``dst``: the run in ``src`` as a kill during step 4 leaves it (step-3 checkpoint, metrics to
+    step 6 that resume trims, no outputs), its saved output_dir moved to ``dst``."""
+    shutil.copytree(src, dst)
+    for f in sorted((dst / "checkpoints").glob("ckpt-*-00000006.pt*")) + [dst / "results.json",
+                                                                           dst / "masks.safetensors"]:
+        f.unlink()
+    shutil.rmtree(dst / "compact")
+    for f in dst.glob("rank*.safetensors"):
+        f.unlink()
+    cfg = dst / "prune_lm_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "output_dir": str(dst)}))
+    return dst
+
+
 def test_torchrun_dp_and_fsdp_match_one_process(tiny, tmp_path):
+    """One launch: data parallel, FSDP2, and both resuming the single-process run's checkpoint
+    (full state dicts into replicas / shards); then one process resumes the FSDP run's checkpoint."""
     from cofi.training.lm_prune import LMPruneConfig, LMPruner
 
     one, dp, fsdp = tmp_path / "one", tmp_path / "dp", tmp_path / "fsdp"
     model, text = tiny
     LMPruner(LMPruneConfig(model=str(model), output_dir=str(one), train_text=str(text), **RUN),
              log=lambda m: None).run()
-    _torchrun(_args(tiny, dp) + ["::"] + _args(tiny, fsdp) + ["--fsdp"])
+    dp_res, fsdp_res = _killed_at_step_4(one, tmp_path / "dp_res"), _killed_at_step_4(one, tmp_path / "fsdp_res")
+    _torchrun(_args(tiny, dp) + ["::"] + _args(tiny, fsdp) + ["--fsdp", "::"] + _args(tiny, dp_res) + ["--resume", "::"]
+              + _args(tiny, fsdp_res) + ["--resume", "--fsdp"])
 
-    r0, r1 = (load_file(str(dp / f"rank{r}.safetensors")) for r in (0, 1))
-    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    for got in (dp, dp_res):
+        r0, r1 = (load_file(str(got / f"rank{r}.safetensors")) for r in (0, 1))
+        assert all(torch.equal(r0[k], r1[k]) for k in r0)
     for got in (dp, fsdp):
         _same_run(got, one)
         _close(_compact_logits(got), _compact_logits(one), f"{got.name} compact logits")
+    for got in (dp_res, fsdp_res):
+        _same_run(got, one)
 
-    # one process resumes the FSDP run from its step-3 checkpoint (gathered full state dicts), as
-    # after a kill during step 4
-    for f in sorted((fsdp / "checkpoints").glob("ckpt-*-00000006.pt*")) + [fsdp / "results.json",
-                                                                            fsdp / "masks.safetensors"]:
-        f.unlink()
-    shutil.rmtree(fsdp / "compact")
-    LMPruner(LMPruneConfig(model=str(model), output_dir=str(fsdp), train_text=str(text), **RUN), resume=True,
+    # one process resumes the FSDP run from its step-3 checkpoint (gathered full state dicts)
+    res = _killed_at_step_4(fsdp, tmp_path / "one_res")
+    LMPruner(LMPruneConfig(model=str(model), output_dir=str(res), train_text=str(text), **RUN), resume=True,
              log=lambda m: None).run()
-    _same_run(fsdp, one)
+    _same_run(res, one)
 
 
 def test_fsdp_needs_torchrun(tiny, tmp_path, capsys):
