@@ -10,7 +10,12 @@ Built once from a ``CompactLlamaForCausalLM`` (or a dense folder folded with no 
   query-length axis, so K/V are never copied or repeated;
 - RoPE cos/sin come from transformers' rotary class at each call's positions (dynamic RoPE types,
   whose frequencies depend on the sequence length, are refused);
-- the cache is ``[B, G_l, T_max, D]`` per layer, allocated once per generation, written in place.
+- the cache is ``[B, G_l, T_max, D]`` per layer, allocated once per generation, written in place;
+- bf16 / fp16 weights on a CPU without native half GEMMs (``torch.ops.mkldnn`` says so; AVX2 only):
+  a projection over more than one token row runs in float32 on row blocks of the weight upcast
+  in cache-sized chunks (``upcast_linear``), 3-10x faster there than torch's half GEMM and the same
+  operation (that GEMM also accumulates in float32 and rounds once); one row (batch-1 decoding)
+  stays a half GEMV, which reads half the bytes.
 
 Positions follow transformers with an attention mask: ``cumsum(mask) - 1`` (left padding puts a row's
 first real token at position 0), so a padded batch gives each row its unpadded logits.
@@ -28,6 +33,28 @@ from ..models import _decoder_ops as ops
 from .compact_llama import CompactLlamaForCausalLM
 
 _DYNAMIC_ROPE = ("dynamic", "longrope")
+_UPCAST_CHUNK = 1 << 20  # float32 weight elements upcast at a time (4 MiB: stays in cache)
+
+
+def needs_upcast(dtype: torch.dtype, device: torch.device) -> bool:
+    """True for bf16 / fp16 on a CPU whose oneDNN has no native GEMM for that dtype."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    native = (torch.ops.mkldnn._is_mkldnn_bf16_supported if dtype == torch.bfloat16
+              else torch.ops.mkldnn._is_mkldnn_fp16_supported)
+    return not native()
+
+
+def upcast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, w, b)`` computed in float32, rounded once to ``x.dtype``. x: [..., K];
+    w: [N, K]; b: [N] | None. Returns [..., N]. The weight is upcast in row blocks, so no
+    float32 copy of it is ever whole."""
+    xf = x.float()
+    out = x.new_empty(*x.shape[:-1], w.shape[0])
+    step = max(1, _UPCAST_CHUNK // w.shape[1])
+    for i in range(0, w.shape[0], step):
+        out[..., i:i + step] = F.linear(xf, w[i:i + step].float(), None if b is None else b[i:i + step].float())
+    return out
 
 
 @dataclass
@@ -115,6 +142,18 @@ class LlamaRuntime(nn.Module):
         self.register_buffer("lm_head", model.lm_head.weight.detach())
         self.register_buffer("norm", model.model.norm.weight.detach().clone())
         self.layers = nn.ModuleList(_Layer(layer, c.head_dim) for layer in model.model.layers)
+        self.upcast = needs_upcast(self.dtype, self.device)
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        self.upcast = needs_upcast(self.dtype, self.device)
+        return out
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """x [..., K] @ w [N, K]^T + b -> [..., N]; float32 over row blocks where half GEMMs are slow."""
+        if self.upcast and x.numel() > x.shape[-1]:
+            return upcast_linear(x, w, b)
+        return F.linear(x, w, b)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -176,8 +215,8 @@ class LlamaRuntime(nn.Module):
                 r = r + layer.attn_bias
             if layer.mlp:
                 y = F.rms_norm(r, (d,), layer.ln2, self.eps)
-                gu = F.linear(y, layer.gu_w, layer.gu_b)
-                r = r + F.linear(F.silu(gu[..., :layer.width]) * gu[..., layer.width:], layer.down_w, layer.down_b)
+                gu = self.linear(y, layer.gu_w, layer.gu_b)
+                r = r + self.linear(F.silu(gu[..., :layer.width]) * gu[..., layer.width:], layer.down_w, layer.down_b)
             elif layer.mlp_bias is not None:
                 r = r + layer.mlp_bias
         if cache is not None:
@@ -188,7 +227,7 @@ class LlamaRuntime(nn.Module):
             else:
                 last = (keep.long() * torch.arange(S, device=keep.device)).argmax(1)
                 r = r[torch.arange(B, device=r.device), last][:, None]
-        return F.linear(F.rms_norm(r, (d,), self.norm, self.eps), self.lm_head)
+        return self.linear(F.rms_norm(r, (d,), self.norm, self.eps), self.lm_head, None)
 
     @staticmethod
     def _mask(keep: torch.Tensor | None, cache: KVCache | None, start: int, S: int) -> torch.Tensor | None:
@@ -209,7 +248,7 @@ class LlamaRuntime(nn.Module):
                    present: list[tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
         B, S, _ = y.shape
         D, hq, hk = self.head_dim, layer.nq, layer.nk
-        qkv = F.linear(y, layer.qkv_w, layer.qkv_b).view(B, S, hq + 2 * hk, D).transpose(1, 2)
+        qkv = self.linear(y, layer.qkv_w, layer.qkv_b).view(B, S, hq + 2 * hk, D).transpose(1, 2)
         q = ops.apply_rope(qkv[:, :hq], cos, sin)
         k = ops.apply_rope(qkv[:, hq:hq + hk], cos, sin)
         v = qkv[:, hq + hk:]
@@ -233,7 +272,7 @@ class LlamaRuntime(nn.Module):
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=D ** -0.5,
                                                  enable_gqa=hq != hk)
             ctx = ctx.transpose(1, 2).reshape(B, S, hq * D)
-        return F.linear(ctx, layer.o_w, layer.o_b)
+        return self.linear(ctx, layer.o_w, layer.o_b)
 
 
-__all__ = ["KVCache", "LlamaRuntime"]
+__all__ = ["KVCache", "LlamaRuntime", "needs_upcast", "upcast_linear"]
