@@ -80,6 +80,14 @@ class MaskConfig:
         """Init mean of ``group``'s log_alpha."""
         return self._means[group]
 
+    @property
+    def score_travel(self) -> float:
+        """How far (in log_alpha) a score may have to move: from where the highest-starting group
+        sits after the first clamp (its init mean, at most the top of ``clamp``) to the bottom of
+        ``clamp``, where a unit is kept with probability ~0.05. Only the pruned ``groups`` count."""
+        lo, hi = self.clamp
+        return max(min(self._means[g], hi) for g in self.groups) - lo
+
     def shape(self, group: str) -> tuple[int, ...]:
         """Shape of ``group``'s mask: hidden (d,), head (L, H), mha (L,), intermediate (L, F), ffn (L,)."""
         return group_shape(group, self.num_layers, self.hidden_size, self.num_heads, self.intermediate_size)

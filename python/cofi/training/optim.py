@@ -1,7 +1,8 @@
 """Optimizers of a training stage: the model's AdamW (weight-decay groups; fused where available)
 with its learning-rate schedule, and while masks are trained the log_alpha AdamW and the lambdas'
 AdamW (gradient ascent), stepped together by ``Optimizers.step`` (with precision fp16, through a
-loss scaler: ``precision.grad_scaler``)."""
+loss scaler: ``precision.grad_scaler``). ``controller_lr``: the rate of the log_alpha and lambda AdamWs
+for a schedule (docs/design.md 4, "A controller for any schedule length")."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +10,27 @@ import torch
 from . import distributed as dd
 from .config import TrainConfig
 from .precision import grad_scaler, no_autocast
+
+
+# The scores must be able to cross their whole travel (MaskConfig.score_travel) in 1 / CROSSINGS of
+# the Lagrangian warm-up. AdamW moves a score by at most about its learning rate per step, so the
+# rate needed is CROSSINGS * travel / warm-up steps. 3 keeps the demo preset (reg lr 0.1 over its
+# ~319-step warm-up: 32 units of travel per warm-up, 27.6 needed) as configured.
+CROSSINGS = 3
+
+
+def controller_lr(cfg: TrainConfig, travel: float, horizon: int) -> tuple[float, dict]:
+    """The learning rate of log_alpha and of the lambdas for a warm-up of ``horizon`` steps.
+
+    ``cfg.reg_learning_rate`` unless it is too slow for the scores to cross ``travel`` (log_alpha
+    units) in ``horizon / CROSSINGS`` steps and ``cfg.reg_learning_rate_adapt`` is on; then
+    ``CROSSINGS * travel / horizon``. Returns (rate, record: configured, effective, adapted,
+    needed, horizon_steps, travel)."""
+    need = CROSSINGS * travel / horizon if horizon > 0 else 0.0
+    adapted = bool(cfg.reg_learning_rate_adapt and cfg.reg_learning_rate < need)
+    lr = need if adapted else cfg.reg_learning_rate
+    return lr, {"configured": cfg.reg_learning_rate, "effective": lr, "adapted": adapted, "needed": need,
+                "horizon_steps": horizon, "travel": travel}
 
 
 def no_decay(name: str) -> bool:
@@ -50,10 +72,10 @@ def schedule(opt: torch.optim.Optimizer, kind: str, total: int, warmup: int) -> 
 
 class Optimizers:
     """The model AdamW + schedule over ``named``; with ``maskset`` (masks trained) also the
-    log_alpha and lambda AdamWs at ``cfg.reg_learning_rate``."""
+    log_alpha and lambda AdamWs at ``reg_lr`` (default ``cfg.reg_learning_rate``)."""
 
     def __init__(self, named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig, *, lr: float, kind: str,
-                 total: int, maskset=None) -> None:
+                 total: int, maskset=None, reg_lr: float | None = None) -> None:
         self.cfg = cfg
         self.model_params = [p for _, p in named]
         self.opt = adamw(weight_decay_groups(named, cfg.weight_decay), lr, cfg)
@@ -62,9 +84,9 @@ class Optimizers:
         self.l0_opt = self.lam_opt = None
         self.params = list(self.model_params)  # every parameter whose gradient is averaged over ranks
         if maskset is not None:
-            self.l0_opt = torch.optim.AdamW([maskset.log_alpha], lr=cfg.reg_learning_rate, weight_decay=0.0)
-            self.lam_opt = torch.optim.AdamW([maskset.lambda_1, maskset.lambda_2], lr=cfg.reg_learning_rate,
-                                             weight_decay=0.0)
+            reg_lr = cfg.reg_learning_rate if reg_lr is None else reg_lr
+            self.l0_opt = torch.optim.AdamW([maskset.log_alpha], lr=reg_lr, weight_decay=0.0)
+            self.lam_opt = torch.optim.AdamW([maskset.lambda_1, maskset.lambda_2], lr=reg_lr, weight_decay=0.0)
             self.params += [maskset.log_alpha, maskset.lambda_1, maskset.lambda_2]
         self.device = self.params[0].device if self.params else torch.device("cpu")
         self.scaler = grad_scaler(cfg.precision, self.device)

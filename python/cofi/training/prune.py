@@ -28,7 +28,7 @@ from .config import ConfigError
 from .context import RunContext
 from .evaluate import best_note, describe, evaluate, metric_value
 from .loop import run_loop
-from .optim import Optimizers
+from .optim import Optimizers, controller_lr
 from .precision import autocast
 from .state import LoopState
 from .task import forward
@@ -56,6 +56,16 @@ class PruneStage:
                 f"pre-pruning, Lagrangian warm-up {self.warmup_steps}, target {self.target:.4f}, backend {cfg.backend}")
         for line in budget_lines(self.budget):
             ctx.log(line)
+        horizon = self.warmup_steps if self.warmup_steps > 0 else self.total - self.pre_steps
+        self.reg_lr, self.controller = controller_lr(cfg, self.maskset.cfg.score_travel, horizon)
+        c = self.controller
+        if c["adapted"]:
+            ctx.log(f"[prune] controller: reg_learning_rate {c['configured']:g} -> {c['effective']:.4g}: log_alpha may "
+                    f"have to travel {c['travel']:.2f}, about {c['configured']:g} per step, which takes "
+                    f"{c['travel'] / c['configured']:.0f} steps, more than a third of the {horizon}-step warm-up; raised "
+                    f"so that it takes a third (--reg-learning-rate keeps the rate given)")
+        else:
+            ctx.log(f"[prune] controller: reg_learning_rate {c['effective']:g} (as configured)")
         if ctx.dist.main:
             C.atomic_write_bytes(ctx.folder.out / "budget.json", json.dumps(self.budget, indent=2).encode())
         self.best_dir = ctx.folder.out / "best"
@@ -68,7 +78,7 @@ class PruneStage:
         pruning = phase == "pruning"
         return Optimizers(self.ctx.student_named(), cfg, lr=cfg.learning_rate, kind=cfg.scheduler,
                           total=self.total - self.pre_steps if pruning else self.total,
-                          maskset=self.maskset if pruning else None)
+                          maskset=self.maskset if pruning else None, reg_lr=self.reg_lr)
 
     def set_phase(self, step: int, force: bool = False) -> None:
         want = "pre" if step < self.pre_steps else "pruning"
@@ -198,5 +208,5 @@ class PruneStage:
                 f"{how}; real sparsity {info['real_sparsity']:.4f} (target {self.target:.4f}; deterministic masks "
                 f"{info['sparsity_before']:.4f}); structure {info['structure']}")
         return {"best_metric": ls.best_metric, "best_step": ls.best_step, "best_sparsity": ls.best_sparsity,
-                "last_eval": ls.last_eval, "steps": ls.step, "target_sparsity": self.target,
+                "last_eval": ls.last_eval, "steps": ls.step, "target_sparsity": self.target, "controller": self.controller,
                 "delivered": {"source": src.name, **info}}
