@@ -398,6 +398,9 @@ def render_runtime_ort_file(rel: str, data: dict[str, Any]) -> str:
             + f"\n\n**Where cofi wins or loses** (this run; ort compact p50 / cofi's):\n\n"
             f"- like for like (`cofi compact` vs `ort compact`, same model, every row computed): {split(like)}.\n"
             f"- as deployed (`cofi skip` vs `ort compact`): {split(deployed)}.")
+    if "loaded" in caveat:
+        caveat += (" Load slows torch's OpenMP threads (torch dense, cofi) far more than onnxruntime's: the "
+                   "ratios against onnxruntime do not hold (see **runtime_ort** under Notes).")
     return with_caveat(text, caveat)
 
 
