@@ -60,7 +60,7 @@ class LMParallel:
     def start(cls, device: str, fsdp: bool, batch_size: int, precision: str) -> LMParallel:
         """Join torchrun's process group (when WORLD_SIZE > 1) and check the run can be split."""
         who = "cofi prune-lm"
-        world = dd.init(device) if fsdp or _world() > 1 else dd.DistInfo()
+        world = dd.init(device)
         if fsdp and world.world < 2:
             raise UserError(f"{who}: --fsdp shards the model over torchrun's processes: run it under torchrun "
                             f"--nproc_per_node=N with N >= 2, got WORLD_SIZE={world.world}")
@@ -155,12 +155,6 @@ class LMParallel:
         out = CoFiLlamaForCausalLM(model.config, init_weights=False).to(next(iter(sd.values())).device)
         out.load_state_dict(sd)
         return out.train(model.training)
-
-
-def _world() -> int:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _shard(model: nn.Module) -> None:
