@@ -1,7 +1,7 @@
-"""The decoder's compute steps behind one small interface, so that cofi.ops' causal/GQA
-``masked_attention`` and SwiGLU ``masked_ffn`` can take over without touching the models:
-rotary embedding, causal grouped-query attention over gathered heads, SwiGLU MLP.
-Used by the masked decoder (``cofi.models.llama``) and the compact one (``cofi.runtime.compact_llama``).
+"""Decoder compute steps in plain torch: rotary embedding (transformers' own classes), causal
+grouped-query attention over gathered heads on SDPA, SwiGLU MLP. The masked decoder's training
+forward (``cofi.models.llama``) uses the rotary parts and runs attention / MLP on cofi's fused ops;
+the compact inference model (``cofi.runtime.compact_llama``) runs all of these.
 """
 from __future__ import annotations
 
