@@ -204,7 +204,7 @@ class LlamaRuntime(nn.Module):
         if cache is not None:
             cache.next_pos = pos[:, -1] + 1 if keep is None else cache.next_pos + keep.long().sum(1)
         r = F.embedding(input_ids, self.embed)
-        cos, sin = self.rotary(r, pos)
+        cos, sin = (t[:, None] for t in self.rotary(r, pos))  # [B, 1, S, D]: broadcast over heads
         mask = self._mask(keep, cache, start, S)
         d = r.shape[-1]
         for i, layer in enumerate(self.layers):
@@ -249,15 +249,17 @@ class LlamaRuntime(nn.Module):
         B, S, _ = y.shape
         D, hq, hk = self.head_dim, layer.nq, layer.nk
         qkv = self.linear(y, layer.qkv_w, layer.qkv_b).view(B, S, hq + 2 * hk, D).transpose(1, 2)
-        q = ops.apply_rope(qkv[:, :hq], cos, sin)
-        k = ops.apply_rope(qkv[:, hq:hq + hk], cos, sin)
-        v = qkv[:, hq + hk:]
+        # RoPE on q and k in one pass (transformers' rotate_half and operation order); decoding is
+        # bound by per-op dispatch for small models, so each layer keeps its op count low
+        qk, half = qkv[:, :hq + hk], D // 2
+        qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+        q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, hq + hk:]
         if present is not None:
             present.append((k, v))
         if cache is not None:
-            cache.k[i][:, :, start:start + S] = k
-            cache.v[i][:, :, start:start + S] = v
-            k, v = cache.k[i][:, :, :start + S], cache.v[i][:, :, :start + S]
+            cache.k[i].narrow(2, start, S).copy_(k)
+            cache.v[i].narrow(2, start, S).copy_(v)
+            k, v = cache.k[i].narrow(2, 0, start + S), cache.v[i].narrow(2, 0, start + S)
         if S == 1 and start > 0:
             # one new token per row: a group's query heads become SDPA's query rows over its K/V head
             qg = q.reshape(B, hk, layer.group, D)
