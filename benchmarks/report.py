@@ -608,19 +608,32 @@ def with_caveat(text: str, caveat: str) -> str:
 
 
 def render_lm_train_step(rel: str, data: dict[str, Any]) -> str:
-    """lm_train_step: one `cofi prune-lm` step at each sparsity vs the dense-masked step, same run."""
+    """lm_train_step: one `cofi prune-lm` step, compact at each sparsity vs the dense-masked step, same run."""
     meta, rows = data["meta"], data["rows"]
-    dense = next((r["p50_ms"] for r in rows if r["real_sparsity"] == 0), None)
-    head = ["case", "real sparsity", "p50 s", "p10 - p90 s", "steps", "**vs sparsity 0** (dense-masked)"]
-    body = [[r["case"], f"{r['real_sparsity']:.2f}", fmt_ms(r["p50_ms"] / 1e3),
-             f"{fmt_ms(r['p10_ms'] / 1e3)} - {fmt_ms(r['p90_ms'] / 1e3)}", str(r["n"]), fmt_x(dense, r["p50_ms"])]
-            for r in rows]
+    dense = next((r["p50_ms"] for r in rows if r.get("backend", "dense") == "dense" and r["real_sparsity"] == 0), None)
+    c0 = next((r["p50_ms"] for r in rows if r.get("backend") == "compact" and r["real_sparsity"] == 0), None)
+
+    def shape(r: dict[str, Any]) -> str:
+        k = r.get("kept_shape")
+        return "-" if not k else f"{k['hidden']} / {k['heads']} ({k['kv_heads']}) / {k['intermediate']}"
+
+    head = ["case", "backend", "real sparsity", "kept hidden / heads (K/V) / SwiGLU", "p50 s", "p10 - p90 s", "steps",
+            "**vs dense-masked s0**", "vs compact s0"]
+    body = [[r["case"], r.get("backend", "-"), f"{r['real_sparsity']:.2f}", shape(r), fmt_ms(r["p50_ms"] / 1e3),
+             f"{fmt_ms(r['p10_ms'] / 1e3)} - {fmt_ms(r['p90_ms'] / 1e3)}", str(r["n"]), fmt_x(dense, r["p50_ms"]),
+             fmt_x(c0, r["p50_ms"])] for r in rows]
     env = {k: meta.get(k) for k in ("device_name", "torch", "threads", "git_sha", "timestamp")}
     cmd, caveat = run_notes(meta)
     text = (f"{env_line(rel, env)}{cmd} · {meta['shape']}, {meta['layers']} layers, batch {meta['batch']} x "
-            f"{meta['seq']}, {meta['loss']}\n\n`LMPruner.train_step` (`benchmarks/bench_lm_train_step.py`), the "
-            f"pruners timed interleaved; vs sparsity 0 = its p50 / this p50 (above 1: faster).\n\n"
-            + table(head, body))
+            f"{meta['seq']}, {meta.get('dtype', 'fp32')}, {meta['loss']}, masks {meta.get('masks', 'sampled')}\n\n"
+            f"`LMPruner.train_step` (`benchmarks/bench_lm_train_step.py`): mask step, student forward + backward, "
+            f"teacher forward, loss, optimisers; the student's backend `dense` = full width, masks multiplied "
+            f"(reference ops), `compact` = live units only (fused ops); all cases timed interleaved; "
+            f"vs X = X's p50 / this p50 (above 1: faster).\n\n" + table(head, body))
+    if any("backend" not in r for r in rows):
+        caveat = (caveat + "\n\n" if caveat else "") + ("*Note:* rows without a backend come from the bench before "
+                                                         "`backend=\"dense\"` existed: sparsity 0 ran the live-unit "
+                                                         "path with every unit live, masks sampled at log_alpha +-4.6.")
     return with_caveat(text, caveat)
 
 
