@@ -40,14 +40,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from cofi import ops as cops  # noqa: E402
-from cofi.bench.harness import env_tags, time_interleaved  # noqa: E402
-from cofi.masks.decoder import DecoderShape, full_size, real_size  # noqa: E402
-from cofi.masks.decoder_maskset import DecoderMaskConfig, DecoderMaskSet  # noqa: E402
-from cofi.models.llama import CoFiLlamaForCausalLM  # noqa: E402
-from cofi.training.distributed import DistInfo  # noqa: E402
-from cofi.training.lm_prune import LMPruneConfig, LMPruner  # noqa: E402
-from cofi.training.optim import Optimizers  # noqa: E402
+from cofi import ops as cops
+from cofi.bench.harness import env_tags, time_interleaved
+from cofi.masks.decoder import DecoderShape, full_size, real_size
+from cofi.masks.decoder_maskset import DecoderMaskConfig, DecoderMaskSet
+from cofi.models.llama import CoFiLlamaForCausalLM
+from cofi.training.distributed import DistInfo
+from cofi.training.lm_prune import LMPruneConfig, LMPruner
+from cofi.training.optim import Optimizers
 
 OUT = Path(__file__).resolve().parent / "results" / "cpu" / "lm_train_step.json"
 SATURATED = 20.0

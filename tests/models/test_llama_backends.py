@@ -14,7 +14,6 @@ import torch
 from cofi.errors import UserError
 from cofi.masks.decoder import DecoderMasks, DecoderShape
 from cofi.models import llama as llama_mod
-
 from models.test_llama import V, _pair, _random_masks, _rel  # tests/ is on the path (pyproject)
 
 
