@@ -1,41 +1,61 @@
-"""Pruned-decoder generation speed (issue 22, "Show"): prefill latency, decode tokens/s and peak
-memory, all providers timed interleaved in one process (ratios only from one run).
+"""Pruned-decoder generation speed (issue 22, "Show"): prefill latency, decode tokens/s and memory
+of cofi's runtime on pruned models vs the same runtime dense and transformers, with the bounds
+measured in the same run; every provider of a job timed interleaved in one process.
 
-Providers per sparsity (random masks with a uniform shape: every layer keeps the same query heads per
-K/V group and the same SwiGLU units, so the fold is a stock LlamaForCausalLM; the FFN width is solved
-so the body hits the target sparsity; hidden size kept):
-- rt_pruned:  cofi's runtime (``cofi.runtime.llama_runtime``) on the pruned compact model;
-- rt_dense:   the same runtime on the dense model (a fold with no masks);
-- hf_dense:   transformers on the dense model (prefill: forward with ``logits_to_keep=1``; decode:
-              ``generate``, greedy, SDPA attention);
-- hf_pruned:  transformers on the exported stock pruned checkpoint (``export_llama``), same calls.
+Providers per job (one model config and dtype; random masks with a uniform shape: every layer keeps
+the same query heads per K/V group and the same SwiGLU units, so the fold is a stock
+LlamaForCausalLM; the FFN width is solved so the body hits the target sparsity; hidden size kept):
+- rt_pruned@s: cofi's runtime (``cofi.runtime.llama_runtime``) on the pruned compact model;
+- rt_dense:    the same runtime on the dense model (a fold with no masks);
+- hf_dense:    transformers on the dense model (prefill: forward with ``logits_to_keep=1``; decode:
+               ``generate``, greedy, SDPA attention);
+- hf_pruned@s: transformers on the exported stock pruned checkpoint (``export_llama``), same calls.
+The dense providers are timed once per job, in the same rounds as every sparsity's pruned ones.
+Before timing, each pair that must agree is checked (rt vs transformers logits on one prompt).
 
-Prefill: S-token prompts, batch 1 and 8, next-token logits only. Decode: tokens/s over N new tokens
-after a P-token prompt, from (t(N) - t(1)) / (N - 1) per step (prefill and setup cancel out).
-Memory: weights + KV cache bytes at the end of decoding (counted), and the process's peak RSS
-growth over one decode call (sampled every ms from /proc/self/statm; CPU only).
-Bounds: prefill FLOP ratio dense / pruned (matmuls incl. attention, one LM-head row per sequence);
-decode: bytes read per step (all weights incl. the LM head, plus the KV cache at mid-decode) over the
-read bandwidth measured in the same run (sum of a large buffer), as tokens/s; efficiency = measured /
-bound. --quick: a small random config, short sequences (numbers show the harness works, not speed).
+Prefill: S-token prompts (512), next-token logits only (the runtime writes its KV cache as in
+generation; transformers builds its cache). Decode: greedy, N new tokens after a P-token prompt;
+each generated token is timestamped inside the call (the runtime's stream / a transformers logits
+processor), tokens/s = B (N - 1) / (t_N - t_1): prefill and setup never enter it.
+Memory: weights + KV cache bytes at the end of decoding (counted), and the process's RSS growth
+during the first timed decode call (sampled every 2 ms from /proc/self/statm; memory freed by an
+earlier call may be reused, so it is a lower bound).
+Bounds, per job: read bandwidth = best of 5 ``torch.sum`` over a 512 MiB buffer (copy bandwidth
+reported next to it); decode bound = that bandwidth over the bytes one step reads (every weight the
+step touches incl. the LM head, plus the KV cache at mid-decode), in tokens/s; prefill bound = the
+matmul FLOP ratio dense / pruned (projections, QK^T and PV causal, one LM-head row per sequence):
+efficiency = the measured speed-up over the same library's dense model / that ratio.
+
+The full run (no arguments) is the PLAN below, sized for ~12 minutes on 2 quiet Zen 3 cores: for
+SmolLM2 the repetitions are cut, not the cases (bf16 decoding at batch 8: 32 new tokens; the
+per-step time is what is measured and the KV cache is a few % of a step's bytes either way); the
+Llama-3.2-1B-shaped config (random weights) has fewer rows: fp32 only, batch 1 only (prefill, and
+decoding of 32 new tokens), 1 round. transformers' bf16 GEMMs run at a few GFLOP/s on an AVX2-only
+CPU (its bf16 prefill at batch 8 alone is ~4 of the 12 minutes). Writes results/cpu/generate.json.
+--quick: a small random config in fp32 and bf16 (shows the harness works, not speed).
 """
 from __future__ import annotations
 
+import gc
 import os
+import shlex
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Self
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import base_parser, env_tags, time_interleaved, write_result
+from _harness import base_parser, env_tags, write_result
 from cofi.masks.decoder import DecoderMasks, DecoderShape
 from cofi.models.llama import CoFiLlamaForCausalLM
 from cofi.pruning.fold_llama import fold_llama
-from cofi.runtime.generate import SamplingConfig, generate
+from cofi.runtime.generate import SamplingConfig, stream
 from cofi.runtime.llama_export import export_llama
 from cofi.runtime.llama_runtime import LlamaRuntime
 
@@ -46,11 +66,31 @@ SHAPES = {  # random-weight configs
     "smollm2": {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                 "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True},
     "llama-3.2-1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-                         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "tie_word_embeddings": True,
-                         "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                          "original_max_position_embeddings": 8192}},
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "tie_word_embeddings": True,
+                     "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 8192}},
 }
+
+
+@dataclass(frozen=True)
+class Job:
+    """One model config and dtype: prefill {batch: rounds}, decode {batch: (new tokens, rounds)}."""
+
+    config: str
+    dtype: str
+    prefill: dict[int, int]
+    decode: dict[int, tuple[int, int]]
+
+
+PLAN = [
+    Job("smollm2", "float32", {1: 2, 8: 1}, {1: (128, 2), 8: (128, 1)}),
+    Job("smollm2", "bfloat16", {1: 1, 8: 1}, {1: (128, 1), 8: (32, 1)}),
+    Job("llama-3.2-1b", "float32", {1: 1}, {1: (32, 1)}),
+]
+QUICK = [Job("quick", "float32", {1: 2, 2: 1}, {1: (8, 2), 2: (8, 1)}),
+         Job("quick", "bfloat16", {1: 1, 2: 1}, {1: (8, 1), 2: (8, 1)})]
+CHECK_RTOL = {"float32": 1e-3, "bfloat16": 3e-2}  # rel. L2 of next-token logits, rt vs transformers
 
 
 def uniform_masks(s: DecoderShape, sparsity: float, seed: int = 0) -> DecoderMasks:
@@ -86,6 +126,7 @@ def matmul_flops(rt: LlamaRuntime, batch: int, seq: int) -> float:
 
 
 def weight_bytes(rt: LlamaRuntime) -> int:
+    """Bytes of every weight the runtime holds (a tied embedding once)."""
     seen, n = set(), 0
     for t in rt.buffers():
         if t.data_ptr() not in seen:
@@ -94,165 +135,347 @@ def weight_bytes(rt: LlamaRuntime) -> int:
     return n
 
 
+def step_read_bytes(rt: LlamaRuntime, batch: int, kv_length: int) -> int:
+    """Bytes one decode step reads: every weight but an untied embedding (of which it reads B rows),
+    plus K and V of ``kv_length`` positions."""
+    n = weight_bytes(rt)
+    if rt.embed.data_ptr() != rt.lm_head.data_ptr():
+        n -= (rt.embed.shape[0] - batch) * rt.embed.shape[1] * rt.embed.element_size()
+    return n + kv_bytes(rt, batch, kv_length)
+
+
 def kv_bytes(rt: LlamaRuntime, batch: int, length: int) -> int:
     return sum(2 * batch * layer.nk * length * rt.head_dim * rt.embed.element_size() for layer in rt.layers
                if layer.attn)
 
 
-def read_bandwidth(mb: int) -> float:
-    """GB/s of torch.sum over an ``mb`` MiB float32 buffer (best of 5)."""
+def bandwidth(mb: int = 512) -> tuple[float, float]:
+    """(read, copy) GB/s: best of 5 ``torch.sum`` over an ``mb`` MiB float32 buffer, best of 5
+    copies of ``mb / 2`` MiB (read + write counted)."""
     x = torch.ones(mb * 2 ** 18)
-    best = float("inf")
+    a, b = x[: x.numel() // 2], torch.empty(x.numel() // 2)
+    read = copy = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
         x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best / 1e9
+        t1 = time.perf_counter()
+        b.copy_(a)
+        read, copy = min(read, t1 - t0), min(copy, time.perf_counter() - t1)
+    return x.numel() * 4 / read / 1e9, 2 * a.numel() * 4 / copy / 1e9
 
 
-def peak_rss_growth(fn) -> int:
-    """Bytes the resident set grew above its start during ``fn()`` (sampled every ms)."""
-    page = os.sysconf("SC_PAGE_SIZE")
+class RssPeak:
+    """Context manager: ``growth`` = bytes the resident set rose above its start (sampled every 2 ms)."""
 
-    def rss() -> int:
+    def __init__(self) -> None:
+        self.page, self.growth = os.sysconf("SC_PAGE_SIZE"), 0
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page
+            return int(f.read().split()[1]) * self.page
 
-    start, peak, stop = rss(), [0], threading.Event()
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._rss())
+            time.sleep(0.002)
 
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.001)
+    def __enter__(self) -> Self:
+        self._start = self._peak = self._rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
 
-    t = threading.Thread(target=sample)
-    t.start()
-    try:
-        fn()
-    finally:
-        stop.set()
-        t.join()
-    return max(0, max(peak[0], rss()) - start)
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.growth = max(0, max(self._peak, self._rss()) - self._start)
 
 
-def build(args, dtype: torch.dtype):
+def rt_decode(rt: LlamaRuntime, prompt: torch.Tensor, n: int) -> list[float]:
+    """Greedy decoding of ``n`` tokens; the time each step's tokens were ready."""
+    out = []
+    for _ in stream(rt, prompt.tolist(), SamplingConfig(max_new_tokens=n)):
+        out.append(time.perf_counter())
+    if len(out) != n:
+        raise RuntimeError(f"bench_generate: the runtime stopped after {len(out)} of {n} tokens")
+    return out
+
+
+def hf_decode(model, prompt: torch.Tensor, n: int) -> list[float]:
+    """transformers' greedy ``generate`` of exactly ``n`` tokens; the time each step's logits were ready."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    stamps: list[float] = []
+
+    class Stamp(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([Stamp()]))
+    if out.shape[1] - prompt.shape[1] != n or len(stamps) != n:
+        raise RuntimeError(f"bench_generate: transformers generated {out.shape[1] - prompt.shape[1]} of {n} tokens")
+    return stamps
+
+
+def quantiles(v: list[float]) -> dict[str, float]:
+    """p50 / p10 / p90 (interpolated within the samples) and n."""
+    t = torch.tensor(v, dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.5, 0.1, 0.9], dtype=torch.float64)).tolist()
+    return {"p50": q[0], "p10": q[1], "p90": q[2], "n": len(v)}
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, after: Callable[[str, object, int], None]) -> None:
+    """Each round calls every provider once, in turn; ``after(name, result, round)`` gets each result."""
+    for i in range(rounds):
+        for k, f in fns.items():
+            after(k, f(), i)
+
+
+def build(job: Job, sparsities: list[float], tmp: Path) -> dict:
+    """The job's models: dense runtime and transformers model sharing the dense weights, and per
+    sparsity the pruned runtime and the exported stock checkpoint loaded by transformers."""
     import transformers as T
 
-    if args.config == "smollm2" and SMOLLM2.is_dir() and not args.random:
+    dtype = getattr(torch, job.dtype)
+    if job.config == "smollm2" and SMOLLM2.is_dir():
         dense = CoFiLlamaForCausalLM.from_pretrained(SMOLLM2, dtype=dtype).eval()
-        src = "SmolLM2-135M-Instruct, Q4_1-dequantized"
+        source = "SmolLM2-135M-Instruct (Q4_1-dequantized)"
     else:
-        cfg = T.LlamaConfig(max_position_embeddings=4096, **SHAPES[args.config])
+        cfg = T.LlamaConfig(max_position_embeddings=4096, **SHAPES[job.config])
         torch.manual_seed(0)
         dense = CoFiLlamaForCausalLM(cfg).to(dtype).eval()
-        src = f"random weights, {args.config}-shaped config"
-    return dense, src
+        source = f"random weights, {job.config}-shaped config"
+    with torch.device("meta"):
+        hf_dense = T.AutoModelForCausalLM.from_config(dense.config, attn_implementation="sdpa")
+    hf_dense.load_state_dict(dense.state_dict(), strict=False, assign=True)
+    if hf_dense.config.tie_word_embeddings:
+        hf_dense.tie_weights()
+    hf_dense.model.rotary_emb = type(hf_dense.model.rotary_emb)(config=hf_dense.config)  # inv_freq: not in the state dict
+    hf_dense.eval()
+    embed = hf_dense.model.embed_tokens.weight
+    full = fold_llama(dense, None)
+    models = {"source": source, "rt_dense": share_embedding(LlamaRuntime(full), embed), "hf_dense": hf_dense,
+              "pruned": {}}
+    base_params = full.config.num_parameters()["body"]
+    del full
+    for s in sparsities:
+        compact = fold_llama(dense, uniform_masks(dense.shape, s))
+        folder = export_llama(compact, tmp / f"{job.config}_{job.dtype}_s{s}")
+        real = 1 - compact.config.num_parameters()["body"] / base_params
+        rt = share_embedding(LlamaRuntime(compact), embed)
+        del compact
+        gc.collect()
+        hf = T.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
+        models["pruned"][s] = (rt, share_embedding(hf, embed), real)
+    return models
+
+
+def share_embedding(model, embed: torch.nn.Parameter):
+    """``model`` with its tied embedding / LM head replaced by ``embed`` (the dense model's) when the
+    values are equal (hidden dims are never pruned here): saves a copy per model (1 GB for the 1B)."""
+    if isinstance(model, LlamaRuntime):
+        if model.embed.data_ptr() == model.lm_head.data_ptr() and torch.equal(model.embed, embed):
+            model.embed = model.lm_head = embed.detach()
+    elif model.config.tie_word_embeddings and torch.equal(model.model.embed_tokens.weight, embed):
+        model.model.embed_tokens.weight = model.lm_head.weight = embed
+    return model
+
+
+def memory_need(job: Job, sparsities: list[float]) -> int:
+    """Estimated peak bytes of ``build`` (weights only): the dense model shared by transformers, the
+    dense runtime, per sparsity a runtime and a transformers copy of the pruned body, and the last
+    fold's transient (its float32 output, the compact model, the runtime's fused copy)."""
+    c = SHAPES[job.config]
+    d, f, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    D = c.get("head_dim", d // c["num_attention_heads"])
+    body = L * (2 * d * (c["num_attention_heads"] + c["num_key_value_heads"]) * D + 3 * d * f)
+    el = torch.finfo(getattr(torch, job.dtype)).bits // 8
+    kept = [1 - s for s in sparsities] or [1.0]
+    return el * (3 * V * d + body * (2 + 2 * sum(kept) + 3 * kept[-1]))
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def check_pairs(pairs: dict[str, tuple[LlamaRuntime, object]], vocab: int, rtol: float) -> dict[str, float]:
+    """Relative L2 error of next-token logits, runtime vs transformers, per pair; refuses a mismatch."""
+    ids = torch.randint(3, vocab, (2, 16), generator=torch.Generator().manual_seed(1))
+    out = {}
+    with torch.inference_mode():
+        for name, (rt, hf) in pairs.items():
+            a, b = rt(ids, last_only=True).double(), hf(ids, logits_to_keep=1).logits.double()
+            out[name] = float((a - b).norm() / b.norm())
+            if not out[name] <= rtol:
+                raise SystemExit(f"bench_generate: {name}: runtime and transformers logits differ by {out[name]:.2e} "
+                                 f"relative (allowed {rtol:g}); not timing a wrong model")
+    return out
+
+
+def time_prefill(rts: dict[str, LlamaRuntime], hfs: dict, order: list[str], ids: torch.Tensor,
+                 rounds: int) -> dict[str, dict]:
+    """ms of one prefill of ``ids`` [B, S] per provider (next-token logits only), interleaved rounds."""
+    B, S = ids.shape
+
+    def call(k: str) -> float:
+        t0 = time.perf_counter()
+        if k in rts:
+            rts[k](ids, None, rts[k].new_cache(B, S), last_only=True)
+        else:
+            hfs[k](ids, logits_to_keep=1)
+        return (time.perf_counter() - t0) * 1e3
+
+    ms: dict[str, list[float]] = {k: [] for k in order}
+    interleaved({k: (lambda k=k: call(k)) for k in order}, rounds, lambda k, v, i: ms[k].append(v))
+    return {k: quantiles(v) for k, v in ms.items()}
+
+
+def time_decode(rts: dict[str, LlamaRuntime], hfs: dict, order: list[str], prompt: torch.Tensor, n: int,
+                rounds: int) -> dict[str, dict]:
+    """ms per decode step (greedy, ``n`` new tokens after ``prompt`` [B, P]) per provider, interleaved
+    rounds, and the RSS growth of each provider's first timed call."""
+    def run(k: str, p: torch.Tensor, m: int) -> list[float]:
+        return rt_decode(rts[k], p, m) if k in rts else hf_decode(hfs[k], p, m)
+
+    for k in order:  # warm-up: a short generation after a short prompt
+        run(k, prompt[:, :8], 4)
+    steps: dict[str, list[float]] = {k: [] for k in order}
+    mem: dict[str, int] = {}
+
+    def call(k: str) -> list[float]:
+        if k in mem:
+            return run(k, prompt, n)
+        with RssPeak() as p:
+            out = run(k, prompt, n)
+        mem[k] = p.growth
+        return out
+
+    def record(k: str, stamps: list[float], i: int) -> None:
+        steps[k].append((stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3)
+
+    interleaved({k: (lambda k=k: call(k)) for k in order}, rounds, record)
+    return {k: quantiles(v) | {"rss": mem[k], "new_tokens": n} for k, v in steps.items()}
+
+
+def run_job(job: Job, args, tmp: Path) -> dict:
+    t_start = time.perf_counter()
+    need, have = memory_need(job, args.sparsity), mem_available()
+    if need > have:
+        why = f"needs ~{need / 2 ** 30:.1f} GiB of weights, {have / 2 ** 30:.1f} GiB available"
+        print(f"[{job.config} {job.dtype}] skipped: {why}", flush=True)
+        return {**asdict(job), "skipped": why, "rows": []}
+    models = build(job, args.sparsity, tmp)
+    rt_d, hf_d = models["rt_dense"], models["hf_dense"]
+    rts, hfs, real = {"rt_dense": rt_d}, {"hf_dense": hf_d}, {}
+    for s, (rt, hf, r) in models["pruned"].items():
+        rts[f"rt_pruned@{s:g}"], hfs[f"hf_pruned@{s:g}"], real[s] = rt, hf, r
+    pairs = {"dense": (rt_d, hf_d)} | {f"pruned@{s:g}": (p[0], p[1]) for s, p in models["pruned"].items()}
+    checks = check_pairs(pairs, rt_d.vocab_size, CHECK_RTOL[job.dtype])
+    read_bw, copy_bw = bandwidth(64 if job.config == "quick" else 512)
+    print(f"[{job.config} {job.dtype}] {models['source']}; read {read_bw:.1f} GB/s, copy {copy_bw:.1f} GB/s; "
+          f"logit checks {', '.join(f'{k} {v:.1e}' for k, v in checks.items())}", flush=True)
+    order = ["rt_dense", "hf_dense"] + [k for s in real for k in (f"rt_pruned@{s:g}", f"hf_pruned@{s:g}")]
+    rt_of = {k: rt_d if k.endswith("dense") else rts[k.replace("hf_", "rt_")] for k in order}  # weights of k
+    V, g = rt_d.vocab_size, torch.Generator().manual_seed(0)
+    pre: dict[int, dict[str, dict]] = {}
+    dec: dict[int, dict[str, dict]] = {}
+    with torch.inference_mode():
+        warm = torch.randint(3, V, (1, 32), generator=g)
+        for k in order:  # first calls: lazy initialisation out of the timed rounds
+            (rts[k](warm, last_only=True) if k in rts else hfs[k](warm, logits_to_keep=1))
+        for B, rounds in job.prefill.items():
+            pre[B] = time_prefill(rts, hfs, order, torch.randint(3, V, (B, args.prefill), generator=g), rounds)
+        for B, (n, rounds) in job.decode.items():
+            dec[B] = time_decode(rts, hfs, order, torch.randint(3, V, (B, args.prompt), generator=g), n, rounds)
+    rows = []
+    for B in sorted(set(job.prefill) | set(job.decode)):
+        for k in order:
+            rt = rt_of[k]
+            s = None if k.endswith("dense") else float(k.split("@")[1])
+            lib_dense = "rt_dense" if k.startswith("rt_") else "hf_dense"
+            row = {"batch": B, "provider": k.split("@")[0], "sparsity_target": s,
+                   "sparsity": 0.0 if s is None else round(real[s], 4), "weights_bytes": weight_bytes(rt)}
+            if B in pre:
+                p = pre[B][k]
+                fl = matmul_flops(rt, B, args.prefill)
+                bound = matmul_flops(rt_d, B, args.prefill) / fl
+                speedup = pre[B][lib_dense]["p50"] / p["p50"]
+                row |= {"prefill_ms": p["p50"], "prefill_p10_ms": p["p10"], "prefill_p90_ms": p["p90"],
+                        "prefill_n": p["n"], "prefill_gflop_s": fl / p["p50"] / 1e6,
+                        "prefill_flop_bound": bound, "prefill_speedup_vs_lib_dense": speedup,
+                        "prefill_efficiency": speedup / bound}
+            if B in dec:
+                d, n = dec[B][k], dec[B][k]["new_tokens"]
+                tok_s = B * 1e3 / d["p50"]
+                bound = read_bw * 1e9 * B / step_read_bytes(rt, B, args.prompt + n // 2)
+                row |= {"new_tokens": n, "decode_step_ms": d["p50"], "decode_step_p10_ms": d["p10"],
+                        "decode_step_p90_ms": d["p90"], "decode_n": d["n"], "decode_tok_s": tok_s,
+                        "decode_bound_tok_s": bound, "decode_efficiency": tok_s / bound,
+                        "kv_cache_bytes": kv_bytes(rt, B, args.prompt + n), "peak_rss_growth_bytes": d["rss"]}
+            rows.append(row)
+    by = {(r["batch"], r["provider"], r["sparsity_target"]): r for r in rows}
+    for r in rows:
+        if r["provider"] != "rt_pruned":
+            continue
+        s, B = r["sparsity_target"], r["batch"]
+        for other, key in (("rt_dense", None), ("hf_dense", None), ("hf_pruned", s)):
+            o = by[(B, other, key)]
+            if "prefill_ms" in r:
+                r[f"prefill_vs_{other}"] = o["prefill_ms"] / r["prefill_ms"]
+            if "decode_tok_s" in r:
+                r[f"decode_vs_{other}"] = r["decode_tok_s"] / o["decode_tok_s"]
+        print(f"  B={B} s={r['sparsity']:.3f} rt_pruned: prefill "
+              + (f"{r['prefill_ms']:.0f} ms (x{r['prefill_vs_rt_dense']:.2f} rt_dense of bound "
+                 f"x{r['prefill_flop_bound']:.2f}, x{r['prefill_vs_hf_dense']:.2f} hf_dense, "
+                 f"x{r['prefill_vs_hf_pruned']:.2f} hf_pruned)" if "prefill_ms" in r else "-")
+              + "; decode " + (f"{r['decode_tok_s']:.1f} tok/s ({r['decode_efficiency']:.0%} of "
+                               f"{r['decode_bound_tok_s']:.0f}; x{r['decode_vs_rt_dense']:.2f} rt_dense, "
+                               f"x{r['decode_vs_hf_dense']:.2f} hf_dense, x{r['decode_vs_hf_pruned']:.2f} hf_pruned)"
+                               if "decode_tok_s" in r else "-"), flush=True)
+    wall = time.perf_counter() - t_start
+    print(f"  [{job.config} {job.dtype}] {wall:.0f} s", flush=True)
+    return {**asdict(job), "source": models["source"], "read_bandwidth_gb_s": read_bw, "copy_bandwidth_gb_s": copy_bw,
+            "logit_check_rel": checks, "prefill_tokens": args.prefill, "prompt_tokens": args.prompt,
+            "wall_s": wall, "rows": rows}
 
 
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0], cpu_only=True)
-    p.add_argument("--config", choices=sorted(SHAPES), default="smollm2")
-    p.add_argument("--random", action="store_true", help="random weights even when SmolLM2 is set up")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--config", choices=sorted(SHAPES), nargs="+", help="only these configs of the plan")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), nargs="+", help="only these dtypes of the plan")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--prefill", type=int, default=512, help="prefill prompt length")
     p.add_argument("--prompt", type=int, default=64, help="prompt length before decoding")
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
+    plan = QUICK if args.quick else PLAN
     if args.quick:
-        args.config, args.random, args.batches = "quick", True, [1, 2]
-        args.prefill, args.prompt, args.new_tokens, args.rounds = 64, 16, 16, 3
+        args.prefill, args.prompt = 64, 16
+    plan = [j for j in plan if (not args.config or j.config in args.config) and (not args.dtype or j.dtype in args.dtype)]
+    if not plan:
+        raise SystemExit("bench_generate: --config / --dtype select no job of the plan")
     torch.set_num_threads(args.threads)
-    import transformers as T
-
-    dtype = getattr(torch, args.dtype)
-    load_start = os.getloadavg()[0]
-    dense, source = build(args, dtype)
-    bw = read_bandwidth(64 if args.quick else 512)
-    print(f"{source}; read bandwidth {bw:.1f} GB/s ({args.threads} threads)")
-    tmp = tempfile.TemporaryDirectory(prefix="cofi_bench_generate_")
-    dense_compact = fold_llama(dense, None)
-    rt_dense = LlamaRuntime(dense_compact)
-    hf_dense = T.AutoModelForCausalLM.from_config(dense.config, attn_implementation="sdpa").to(dtype).eval()
-    hf_dense.load_state_dict(dense.state_dict(), strict=False)
-    if hf_dense.config.tie_word_embeddings:
-        hf_dense.tie_weights()
-    pruned = {}
-    for s in args.sparsity:
-        compact = fold_llama(dense, uniform_masks(dense.shape, s))
-        folder = export_llama(compact, Path(tmp.name) / f"s{s}")
-        hf = T.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
-        n, full = compact.config.num_parameters(), dense_compact.config.num_parameters()
-        pruned[s] = (LlamaRuntime(compact), hf, 1 - n["body"] / full["body"])
-    V = dense.shape.vocab_size
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for B in args.batches:
-        ids = torch.randint(3, V, (B, args.prefill), generator=g)
-        prompt = torch.randint(3, V, (B, args.prompt), generator=g)
-        for s, (rt_p, hf_p, real_s) in pruned.items():
-            rts = {"rt_pruned": rt_p, "rt_dense": rt_dense}
-            hfs = {"hf_dense": hf_dense, "hf_pruned": hf_p}
-            pre = {k: (lambda r=r, x=ids: r(x, last_only=True)) for k, r in rts.items()}
-            pre.update({k: (lambda m=m, x=ids: m(x, logits_to_keep=1)) for k, m in hfs.items()})
-
-            def gen(r, n, x=prompt):
-                return lambda: generate(r, x.tolist(), SamplingConfig(max_new_tokens=n))
-
-            def hgen(m, n, x=prompt):
-                return lambda: m.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                          pad_token_id=0, eos_token_id=None)
-
-            dec = {}
-            for k, r in rts.items():
-                dec[k + "@N"], dec[k + "@1"] = gen(r, args.new_tokens), gen(r, 1)
-            for k, m in hfs.items():
-                dec[k + "@N"], dec[k + "@1"] = hgen(m, args.new_tokens), hgen(m, 1)
-            with torch.inference_mode():
-                tp = time_interleaved(pre, args.rounds, warmup=1)
-                td = time_interleaved(dec, args.rounds, warmup=1)
-                mem = {k: peak_rss_growth(dec[k + "@N"]) for k in (*rts, *hfs)}
-            fl_ratio = matmul_flops(rt_dense, B, args.prefill) / matmul_flops(rt_p, B, args.prefill)
-            T_mid = args.prompt + args.new_tokens // 2
-            bound = {k: B * bw * 1e9 / (weight_bytes(r) + kv_bytes(r, B, T_mid)) for k, r in rts.items()}
-            bound.update({"hf_dense": bound["rt_dense"], "hf_pruned": bound["rt_pruned"]})
-            T_end = args.prompt + args.new_tokens
-            for k in (*rts, *hfs):
-                r = rts.get(k, rt_p if k == "hf_pruned" else rt_dense)
-                step_ms = (td[k + "@N"]["p50_ms"] - td[k + "@1"]["p50_ms"]) / (args.new_tokens - 1)
-                tok_s = B * 1e3 / step_ms if step_ms > 0 else float("nan")
-                rows.append({"batch": B, "sparsity_target": s, "sparsity": round(real_s, 4), "provider": k,
-                             "prefill_ms": tp[k]["p50_ms"], "prefill_p10_ms": tp[k]["p10_ms"],
-                             "prefill_p90_ms": tp[k]["p90_ms"], "decode_tok_s": tok_s,
-                             "decode_bound_tok_s": bound[k], "decode_efficiency": tok_s / bound[k],
-                             "weights_bytes": weight_bytes(r), "kv_cache_bytes": kv_bytes(r, B, T_end),
-                             "peak_rss_growth_bytes": mem[k]})
-            base = {r["provider"]: r for r in rows[-4:]}
-            for r in rows[-4:]:
-                r["prefill_vs_rt_dense"] = base["rt_dense"]["prefill_ms"] / r["prefill_ms"]
-                r["prefill_vs_hf_dense"] = base["hf_dense"]["prefill_ms"] / r["prefill_ms"]
-                r["decode_vs_rt_dense"] = r["decode_tok_s"] / base["rt_dense"]["decode_tok_s"]
-                r["decode_vs_hf_dense"] = r["decode_tok_s"] / base["hf_dense"]["decode_tok_s"]
-                pr = r["provider"] in ("rt_pruned", "hf_pruned")
-                r["prefill_flop_bound"] = fl_ratio if pr else 1.0
-                r["prefill_efficiency"] = r["prefill_vs_rt_dense"] / r["prefill_flop_bound"]
-            base["rt_pruned"]["decode_vs_hf_pruned"] = (base["rt_pruned"]["decode_tok_s"]
-                                                        / base["hf_pruned"]["decode_tok_s"])
-            base["rt_pruned"]["prefill_vs_hf_pruned"] = base["hf_pruned"]["prefill_ms"] / base["rt_pruned"]["prefill_ms"]
-            for r in rows[-4:]:
-                print(f"B={B} s={r['sparsity']:.3f} {r['provider']:9s} prefill {r['prefill_ms']:8.1f} ms "
-                      f"(x{r['prefill_vs_rt_dense']:.2f} rt_dense, bound x{r['prefill_flop_bound']:.2f})  "
-                      f"decode {r['decode_tok_s']:8.1f} tok/s (bound {r['decode_bound_tok_s']:.0f}, "
-                      f"eff {r['decode_efficiency']:.2f}; x{r['decode_vs_hf_dense']:.2f} hf_dense)")
-    result = {"meta": {**env_tags("cpu"), "source": source, "dtype": args.dtype, "quick": args.quick,
-                       "prefill_tokens": args.prefill, "prompt_tokens": args.prompt, "new_tokens": args.new_tokens,
-                       "read_bandwidth_gb_s": bw, "load_avg": [load_start, os.getloadavg()[0]]},
-              "rows": rows}
-    name = "generate_quick" if args.quick else f"generate_{args.config}_{args.dtype}"
-    print("wrote", write_result(name, result, out=args.out))
-    tmp.cleanup()
+    load_start, t0 = os.getloadavg()[0], time.perf_counter()
+    whole = not (args.config or args.dtype) and args.sparsity == [0.5, 0.7]
+    name = "generate_quick" if args.quick else "generate" if whole else (
+        "generate_" + "_".join(sorted({j.config for j in plan} | {j.dtype for j in plan})))
+    jobs: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="cofi_bench_generate_") as tmp:
+        for job in plan:
+            jobs.append(run_job(job, args, Path(tmp)))
+            gc.collect()
+            # written after every job: a run cut short keeps what it measured ("complete": false)
+            result = {"meta": {**env_tags("cpu"), "quick": args.quick, "sparsity": args.sparsity,
+                               "command": "python " + " ".join(shlex.quote(a) for a in
+                                                               ["benchmarks/bench_generate.py", *sys.argv[1:]]),
+                               "load_avg": [load_start, os.getloadavg()[0]], "wall_s": time.perf_counter() - t0,
+                               "complete": len(jobs) == len(plan)},
+                      "jobs": jobs}
+            path = write_result(name, result, out=args.out)
+    print(f"total {result['meta']['wall_s']:.0f} s; wrote", path)
 
 
 if __name__ == "__main__":

@@ -640,35 +640,72 @@ def render_lm_train_step(rel: str, data: dict[str, Any]) -> str:
 GEN_PROVIDERS = ("rt_pruned", "rt_dense", "hf_dense", "hf_pruned")
 
 
+def gen_cell(r: Row | None, key: str, fmt: Callable[[float | None], str] = fmt_ms) -> str:
+    return fmt(r.get(key)) if r is not None and r.get(key) is not None else "-"
+
+
+def render_generate_job(job: dict[str, Any]) -> str:
+    """One job of bench_generate (a config and dtype): a row per batch and sparsity."""
+    if job.get("skipped"):
+        return f"**{job['config']}, {job['dtype']}**: not run ({job['skipped']})."
+    by = {(r["batch"], r["provider"], r["sparsity_target"]): r for r in job["rows"]}
+    head = ["batch", "sparsity (target)", f"prefill ms {' / '.join(GEN_PROVIDERS)}",
+            "**rt_pruned prefill vs** rt_dense / hf_dense / hf_pruned", "FLOP bound (rt / hf reached)",
+            f"decode tok/s {' / '.join(GEN_PROVIDERS)}", "**rt_pruned decode vs** rt_dense / hf_dense / hf_pruned",
+            f"bandwidth bound tok/s pruned / dense (reached {' / '.join(GEN_PROVIDERS)})",
+            "memory MB rt_pruned / rt_dense: weights + KV (RSS growth)"]
+    body = []
+    for (b, prov, target), ours in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][2] or 0)):
+        if prov != "rt_pruned":
+            continue
+        got = {"rt_pruned": ours, "rt_dense": by.get((b, "rt_dense", None)), "hf_dense": by.get((b, "hf_dense", None)),
+               "hf_pruned": by.get((b, "hf_pruned", target))}
+        hfp, rtd = got["hf_pruned"] or {}, got["rt_dense"] or {}
+
+        def mem(r: Row | None) -> str:
+            if r is None or "kv_cache_bytes" not in r:
+                return f"{r['weights_bytes'] / 2 ** 20:.0f}" if r else "-"
+            return (f"{(r['weights_bytes'] + r['kv_cache_bytes']) / 2 ** 20:.0f} "
+                    f"({r['peak_rss_growth_bytes'] / 2 ** 20:.0f})")
+
+        body.append([
+            str(b), f"{ours['sparsity']:.3f} ({target:g})",
+            " / ".join(gen_cell(got[p], "prefill_ms") for p in GEN_PROVIDERS),
+            " / ".join(fmt_x(got[p].get("prefill_ms"), ours.get("prefill_ms")) if got[p] and "prefill_ms" in ours
+                       else "-" for p in GEN_PROVIDERS[1:]),
+            (f"x{ours['prefill_flop_bound']:.2f} ({fmt_r(ours['prefill_efficiency'])} / "
+             f"{fmt_r(hfp.get('prefill_efficiency'))})" if "prefill_ms" in ours else "-"),
+            " / ".join(gen_cell(got[p], "decode_tok_s") for p in GEN_PROVIDERS),
+            " / ".join(fmt_x(ours.get("decode_tok_s"), got[p].get("decode_tok_s")) if got[p] and "decode_tok_s" in ours
+                       else "-" for p in GEN_PROVIDERS[1:]),
+            (f"{ours['decode_bound_tok_s']:.0f} / {rtd.get('decode_bound_tok_s', 0):.0f} ("
+             + " / ".join(gen_cell(got[p], "decode_efficiency", fmt_r) for p in GEN_PROVIDERS) + ")"
+             if "decode_tok_s" in ours else "-"),
+            f"{mem(ours)} / {mem(got['rt_dense'])}"])
+    rounds = ", ".join(f"batch {b}: {n}" for b, n in job["prefill"].items())
+    dec = ", ".join(f"batch {b}: {t[0]} new tokens x {t[1]}" for b, t in job["decode"].items())
+    checks = ", ".join(f"{k} {v:.0e}" for k, v in job["logit_check_rel"].items())
+    return (f"**{job['config']}, {job['dtype']}** · {job['source']} · prefill {job['prefill_tokens']} tokens "
+            f"(rounds {rounds}) · decode after {job['prompt_tokens']} tokens ({dec} rounds) · read bandwidth "
+            f"{job['read_bandwidth_gb_s']:.1f} GB/s (copy {job['copy_bandwidth_gb_s']:.1f}) · runtime vs transformers "
+            f"logits (rel.) {checks} · {job['wall_s']:.0f} s\n\n" + table(head, body))
+
+
 def render_generate(rel: str, data: dict[str, Any]) -> str:
     """generate[_*]: pruned-decoder prefill and decode, cofi's runtime vs transformers, same run."""
     meta = data["meta"]
-    cells: dict[tuple[int, float], dict[str, Row]] = {}
-    for r in data["rows"]:
-        cells.setdefault((r["batch"], r["sparsity_target"]), {})[r["provider"]] = r
-    others = GEN_PROVIDERS[1:]
-    head = ["batch", "sparsity (target)", f"prefill ms {' / '.join(GEN_PROVIDERS)}",
-            f"decode tok/s {' / '.join(GEN_PROVIDERS)}", f"**rt_pruned prefill vs** {' / '.join(others)}",
-            f"**rt_pruned decode vs** {' / '.join(others)}", "rt_pruned decode / bound"]
-    body = []
-    for (b, target), got in cells.items():
-        ours = got.get("rt_pruned", {})
-        pre = {p: got[p]["prefill_ms"] if p in got else None for p in GEN_PROVIDERS}
-        dec = {p: got[p]["decode_tok_s"] if p in got else None for p in GEN_PROVIDERS}
-        real = next(iter(got.values()))["sparsity"]
-        body.append([str(b), f"{real:.3f} ({target:g})", " / ".join(fmt_ms(pre[p]) for p in GEN_PROVIDERS),
-                     " / ".join(fmt_ms(dec[p]) for p in GEN_PROVIDERS),
-                     " / ".join(fmt_x(pre[p], pre["rt_pruned"]) for p in others),
-                     " / ".join(fmt_x(dec["rt_pruned"], dec[p]) for p in others),
-                     fmt_r(ours.get("decode_efficiency"))])
     env = {k: meta.get(k) for k in ("device_name", "torch", "threads", "git_sha", "timestamp")}
     cmd, caveat = run_notes(meta)
-    text = (f"{env_line(rel, env)}{cmd} · {meta.get('source')}, {meta.get('dtype')} · prefill {meta['prefill_tokens']} "
-            f"tokens, decode {meta['new_tokens']} new tokens after {meta['prompt_tokens']}\n\n"
-            f"`benchmarks/bench_generate.py`, all providers interleaved in one process. Prefill ratios = the other's "
-            f"ms / rt_pruned's, decode ratios = rt_pruned's tok/s / the other's (above 1: rt_pruned is faster); "
-            f"bound = weight + KV bytes per step over the read bandwidth measured in the run "
-            f"({meta.get('read_bandwidth_gb_s', 0):.1f} GB/s).\n\n" + table(head, body))
+    done = "" if meta.get("complete", True) else " (cut short: the jobs below are all it finished)"
+    text = (f"{env_line(rel, env)}{cmd} · {meta['wall_s'] / 60:.1f} min{done}\n\n"
+            f"`benchmarks/bench_generate.py`: per job every provider interleaved in one process; rt = cofi's "
+            f"runtime, hf = transformers (`generate`, SDPA), pruned = uniform random masks (hf_pruned: the "
+            f"exported stock checkpoint). Ratios above 1: rt_pruned is faster. FLOP bound = dense / pruned "
+            f"prefill FLOPs; reached = the measured speed-up over the same library's dense model / that bound. "
+            f"Bandwidth bound = read bandwidth measured in the job / bytes one decode step reads (weights incl. "
+            f"the LM head, KV cache at mid-decode); reached = tok/s / bound. Memory: counted weights + KV cache "
+            f"at the end of decoding, RSS growth of the first decode call in brackets (a lower bound).\n\n"
+            + "\n\n".join(render_generate_job(j) for j in data["jobs"]))
     return with_caveat(text, caveat)
 
 
