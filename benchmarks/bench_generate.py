@@ -66,6 +66,7 @@ SHAPES = {  # random-weight configs
     "smollm2": {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                 "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True},
     "llama-3.2-1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                     "max_position_embeddings": 131072,
                      "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "tie_word_embeddings": True,
                      "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -244,7 +245,7 @@ def build(job: Job, sparsities: list[float], tmp: Path) -> dict:
         dense = CoFiLlamaForCausalLM.from_pretrained(SMOLLM2, dtype=dtype).eval()
         source = "SmolLM2-135M-Instruct (Q4_1-dequantized)"
     else:
-        cfg = T.LlamaConfig(max_position_embeddings=4096, **SHAPES[job.config])
+        cfg = T.LlamaConfig(**{"max_position_embeddings": 4096, **SHAPES[job.config]})
         torch.manual_seed(0)
         dense = CoFiLlamaForCausalLM(cfg).to(dtype).eval()
         source = f"random weights, {job.config}-shaped config"
