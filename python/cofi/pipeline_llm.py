@@ -47,8 +47,8 @@ class LMDemoConfig:
     seq_len: int = 256
     batch_size: int = 4
     prune_steps: int = 80
-    lagrangian_warmup_steps: int = 40
-    recover_steps: int = 60
+    lagrangian_warmup_steps: int | None = None  # default: half the pruning steps
+    recover_steps: int = 50
     target_layers: int | None = 22
     target_hidden: int | None = 576
     target_heads: int | None = 6
@@ -57,10 +57,10 @@ class LMDemoConfig:
     learning_rate: float = 1e-4
     reg_learning_rate: float = 0.1
     recover_learning_rate: float = 1e-4
-    precision: str = "bf16"
+    precision: str = "fp32"
     eval_steps: int = 20
     eval_batches: int = 2
-    save_steps: int = 20
+    save_steps: int = 40
     eval_window: int = 512
     eval_windows: int = 24
     speed_prompt: int = 128
