@@ -139,6 +139,8 @@ def table(args: argparse.Namespace, out: Path, tdirs: dict[str, str]) -> dict:
                     continue
                 r = json.loads((d / "results.json").read_text())
                 comp = Path(r["compact"]["dir"])
+                if not comp.is_absolute():  # relative to the process that ran it (the default job's run)
+                    comp = d / "compact"
                 test = score_folder(comp, data, cfg)["accuracy"] if data is not None else None
                 rows.append({"dataset": ds, "target": t, "scale": s, "prune_steps": r["prune"].get("steps"),
                              "real_sparsity": r["compact"]["sparsity"],
@@ -148,7 +150,7 @@ def table(args: argparse.Namespace, out: Path, tdirs: dict[str, str]) -> dict:
                              **walls.get(run_name(ds, t, s), {})})
     res = {"teachers": teach, "rows": rows, "schedule_unit": DEMO, "scales": sorted(args.scales),
            "sst2_prune_samples": args.sst2_prune_samples, "sst2_teacher_samples": args.sst2_teacher_samples,
-           "jobs": args.jobs, "threads": args.threads, "env": H.env_tags("cpu")}
+           "jobs": args.jobs, "threads": args.threads, "wall_note": args.wall_note, "env": H.env_tags("cpu")}
     dst = ROOT / "benchmarks" / "results" / "cpu" / "budget_curve.json"
     res["plot"] = os.path.relpath(plot(res, dst.with_suffix(".png")), ROOT)
     H.write_result("budget_curve", res, "cpu", dst, indent=2)
@@ -200,6 +202,7 @@ def main() -> int:
     ap.add_argument("--sst2-prune-samples", type=int, default=10000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--wall-note", default=None, help="how the runs shared the machine (stated with the wall times)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -577,8 +577,9 @@ def render_budget_curve(rel: str, data: dict[str, Any]) -> str:
             f"({u['epochs']:g} pruning epochs, {u['lagrangian_warmup_epochs']:g} warm-up, {u['prepruning_steps']} "
             f"pre-pruning steps, {u['compact_epochs']:g} compact epoch); drop = teacher minus pruned, in points "
             f"(negative = pruned is better). SST-2 prunes on the first {data['sst2_prune_samples']:,} training "
-            f"sentences and has no labelled test split (dev is also the selection set). Wall = one run, "
-            f"{data['jobs']} runs at a time with {max(1, data['threads'] // data['jobs'])} thread(s) each."
+            f"sentences and has no labelled test split (dev is also the selection set). Wall = one run: "
+            + (data.get("wall_note") or f"{data['jobs']} runs at a time with "
+               f"{max(1, data['threads'] // data['jobs'])} thread(s) each") + "."
             f"\n\n" + table(head, body))
     if data.get("plot"):
         text += f"\n\nPlot: [{Path(data['plot']).name}]({Path(data['plot']).relative_to('benchmarks').as_posix()})."
