@@ -53,7 +53,7 @@ def prune_args(ds: str, teacher: str, out: Path, target: float, scale: float, th
          "--output-dir", str(out / run_name(ds, target, scale)), "--target-sparsity", str(target),
          "--epochs", f"{DEMO['epochs'] * scale:g}",
          "--lagrangian-warmup-epochs", f"{DEMO['lagrangian_warmup_epochs'] * scale:g}",
-         "--prepruning-steps", str(int(round(DEMO["prepruning_steps"] * scale))),
+         "--prepruning-steps", str(round(DEMO["prepruning_steps"] * scale)),
          "--compact-epochs", f"{DEMO['compact_epochs'] * scale:g}", "--seed", "42", "--num-threads", str(threads)]
     if ds == "sst2":
         a += ["--max-train-samples", str(sst2_n)]
@@ -95,7 +95,6 @@ def run_all(args: argparse.Namespace, out: Path, tdirs: dict[str, str]) -> None:
             if not (out / run_name(ds, t, s) / "results.json").exists()]
     threads = max(1, args.threads // args.jobs)
     walls_file = out / "wall_s.json"
-    walls = json.loads(walls_file.read_text()) if walls_file.exists() else {}
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     while todo or running:
         while todo and len(running) < args.jobs:
@@ -110,16 +109,29 @@ def run_all(args: argparse.Namespace, out: Path, tdirs: dict[str, str]) -> None:
             del running[name]
             if p.returncode != 0:
                 raise SystemExit(f"run {name} failed (rc={p.returncode}); see {out / (name + '.log')}")
-            walls[name] = {"wall_s": time.perf_counter() - t0, "threads": threads, "concurrent_runs": args.jobs}
-            walls_file.write_text(json.dumps(walls, indent=1))
+            record_wall(walls_file, name, {"wall_s": time.perf_counter() - t0, "threads": threads,
+                                           "concurrent_runs": args.jobs})
+            walls = json.loads(walls_file.read_text())
             print(f"  {name} done in {walls[name]['wall_s']:.0f} s", flush=True)
+
+
+def record_wall(path: Path, name: str, rec: dict) -> None:
+    """Adds one run's wall record to ``path`` under a lock (several invocations may share one --out)."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        walls = json.loads(path.read_text()) if path.exists() else {}
+        walls[name] = rec
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(walls, indent=1))
+        tmp.replace(path)
 
 
 def table(args: argparse.Namespace, out: Path, tdirs: dict[str, str]) -> dict:
     """Scores every finished run (test split where the data has one) and writes the results file."""
-    import torch
-
     import _harness as H
+    import torch
     from cofi.pipeline import score_folder, test_split
     from cofi.training.config import TrainConfig
 
@@ -164,7 +176,7 @@ def table(args: argparse.Namespace, out: Path, tdirs: dict[str, str]) -> dict:
 
 
 def plot(res: dict, path: Path) -> Path:
-    """Accuracy drop vs the teacher against the run's wall time, one line per dataset and target."""
+    """Accuracy drop vs the teacher against the schedule length (walls overlapped: not the x axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,14 +185,14 @@ def plot(res: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for ds in res["teachers"]:
         for t in sorted({r["target"] for r in res["rows"]}):
-            pts = sorted((r["scale"], r.get("wall_s"), r["drop_test"] if r["drop_test"] is not None else r["drop_dev"])
+            pts = sorted((r["scale"], r["drop_test"] if r["drop_test"] is not None else r["drop_dev"])
                          for r in res["rows"] if r["dataset"] == ds and r["target"] == t)
             if pts:
-                xs = [p[1] / 60 if p[1] else p[0] for p in pts]
-                ax.plot(xs, [100 * p[2] for p in pts], marker="o",
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o",
                         label=f"{ds} {t:.0%} ({'test' if res['teachers'][ds]['test'] is not None else 'dev'})")
     ax.axhline(3.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("wall time of the run (min)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("schedule length (x the demo preset's)")
     ax.set_ylabel("accuracy drop vs teacher (points)")
     ax.legend(fontsize=8)
     fig.tight_layout()
