@@ -10,28 +10,15 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 from cofi.errors import UserError
 from cofi.pipeline_llm import LMDemoConfig, config_from_args, run_demo
-
-WORDS = [f"w{i}" for i in range(30)]
+from tiny_llama import WORDS, save_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, Path, Path]:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     d = tmp_path_factory.mktemp("tiny_llama")
-    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *WORDS])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>").save_pretrained(str(d))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
-                      num_key_value_heads=2, head_dim=8, intermediate_size=128, tie_word_embeddings=True,
-                      max_position_embeddings=64)
-    LlamaForCausalLM(cfg).save_pretrained(str(d))
+    save_tiny_llama(d, hidden=64, heads=8, kv_heads=2, intermediate=128, max_positions=64)
     rng = random.Random(0)
     texts = []
     for name, n in (("train.txt", 200), ("heldout.txt", 40)):

@@ -10,27 +10,14 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 from cofi.training.lm_prune import LMPruneConfig, LMPruner
-
-WORDS = [f"w{i}" for i in range(30)]
+from tiny_llama import WORDS, save_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory) -> dict[str, Path]:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     d = tmp_path_factory.mktemp("tiny_llama_domains")
-    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *WORDS])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>").save_pretrained(str(d))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=8, intermediate_size=64, tie_word_embeddings=True,
-                      max_position_embeddings=64)
-    LlamaForCausalLM(cfg).save_pretrained(str(d))
+    save_tiny_llama(d, hidden=32, heads=4, kv_heads=2, intermediate=64, max_positions=64)
     rng = random.Random(0)
     (d / "pattern.txt").write_text("\n".join(" ".join(WORDS[s:s + 5]) for s in (rng.randrange(25) for _ in range(200))))
     (d / "noise.txt").write_text("\n".join(" ".join(rng.choices(WORDS, k=5)) for _ in range(200)))

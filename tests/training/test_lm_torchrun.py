@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_llama import WORDS, save_tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
-WORDS = [f"w{i}" for i in range(30)]
 RTOL = 1e-4
 RUN = {"seq_len": 16, "batch_size": 4, "max_steps": 6, "lagrangian_warmup_steps": 4, "learning_rate": 3e-3,
        "reg_learning_rate": 0.1, "kl_weight": 1.0, "ce_weight": 1.0, "hidden_weight": 0.1, "eval_steps": 3,
@@ -43,19 +43,8 @@ RUN = {"seq_len": 16, "batch_size": 4, "max_steps": 6, "lagrangian_warmup_steps"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny random Llama folder (GQA 8 heads / 2 groups, tied head, word-level tokenizer) and text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     d = tmp_path_factory.mktemp("tiny_llama_dist")
-    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *WORDS])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>").save_pretrained(str(d))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=8, intermediate_size=48, tie_word_embeddings=True,
-                      max_position_embeddings=32)
-    LlamaForCausalLM(cfg).save_pretrained(str(d))
+    save_tiny_llama(d, hidden=32, heads=4, kv_heads=2, intermediate=48, max_positions=32)
     rng = random.Random(0)
     text = d / "text.txt"
     text.write_text("\n".join(" ".join(WORDS[s:s + 5]) for s in (rng.randrange(25) for _ in range(120))))
@@ -74,7 +63,7 @@ def _torchrun(args: list[str]) -> None:
     exe = Path(sys.executable).with_name("torchrun")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(REPO / "python"), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
     p = subprocess.run(cmd + ["--standalone", "--nproc_per_node=2", str(Path(__file__).resolve()), *args], env=env,
                        capture_output=True, text=True, timeout=240, check=False)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
