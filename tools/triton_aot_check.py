@@ -154,55 +154,49 @@ def ffn_specs(dtypes: list[str]) -> list[Spec]:
 LAYER_NORM_BLOCK_D = {"fp16": (1024, 2048), "bf16": (1024, 2048), "fp32": (1024, 2048), "fp64": (1024,)}
 
 
-def layer_norm_specs(dtypes: list[str]) -> list[Spec]:
+def _norm_specs(dtypes: list[str], module: str, fwd, fwd_const: dict, fwd_args: dict, bwd, bwd_const: dict,
+                bwd_args: dict, rows: int) -> list[Spec]:
+    """The forward and backward specs of a row-norm kernel pair at every row width of LAYER_NORM_BLOCK_D;
+    ``{stat}`` in an argument type is the statistics dtype (fp64 for fp64 inputs, else fp32)."""
     import torch
 
     from cofi_kernels import configs as C
-    from cofi_kernels import masked_layer_norm as K
 
     out = []
     for dt in dtypes:
         stat = "fp64" if dt == "fp64" else "fp32"
         for bd in LAYER_NORM_BLOCK_D[dt]:
             w = C.layer_norm_num_warps(bd, getattr(torch, _TORCH[dt]))
-            f = K._masked_layer_norm_fwd_kernel
-            const = dict(HAS_R=True, HAS_Z=True, BLOCK_D=bd)
-            sig = _sig(f.arg_names, _TT[dt], dict(mean_ptr=f"*{stat}", rstd_ptr=f"*{stat}", eps="fp32"), const)
-            out.append(Spec("cofi_kernels.masked_layer_norm", f.__name__, f"{dt} D={bd} w{w}", sig, const,
-                            dict(num_warps=w)))
-            b = K._masked_layer_norm_bwd_kernel
-            const = dict(HAS_R=True, HAS_Z=True, WANT_DX=True, WANT_DR=True, ROWS_PER=C.LAYER_NORM_ROWS, BLOCK_D=bd)
-            sig = _sig(b.arg_names, _TT[dt], dict(mean_ptr=f"*{stat}", rstd_ptr=f"*{stat}", cols_ptr=f"*{stat}"),
-                       const)
-            out.append(Spec("cofi_kernels.masked_layer_norm", b.__name__, f"{dt} D={bd} w{w} rows={C.LAYER_NORM_ROWS}",
-                            sig, const, dict(num_warps=w)))
+            for fn, const, args, label in ((fwd, fwd_const, fwd_args, f"{dt} D={bd} w{w}"),
+                                           (bwd, bwd_const, bwd_args, f"{dt} D={bd} w{w} rows={rows}")):
+                const = dict(const, BLOCK_D=bd)
+                sig = _sig(fn.arg_names, _TT[dt], {k: v.format(stat=stat) for k, v in args.items()}, const)
+                out.append(Spec(module, fn.__name__, label, sig, const, dict(num_warps=w)))
     return out
+
+
+def layer_norm_specs(dtypes: list[str]) -> list[Spec]:
+    from cofi_kernels import configs as C
+    from cofi_kernels import masked_layer_norm as K
+
+    return _norm_specs(dtypes, "cofi_kernels.masked_layer_norm",
+                       K._masked_layer_norm_fwd_kernel, dict(HAS_R=True, HAS_Z=True),
+                       dict(mean_ptr="*{stat}", rstd_ptr="*{stat}", eps="fp32"),
+                       K._masked_layer_norm_bwd_kernel,
+                       dict(HAS_R=True, HAS_Z=True, WANT_DX=True, WANT_DR=True, ROWS_PER=C.LAYER_NORM_ROWS),
+                       dict(mean_ptr="*{stat}", rstd_ptr="*{stat}", cols_ptr="*{stat}"), C.LAYER_NORM_ROWS)
 
 
 def rms_norm_specs(dtypes: list[str]) -> list[Spec]:
     """masked_rms_norm: the layer norm's row widths and launch options, every optional input on."""
-    import torch
-
-    from cofi_kernels import configs as C
     from cofi_kernels import masked_rms_norm as K
 
-    out = []
-    for dt in dtypes:
-        stat = "fp64" if dt == "fp64" else "fp32"
-        for bd in LAYER_NORM_BLOCK_D[dt]:
-            w = C.layer_norm_num_warps(bd, getattr(torch, _TORCH[dt]))
-            f = K._masked_rms_norm_fwd_kernel
-            const = dict(HAS_R=True, HAS_Z=True, WANT_S=True, BLOCK_D=bd)
-            sig = _sig(f.arg_names, _TT[dt], dict(rstd_ptr=f"*{stat}", eps="fp32"), const)
-            out.append(Spec("cofi_kernels.masked_rms_norm", f.__name__, f"{dt} D={bd} w{w}", sig, const,
-                            dict(num_warps=w)))
-            b = K._masked_rms_norm_bwd_kernel
-            const = dict(HAS_GS=True, HAS_R=True, HAS_Z=True, WANT_DX=True, WANT_DR=True, ROWS_PER=K.ROWS,
-                         BLOCK_D=bd)
-            sig = _sig(b.arg_names, _TT[dt], dict(rstd_ptr=f"*{stat}", cols_ptr=f"*{stat}"), const)
-            out.append(Spec("cofi_kernels.masked_rms_norm", b.__name__, f"{dt} D={bd} w{w} rows={K.ROWS}",
-                            sig, const, dict(num_warps=w)))
-    return out
+    return _norm_specs(dtypes, "cofi_kernels.masked_rms_norm",
+                       K._masked_rms_norm_fwd_kernel, dict(HAS_R=True, HAS_Z=True, WANT_S=True),
+                       dict(rstd_ptr="*{stat}", eps="fp32"),
+                       K._masked_rms_norm_bwd_kernel,
+                       dict(HAS_GS=True, HAS_R=True, HAS_Z=True, WANT_DX=True, WANT_DR=True, ROWS_PER=K.ROWS),
+                       dict(rstd_ptr="*{stat}", cols_ptr="*{stat}"), K.ROWS)
 
 
 def hard_concrete_specs(dtypes: list[str]) -> list[Spec]:
