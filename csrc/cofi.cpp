@@ -44,6 +44,9 @@ TORCH_LIBRARY(cofi, m) {
   // --- compact_encoder (runtime; composite over the ops above) ---
   m.def("compact_encoder_fwd(Tensor x, Tensor? key_padding_mask, Tensor[] params, int[] num_heads, int[] widths, int[] present, int head_dim, int activation, float eps, Tensor? hidden_z, bool all_hidden_states, bool unpad, bool cls_only) -> Tensor[]");
   m.def("compact_embeddings_fwd(Tensor input_ids, Tensor? token_type_ids, Tensor? position_ids, Tensor word, Tensor position, Tensor token_type, Tensor ln_weight, Tensor ln_bias, Tensor? hidden_z, float eps) -> Tensor");
+  // --- decode_linear (runtime; few-row projections at streaming speed, CPU) ---
+  m.def("decode_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("llama_decode_step(Tensor r, Tensor?[] params, int[] dims, Tensor cos, Tensor sin, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, int start, Tensor? mask, int head_dim, float eps) -> Tensor");
   // their CPU workspace (csrc/cpu_workspace.h): {cached bytes, bytes in use, hits, misses}; free the cache
   m.def("cpu_workspace_stats() -> int[]");
   m.def("cpu_workspace_release() -> int");

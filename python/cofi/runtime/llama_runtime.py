@@ -15,7 +15,15 @@ Built once from a ``CompactLlamaForCausalLM`` (or a dense folder folded with no 
   a projection over more than one token row runs in float32 on row blocks of the weight upcast
   in cache-sized chunks (``upcast_linear``), 3-10x faster there than torch's half GEMM and the same
   operation (that GEMM also accumulates in float32 and rounds once); one row (batch-1 decoding)
-  stays a half GEMV, which reads half the bytes.
+  stays a half GEMV, which reads half the bytes;
+- a decoding step (one new token per row, at most ``decode_linear.MAX_ROWS`` rows, on CPU) runs every
+  layer in one native call, ``cofi::llama_decode_step`` (csrc/llama_decode): the per-op path below
+  op for op, without ~20 Python dispatches per layer (``cofi.ops.last_backend("llama_decode_step")``:
+  "native", or "torch" when the per-op path ran);
+- projections over at most ``decode_linear.MAX_ROWS`` rows (decoding steps; batch 1 and 8) run the
+  native streaming kernel ``cofi::decode_linear`` (float32 accumulation, rounded once, for every
+  weight dtype): about twice torch's GEMV speed, the weights being read once at close to the
+  machine's read bandwidth (``cofi.ops.last_backend("decode_linear")`` says which ran).
 
 Positions follow transformers with an attention mask: ``cumsum(mask) - 1`` (left padding puts a row's
 first real token at position 0), so a padded batch gives each row its unpadded logits.
@@ -31,6 +39,8 @@ from torch import nn
 from ..errors import UserError
 from ..models import _decoder_ops as ops
 from .compact_llama import CompactLlamaForCausalLM
+from ..ops import _backends
+from .decode_linear import MAX_ROWS, decode_linear, native_step, usable
 
 _DYNAMIC_ROPE = ("dynamic", "longrope")
 _UPCAST_CHUNK = 1 << 20  # float32 weight elements upcast at a time (4 MiB: stays in cache)
@@ -143,14 +153,34 @@ class LlamaRuntime(nn.Module):
         self.register_buffer("norm", model.model.norm.weight.detach().clone())
         self.layers = nn.ModuleList(_Layer(layer, c.head_dim) for layer in model.model.layers)
         self.upcast = needs_upcast(self.dtype, self.device)
+        self._step_args: tuple[list, list[int]] | None = None
 
     def _apply(self, fn, recurse: bool = True):
         out = super()._apply(fn, recurse)
         self.upcast = needs_upcast(self.dtype, self.device)
+        self._step_args = None
         return out
 
+    def step_args(self) -> tuple[list, list[int]]:
+        """(params, dims) of ``cofi::llama_decode_step``: per layer ln1, qkv_w, qkv_b, o_w, o_b,
+        attn_bias, ln2, gu_w, gu_b, down_w, down_b, mlp_bias (None where absent) and (query heads,
+        K/V heads, SwiGLU width), 0 for an absent sublayer."""
+        if self._step_args is None:
+            params: list = []
+            dims: list[int] = []
+            for x in self.layers:
+                a = [x.ln1, x.qkv_w, x.qkv_b, x.o_w, x.o_b] if x.attn else [None] * 5
+                m = [x.ln2, x.gu_w, x.gu_b, x.down_w, x.down_b] if x.mlp else [None] * 5
+                params += a + [x.attn_bias] + m + [x.mlp_bias]
+                dims += [x.nq if x.attn else 0, x.nk if x.attn else 0, x.width if x.mlp else 0]
+            self._step_args = (params, dims)
+        return self._step_args
+
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        """x [..., K] @ w [N, K]^T + b -> [..., N]; float32 over row blocks where half GEMMs are slow."""
+        """x [..., K] @ w [N, K]^T + b -> [..., N]: the streaming kernel for a few rows; float32 over
+        row blocks where half GEMMs are slow."""
+        if x.numel() <= MAX_ROWS * x.shape[-1] and usable(x, w):
+            return decode_linear(x, w, b)
         if self.upcast and x.numel() > x.shape[-1]:
             return upcast_linear(x, w, b)
         return F.linear(x, w, b)
@@ -204,8 +234,40 @@ class LlamaRuntime(nn.Module):
         if cache is not None:
             cache.next_pos = pos[:, -1] + 1 if keep is None else cache.next_pos + keep.long().sum(1)
         r = F.embedding(input_ids, self.embed)
-        cos, sin = (t[:, None] for t in self.rotary(r, pos))  # [B, 1, S, D]: broadcast over heads
+        cos, sin = self.rotary(r, pos)  # [B, S, D]
         mask = self._mask(keep, cache, start, S)
+        d = r.shape[-1]
+        if cache is not None and S == 1 and start > 0 and present is None and native_step(r):
+            r = self._native_step(r, cos, sin, mask, cache, start)
+        else:
+            r = self._layers(r, cos[:, None], sin[:, None], mask, cache, start, present)
+        if cache is not None:
+            cache.length = start + S
+        if last_only:
+            if keep is None:
+                r = r[:, -1:]
+            else:
+                last = (keep.long() * torch.arange(S, device=keep.device)).argmax(1)
+                r = r[torch.arange(B, device=r.device), last][:, None]
+        return self.linear(F.rms_norm(r, (d,), self.norm, self.eps), self.lm_head, None)
+
+    def _native_step(self, r: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                     cache: KVCache, start: int) -> torch.Tensor:
+        """Every layer for one new token per row in one native call. r: [B, 1, d]; cos, sin: [B, 1, D]."""
+        params, dims = self.step_args()
+        none = r.new_empty(0)
+        k = [none if t is None else t for t in cache.k]
+        v = [none if t is None else t for t in cache.v]
+        m = None if mask is None else mask[:, :, 0][:, :, None]
+        out = torch.ops.cofi.llama_decode_step(r[:, 0], params, dims, cos[:, 0], sin[:, 0], k, v, start, m,
+                                               self.head_dim, self.eps)
+        _backends.record("llama_decode_step", "native", r.device)
+        return out[:, None]
+
+    def _layers(self, r: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None, start: int, present: list | None) -> torch.Tensor:
+        """The per-op path: r [B, S, d]; cos, sin [B, 1, S, D] (broadcast over heads)."""
+        _backends.record("llama_decode_step", "torch", r.device)
         d = r.shape[-1]
         for i, layer in enumerate(self.layers):
             if layer.attn:
@@ -219,15 +281,7 @@ class LlamaRuntime(nn.Module):
                 r = r + self.linear(F.silu(gu[..., :layer.width]) * gu[..., layer.width:], layer.down_w, layer.down_b)
             elif layer.mlp_bias is not None:
                 r = r + layer.mlp_bias
-        if cache is not None:
-            cache.length = start + S
-        if last_only:
-            if keep is None:
-                r = r[:, -1:]
-            else:
-                last = (keep.long() * torch.arange(S, device=keep.device)).argmax(1)
-                r = r[torch.arange(B, device=r.device), last][:, None]
-        return self.linear(F.rms_norm(r, (d,), self.norm, self.eps), self.lm_head, None)
+        return r
 
     @staticmethod
     def _mask(keep: torch.Tensor | None, cache: KVCache | None, start: int, S: int) -> torch.Tensor | None:

@@ -1,0 +1,254 @@
+// CPU kernel of cofi::decode_linear: y = x w^T + b for a few rows of x (incremental decoding),
+// reading the weight once at close to the machine's read bandwidth.
+//
+// Why: a decode step is a chain of matrix-vector products whose weights do not fit in cache, so
+// its speed is the rate at which the weights stream from memory. At one to eight rows torch's
+// F.linear reaches about half of this 2-core machine's streaming read rate (12-14 of ~24 GB/s fp32,
+// measured in benchmarks/bench_decode_linear.py). Here each thread streams its own contiguous block
+// of weight rows: R rows at a time (R independent read streams, dot products against every x row
+// while the R rows sit in L1), accumulating in float32.
+//
+// Weights float32, bfloat16 or float16 (x has the weight's dtype); products and sums are float32
+// and y is rounded once to x's dtype (the operation torch's half GEMMs perform, to summation order).
+// bfloat16 -> float32 is a 16-bit shift (an unpack against zero), float16 -> float32 F16C's vcvtph2ps.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "decode_linear.h"
+
+namespace cofi {
+namespace {
+
+template <typename W>
+inline float to_float(W v) {
+  return static_cast<float>(v);
+}
+
+// Baseline (any x86-64 / other CPU): plain loops.
+template <typename W>
+void rows_scalar(const W* w, const float* x, const float* b, float* y, int64_t n0, int64_t n1, int64_t M,
+                 int64_t N, int64_t K) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const W* wr = w + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += to_float(wr[k]) * xr[k];
+      y[m * N + n] = s + (b ? b[n] : 0.f);
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+__attribute__((target("avx2,fma"), always_inline)) inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+// R weight rows (starting at w) against MB rows of x: y[m * N + i] for i < R, m < MB.
+template <int R, int MB, typename W>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void tile(const W* w, const float* x, float* y,
+                                                                          int64_t N, int64_t K) {
+  __m256 acc[MB][R];
+  for (int m = 0; m < MB; ++m)
+    for (int i = 0; i < R; ++i) acc[m][i] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);
+    for (int i = 0; i < R; ++i) {
+      const __m256 wv = load8(w + i * K + k);
+      for (int m = 0; m < MB; ++m) acc[m][i] = _mm256_fmadd_ps(wv, xv[m], acc[m][i]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    for (int i = 0; i < R; ++i) {
+      float s = hsum(acc[m][i]);
+      for (int64_t kk = k; kk < K; ++kk) s += to_float(w[i * K + kk]) * x[m * K + kk];
+      y[m * N + i] = s;
+    }
+  }
+}
+
+// bfloat16: 16 weights per load widened by unpacking against zero (no lane-crossing convert), which
+// yields elements {0-3, 8-11} and {4-7, 12-15} of each 16; xq holds x in that order (permute_bf16).
+template <int R, int MB>
+__attribute__((target("avx2,fma"), always_inline)) inline void tile_bf16(const c10::BFloat16* w, const float* x,
+                                                                          const float* xq, float* y, int64_t N,
+                                                                          int64_t K) {
+  __m256 acc[MB][R];
+  for (int m = 0; m < MB; ++m)
+    for (int i = 0; i < R; ++i) acc[m][i] = _mm256_setzero_ps();
+  const __m256i zero = _mm256_setzero_si256();
+  const int64_t K16 = K / 16 * 16;
+  for (int64_t k = 0; k < K16; k += 16) {
+    __m256 xl[MB], xh[MB];
+    for (int m = 0; m < MB; ++m) {
+      xl[m] = _mm256_loadu_ps(xq + m * K + k);
+      xh[m] = _mm256_loadu_ps(xq + m * K + k + 8);
+    }
+    for (int i = 0; i < R; ++i) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * K + k));
+      const __m256 lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, h));
+      const __m256 hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, h));
+      for (int m = 0; m < MB; ++m) {
+        acc[m][i] = _mm256_fmadd_ps(lo, xl[m], acc[m][i]);
+        acc[m][i] = _mm256_fmadd_ps(hi, xh[m], acc[m][i]);
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    for (int i = 0; i < R; ++i) {
+      float s = hsum(acc[m][i]);
+      for (int64_t kk = K16; kk < K; ++kk) s += to_float(w[i * K + kk]) * x[m * K + kk];
+      y[m * N + i] = s;
+    }
+  }
+}
+
+// x [M, K] -> the order tile_bf16 reads whole 16-blocks in (the tail past K / 16 * 16 is unused).
+void permute_bf16(const float* x, float* xq, int64_t M, int64_t K) {
+  static constexpr int kOrder[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k + 16 <= K; k += 16)
+      for (int j = 0; j < 16; ++j) xq[m * K + k + j] = x[m * K + k + kOrder[j]];
+}
+
+__attribute__((target("avx2,fma"))) void rows_bf16_avx2(const c10::BFloat16* w, const float* x, const float* xq,
+                                                        const float* b, float* y, int64_t n0, int64_t n1, int64_t M,
+                                                        int64_t N, int64_t K) {
+  int64_t n = n0;
+  if (M == 1) {
+    for (; n + 8 <= n1; n += 8) tile_bf16<8, 1>(w + n * K, x, xq, y + n, N, K);
+    for (; n < n1; ++n) tile_bf16<1, 1>(w + n * K, x, xq, y + n, N, K);
+  } else {
+    for (; n + 4 <= n1; n += 4) {
+      int64_t m = 0;
+      for (; m + 2 <= M; m += 2) tile_bf16<4, 2>(w + n * K, x + m * K, xq + m * K, y + m * N + n, N, K);
+      if (m < M) tile_bf16<4, 1>(w + n * K, x + m * K, xq + m * K, y + m * N + n, N, K);
+    }
+    for (; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m) tile_bf16<1, 1>(w + n * K, x + m * K, xq + m * K, y + m * N + n, N, K);
+  }
+  if (b) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = n0; j < n1; ++j) y[m * N + j] += b[j];
+  }
+}
+
+// Rows [n0, n1) of w against all M rows of x. One x row: 8 weight rows in flight; more: 4 weight
+// rows against 2 x rows at a time (8 accumulators), the 4 rows re-read from L1 for the next 2.
+template <typename W>
+__attribute__((target("avx2,fma,f16c"))) void rows_avx2(const W* w, const float* x, const float* b, float* y,
+                                                        int64_t n0, int64_t n1, int64_t M, int64_t N, int64_t K) {
+  int64_t n = n0;
+  if (M == 1) {
+    for (; n + 8 <= n1; n += 8) tile<8, 1>(w + n * K, x, y + n, N, K);
+    for (; n < n1; ++n) tile<1, 1>(w + n * K, x, y + n, N, K);
+  } else {
+    for (; n + 4 <= n1; n += 4) {
+      int64_t m = 0;
+      for (; m + 2 <= M; m += 2) tile<4, 2>(w + n * K, x + m * K, y + m * N + n, N, K);
+      if (m < M) tile<4, 1>(w + n * K, x + m * K, y + m * N + n, N, K);
+    }
+    for (; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m) tile<1, 1>(w + n * K, x + m * K, y + m * N + n, N, K);
+  }
+  if (b) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = n0; j < n1; ++j) y[m * N + j] += b[j];
+  }
+}
+
+bool has_avx2() {
+  static const bool ok =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return ok;
+}
+
+template <typename W>
+void run(const at::Tensor& w, const at::Tensor& xf, const at::Tensor& bf, at::Tensor& yf) {
+  const int64_t M = xf.size(0), N = w.size(0), K = w.size(1);
+  const W* wp = w.data_ptr<W>();
+  const float* xp = xf.data_ptr<float>();
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  float* yp = yf.data_ptr<float>();
+  const bool simd = has_avx2();
+  at::Tensor xq;
+  if (simd && std::is_same_v<W, c10::BFloat16>) {
+    xq = at::empty_like(xf);
+    permute_bf16(xp, xq.data_ptr<float>(), M, K);
+  }
+  // Tasks of whole 8-row tiles, at least ~64 KiB of weight each (below that a task's start-up costs
+  // more than its reads).
+  const int64_t grain = std::max<int64_t>(8, ((1 << 16) / std::max<int64_t>(1, K * w.element_size()) + 7) / 8 * 8);
+  at::parallel_for(0, (N + 7) / 8, std::max<int64_t>(1, grain / 8), [&](int64_t t0, int64_t t1) {
+    const int64_t n0 = t0 * 8, n1 = std::min(N, t1 * 8);
+    if (simd && xq.defined()) {
+      rows_bf16_avx2(reinterpret_cast<const c10::BFloat16*>(wp), xp, xq.data_ptr<float>(), bp, yp, n0, n1, M, N, K);
+    } else if (simd) {
+      rows_avx2<W>(wp, xp, bp, yp, n0, n1, M, N, K);
+    } else {
+      rows_scalar<W>(wp, xp, bp, yp, n0, n1, M, N, K);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2, "cofi::decode_linear: x must be [M, K], got ", x.sizes());
+  TORCH_CHECK(w.dim() == 2, "cofi::decode_linear: w must be [N, K], got ", w.sizes());
+  TORCH_CHECK(x.size(1) == w.size(1), "cofi::decode_linear: x [M, K] and w [N, K] must share K, got x ", x.sizes(),
+              " and w ", w.sizes());
+  TORCH_CHECK(x.size(0) <= kDecodeLinearMaxRows, "cofi::decode_linear: x must have at most ", kDecodeLinearMaxRows, " rows, got ",
+              x.size(0));
+  const auto dt = w.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "cofi::decode_linear: w must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(x.scalar_type() == dt, "cofi::decode_linear: x must have w's dtype ", dt, ", got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "cofi::decode_linear: CPU tensors only");
+  at::Tensor bf;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), "cofi::decode_linear: bias must be [N] = [",
+                w.size(0), "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == dt, "cofi::decode_linear: bias must have w's dtype ", dt, ", got ",
+                bias->scalar_type());
+    bf = bias->to(at::kFloat).contiguous();
+  }
+  const int64_t M = x.size(0), N = w.size(0);
+  at::Tensor wc = w.contiguous();
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor yf = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (M > 0 && N > 0) {
+    if (dt == at::kFloat) {
+      run<float>(wc, xf, bf, yf);
+    } else if (dt == at::kBFloat16) {
+      run<c10::BFloat16>(wc, xf, bf, yf);
+    } else {
+      run<c10::Half>(wc, xf, bf, yf);
+    }
+  }
+  return dt == at::kFloat ? yf : yf.to(dt);
+}
+
+TORCH_LIBRARY_IMPL(cofi, CPU, m) { m.impl("decode_linear", &decode_linear_cpu); }
+
+}  // namespace cofi
