@@ -10,6 +10,7 @@ The op benchmarks themselves live in ``cofi.bench`` (``run_op_script`` runs one 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -44,6 +45,21 @@ def base_parser(description: str, cpu_only: bool = False) -> argparse.ArgumentPa
         p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per case")
     p.add_argument("--out", default=None, help="results file (default results/<device>/<op>.json)")
     return p
+
+
+def bandwidth(mb: int = 512) -> tuple[float, float]:
+    """(read, copy) GB/s: best of 5 ``torch.sum`` over an ``mb`` MiB float32 buffer, best of 5
+    copies of ``mb / 2`` MiB (read + write counted). The bound of a weight-streaming benchmark."""
+    x = torch.ones(mb * 2 ** 18)
+    a, b = x[: x.numel() // 2], torch.empty(x.numel() // 2)
+    read = copy = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        t1 = time.perf_counter()
+        b.copy_(a)
+        read, copy = min(read, t1 - t0), min(copy, time.perf_counter() - t1)
+    return x.numel() * 4 / read / 1e9, 2 * a.numel() * 4 / copy / 1e9
 
 
 def write_rows(op: str, rows: list[dict], device: str, out: str | None = None) -> Path:
