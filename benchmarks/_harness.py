@@ -62,6 +62,12 @@ def bandwidth(mb: int = 512) -> tuple[float, float]:
     return x.numel() * 4 / read / 1e9, 2 * a.numel() * 4 / copy / 1e9
 
 
+def mem_available() -> int:
+    """Bytes of memory the kernel says a new allocation can get (MemAvailable, Linux)."""
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
 def write_rows(op: str, rows: list[dict], device: str, out: str | None = None) -> Path:
     """Merge ``rows`` into ``out`` or results/<device>/<op>.json."""
     return _h.write_rows(Path(out) if out else RESULTS / device_name(device) / f"{op}.json", rows)
