@@ -56,6 +56,7 @@ class LMDemoConfig:
     target_intermediate: int | None = 1024
     learning_rate: float = 1e-4
     reg_learning_rate: float = 0.1
+    reg_learning_rate_adapt: bool = True  # off when --reg-learning-rate is given (cofi.training.optim.controller_lr)
     recover_learning_rate: float = 1e-4
     precision: str = "fp32"
     eval_steps: int = 20
@@ -78,7 +79,8 @@ class LMDemoConfig:
             lagrangian_warmup_steps=self.lagrangian_warmup_steps, target_layers=self.target_layers,
             target_hidden=self.target_hidden, target_heads=self.target_heads, target_kv_heads=self.target_kv_heads,
             target_intermediate=self.target_intermediate, kl_weight=1.0, ce_weight=0.0,
-            learning_rate=self.learning_rate, reg_learning_rate=self.reg_learning_rate, precision=self.precision,
+            learning_rate=self.learning_rate, reg_learning_rate=self.reg_learning_rate,
+            reg_learning_rate_adapt=self.reg_learning_rate_adapt, precision=self.precision,
             mask_mode="soft", eval_steps=self.eval_steps, eval_batches=self.eval_batches, save_steps=self.save_steps,
             seed=self.seed, num_threads=self.num_threads)
 
@@ -97,13 +99,15 @@ _IGNORED = {"preset", "resume", "command", "teacher_epochs", "teacher_lr", "test
 
 def config_from_args(args: argparse.Namespace) -> LMDemoConfig:
     """The run's config: the preset, then the explicitly given ``cofi demo`` flags that apply (others are
-    refused in one line). ``--target-heads H`` takes H / 3 K/V heads (SmolLM2's 3 query heads per group)."""
+    refused in one line). ``--target-heads H`` takes H / 3 K/V heads (SmolLM2's 3 query heads per group); a
+    given ``--reg-learning-rate`` is kept as given (never raised for a short warm-up)."""
     given = {k: v for k, v in vars(args).items() if v is not None and v is not False and v != [] and k not in _IGNORED}
     other = sorted(k for k in given if k not in _FLAGS)
     if other:
         raise UserError(f"{WHO}: these flags do not apply to the decoder job: "
                         f"{', '.join('--' + k.replace('_', '-') for k in other)}")
     cfg = LMDemoConfig(**{_FLAGS[k]: v for k, v in given.items()})
+    cfg.reg_learning_rate_adapt = "reg_learning_rate" not in given
     if "target_heads" in given:
         cfg.target_kv_heads = max(1, math.ceil(given["target_heads"] / 3))
     return cfg

@@ -51,6 +51,14 @@ class DecoderMaskConfig:
                             f"got {tuple(self.groups)}")
         object.__setattr__(self, "groups", tuple(g for g in DECODER_GROUPS if g in self.groups))
 
+    @property
+    def score_travel(self) -> float:
+        """How far (in log_alpha) a score may have to move, as ``cofi.masks.MaskConfig.score_travel``:
+        from the init mean after the first clamp (at most the top of ``clamp``) to the bottom of
+        ``clamp``, where a unit is kept with probability ~0.05 (9.21 for the default mean 5)."""
+        lo, hi = self.clamp
+        return min(self.init_mean, hi) - lo
+
 
 @dataclass(frozen=True)
 class DecoderTarget:

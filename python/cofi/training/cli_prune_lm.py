@@ -8,6 +8,8 @@ import typing
 
 from .lm_prune import LMPruneConfig
 
+_ADAPT = "reg_learning_rate_adapt"
+
 _HELP = {
     "model": "checkpoint folder of a Llama / Qwen2 / Mistral causal LM (safetensors + tokenizer)",
     "output_dir": "a new folder for this run (or the run to continue with --resume)",
@@ -23,6 +25,8 @@ _HELP = {
                              "reference steers the sampling weights",
     "dbl_update_steps": "steps between weight updates of dynamic batch loading",
     "dbl_eta": "step size of the weight update (w <- w exp(eta * excess loss), renormalised)",
+    "reg_learning_rate": "learning rate of the masks' log_alpha and the Lagrange multipliers; without this flag "
+                         "it is raised when the Lagrangian warm-up is too short for the scores to travel",
     "dbl_reference_loss": "reference loss per domain (nats/token), in order or NAME=L (default: the unpruned "
                           "model's held-out loss at step 0)",
 }
@@ -37,6 +41,8 @@ def _type(field: dataclasses.Field) -> type:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(LMPruneConfig):
+        if f.name == _ADAPT:  # set by run(): whether --reg-learning-rate was given
+            continue
         flag = "--" + f.name.replace("_", "-")
         required = f.default is dataclasses.MISSING
         if _type(f) is bool:  # an off-by-default switch
@@ -46,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         if not required:
             kw["default"] = f.default
             kw["help"] = (kw["help"] + " " if kw["help"] else "") + f"(default {f.default})"
+        if f.name == "reg_learning_rate":
+            kw["default"] = None  # None: not given, so the default may be raised
         p.add_argument(flag, dest=f.name, **kw)
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its newest checkpoint")
     p.add_argument("--fsdp", action="store_true",
@@ -53,10 +61,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "root; masks and lambdas replicated) instead of data parallel replicas")
 
 
+def config_from_args(args: argparse.Namespace) -> LMPruneConfig:
+    """The run's config; a given --reg-learning-rate is kept (``reg_learning_rate_adapt`` off)."""
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(LMPruneConfig) if f.name != _ADAPT}
+    if kw["reg_learning_rate"] is None:
+        del kw["reg_learning_rate"]
+    else:
+        kw[_ADAPT] = False
+    return LMPruneConfig(**kw)
+
+
 def run(args: argparse.Namespace) -> int:
     from .lm_prune import LMPruner
 
-    cfg = LMPruneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LMPruneConfig)})
+    cfg = config_from_args(args)
     pruner = LMPruner(cfg, resume=args.resume, fsdp=args.fsdp)
     try:
         pruner.run()

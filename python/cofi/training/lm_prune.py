@@ -7,7 +7,7 @@ folded (``cofi.pruning.fold_llama``) and the compact model saved; results.json r
 delivered sparsity and structure, the fold's gap (compact vs masked logits) and held-out perplexity.
 
 Reused from the encoder trainer: ``optim.Optimizers`` (model AdamW + schedule, log_alpha and lambda
-AdamWs, fp16 scaler), ``precision.autocast``, atomic verified checkpoints (``checkpoint``). A resumed
+AdamWs, fp16 scaler), ``optim.controller_lr`` (their rate, raised for a short warm-up), ``precision.autocast``, atomic verified checkpoints (``checkpoint``). A resumed
 run is bitwise the uninterrupted one: batches are a function of the step, and the checkpoint holds
 model, masks, optimizers and every RNG. The teacher's outputs are not cached (docs/decoder.md).
 """
@@ -33,8 +33,13 @@ from . import checkpoint as C
 from .lm_distill import IGNORE, fused_lm_loss, hidden_distill_loss, shifted_targets
 from .lm_parallel import LMParallel
 from .lm_prune_domains import DomainSteps
-from .optim import Optimizers
+from .optim import Optimizers, controller_lr
 from .precision import autocast
+
+# Adam's first moment averages the last ~1 / (1 - beta1) = 10 steps: a lag counted in steps, not in rate x
+# steps, so on a warm-up of tens of steps the scores and lambdas react a third of the warm-up late, wind up
+# and overshoot. The decoder's controller steps on the current gradient (docs/decoder.md "Controller").
+CONTROLLER_BETAS = (0.0, 0.999)
 
 
 @dataclass
@@ -67,6 +72,7 @@ class LMPruneConfig:
     loss_chunk: int = 1024
     learning_rate: float = 2e-5
     reg_learning_rate: float = 0.1
+    reg_learning_rate_adapt: bool = True  # may raise the rate for a short warm-up (optim.controller_lr); off when given
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -187,8 +193,13 @@ class LMPruner(DomainSteps):
         self.mask_gen = torch.Generator(self.device).manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.par.wrap(self.student, self.teacher)
+        horizon = cfg.warmup() if cfg.warmup() > 0 else cfg.max_steps
+        reg_lr, self.controller = controller_lr(cfg, self.masks.cfg.score_travel, horizon)  # type: ignore[arg-type]
         self.optim = Optimizers(list(self.student.named_parameters()), cfg, lr=cfg.learning_rate, kind=cfg.scheduler,
-                                total=cfg.max_steps, maskset=self.masks)  # type: ignore[arg-type]
+                                total=cfg.max_steps, maskset=self.masks, reg_lr=reg_lr)  # type: ignore[arg-type]
+        for group in self.optim.l0_opt.param_groups + self.optim.lam_opt.param_groups:
+            group["betas"] = CONTROLLER_BETAS
+        self.controller["betas"] = list(CONTROLLER_BETAS)
         self.par.adopt(self.optim)
         self.step = 0
         self.resume = resume
@@ -316,6 +327,12 @@ class LMPruner(DomainSteps):
             n_train = len(self.train) if self.loader is None else sum(len(d.train) for d in self.loader.domains)
             self.log(f"[prune-lm] {n_train} x {cfg.seq_len} training tokens, {cfg.max_steps} steps, target "
                      f"sparsity {self.target:.4f}" + (f" (shape {self.masks.target_counts})" if self.masks.target else ""))
+            c = self.controller
+            self.log(f"[prune-lm] controller: reg_learning_rate {c['configured']:g} -> {c['effective']:.4g}: log_alpha "
+                     f"may travel {c['travel']:.2f}, which takes {c['travel'] / c['configured']:.0f} steps, more than a "
+                     f"third of the {c['horizon_steps']}-step warm-up; raised so it takes a third (--reg-learning-rate "
+                     f"keeps the rate given)" if c["adapted"] else
+                     f"[prune-lm] controller: reg_learning_rate {c['effective']:g} (as configured)")
         elif self.par.main:  # drop records past the checkpoint
             kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= self.step]
             C.atomic_write_bytes(log_path, "".join(ln + "\n" for ln in kept).encode())
@@ -367,7 +384,7 @@ class LMPruner(DomainSteps):
                              "kv_heads": [len(k.kv_heads) for k in layers],
                              "intermediate": [len(k.units) for k in layers],
                              "attention": [k.attention for k in layers], "mlp": [k.mlp for k in layers]},
-               "stock_llama": stock, "fold_max_abs_gap": gap, "steps": self.step,
+               "stock_llama": stock, "fold_max_abs_gap": gap, "steps": self.step, "controller": self.controller,
                **self.final_ppl(masks)}
         if self.par.main:
             C.atomic_write_bytes(self.out / "results.json", json.dumps(res, indent=2).encode())
