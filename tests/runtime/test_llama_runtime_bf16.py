@@ -43,9 +43,6 @@ def models(tmp_path_factory):
 IDS = torch.randint(0, V, (8, 32), generator=torch.Generator().manual_seed(5))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 22: LlamaRuntime takes the compact model's RoPE module, whose "
-                   "inv_freq fold_llama's .to(bfloat16) rounded to bf16 (transformers' from_pretrained keeps it "
-                   "float32); the fix builds the runtime's own float32 rotary from the config")
 @pytest.mark.parametrize("name", ["dense", "pruned"])
 def test_float64_runtime_is_transformers(models, name):
     rt, _, hf64 = models[name]

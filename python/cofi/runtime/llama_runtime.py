@@ -8,8 +8,9 @@ Built once from a ``CompactLlamaForCausalLM`` (or a dense folder folded with no 
   o_proj columns (exact: a padded head's output is multiplied by 0), so every layer is a uniform GQA
   layout: prefill uses SDPA's ``enable_gqa`` and decoding folds a group's query heads into SDPA's
   query-length axis, so K/V are never copied or repeated;
-- RoPE cos/sin come from transformers' rotary class at each call's positions (dynamic RoPE types,
-  whose frequencies depend on the sequence length, are refused);
+- RoPE cos/sin come from transformers' rotary class at each call's positions, its frequencies in
+  float32 whatever the weights' dtype (dynamic RoPE types, whose frequencies depend on the sequence
+  length, are refused);
 - the cache is ``[B, G_l, T_max, D]`` per layer, allocated once per generation, written in place;
 - bf16 / fp16 weights on a CPU without native half GEMMs (``torch.ops.mkldnn`` says so; AVX2 only):
   a projection over more than one token row runs in float32 on row blocks of the weight upcast
@@ -146,17 +147,20 @@ class LlamaRuntime(nn.Module):
                             f"yarn, ...), got {kind!r}")
         self.config, self.eps, self.head_dim = c, model.eps, c.head_dim
         self.base_shape = model.base_shape
-        self.rotary = model.model.rotary_emb
         w = model.model.embed_tokens.weight.detach()
         self.register_buffer("embed", w)
         self.register_buffer("lm_head", model.lm_head.weight.detach())
         self.register_buffer("norm", model.model.norm.weight.detach().clone())
         self.layers = nn.ModuleList(_Layer(layer, c.head_dim) for layer in model.model.layers)
+        self.rotary = ops.rotary_embedding(c.hf_config()).to(self.device)
         self.upcast = needs_upcast(self.dtype, self.device)
         self._step_args: tuple[list, list[int]] | None = None
 
     def _apply(self, fn, recurse: bool = True):
         out = super()._apply(fn, recurse)
+        # RoPE frequencies stay float32 whatever the weights' dtype, as transformers' from_pretrained keeps
+        # them: inv_freq rounded to bf16 turns each angle by up to 2^-9 of position x frequency
+        self.rotary = ops.rotary_embedding(self.config.hf_config()).to(self.device)
         self.upcast = needs_upcast(self.dtype, self.device)
         self._step_args = None
         return out
