@@ -342,7 +342,8 @@ def render_decode_linear(rel: str, data: dict[str, Any]) -> str:
             f"weight totalling > {data['stream_bytes'] / 2 ** 20:.0f} MiB, so each call streams its weight "
             f"from memory. µs = p50 per call; reached = weight bytes / p50 / the read bandwidth measured in the "
             f"run ({data['read_bandwidth_gb_s']:.1f} GB/s, best of 5 `torch.sum` over 512 MiB at the start and "
-            f"end: {' / '.join(f'{v:.1f}' for v in data['read_bandwidth_runs_gb_s'])}); vs F.linear = F.linear "
+            f"end: {' / '.join(f'{v:.1f}' for v in data['read_bandwidth_runs_gb_s'])}; not a hard ceiling: `torch.sum` "
+            f"does not saturate the memory system, and other load on the machine moves both); vs F.linear = F.linear "
             f"p50 / decode_linear p50 (above 1: decode_linear is faster). Range of that ratio over the weights: "
             f"{'; '.join(spans)}.{skipped}\n\n" + table(head, body))
     return with_caveat(text, caveat)
