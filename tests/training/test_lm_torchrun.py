@@ -38,6 +38,7 @@ RUN = {"seq_len": 16, "batch_size": 4, "max_steps": 6, "lagrangian_warmup_steps"
        "reg_learning_rate": 0.1, "kl_weight": 1.0, "ce_weight": 1.0, "hidden_weight": 0.1, "eval_steps": 3,
        "eval_batches": 1, "save_steps": 3, "loss_chunk": 24, "num_threads": 1, "target_sparsity": 0.5,
        "adam_eps": 1e-3}  # eps well above rounding noise: Adam does not amplify summation-order differences
+ONE = {**RUN, "reg_learning_rate_adapt": False}  # the one-process runs: the rate given, as on the command line
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +74,9 @@ def _main(argv: list[str]) -> int:
     """One rank: ``cofi prune-lm`` with each ``::``-separated argument list, then its final student
     weights in rank<r>.safetensors."""
     import argparse
-    import dataclasses
 
-    from cofi.training.cli_prune_lm import add_arguments
-    from cofi.training.lm_prune import LMPruneConfig, LMPruner
+    from cofi.training.cli_prune_lm import add_arguments, config_from_args
+    from cofi.training.lm_prune import LMPruner
     from safetensors.torch import save_file
 
     p = argparse.ArgumentParser()
@@ -86,7 +86,7 @@ def _main(argv: list[str]) -> int:
         runs.append([]) if x == "::" else runs[-1].append(x)
     for i, args in enumerate(runs):
         a = p.parse_args(args)
-        cfg = LMPruneConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(LMPruneConfig)})
+        cfg = config_from_args(a)
         pruner = LMPruner(cfg, resume=a.resume, fsdp=a.fsdp, log=lambda m: None)
         try:
             if a.fsdp:
@@ -182,7 +182,7 @@ def test_torchrun_dp_and_fsdp_match_one_process(tiny, tmp_path):
 
     one, dp, fsdp = tmp_path / "one", tmp_path / "dp", tmp_path / "fsdp"
     model, text = tiny
-    LMPruner(LMPruneConfig(model=str(model), output_dir=str(one), train_text=str(text), **RUN),
+    LMPruner(LMPruneConfig(model=str(model), output_dir=str(one), train_text=str(text), **ONE),
              log=lambda m: None).run()
     dp_res, fsdp_res = _killed_at_step_4(one, tmp_path / "dp_res"), _killed_at_step_4(one, tmp_path / "fsdp_res")
     _torchrun(_args(tiny, dp) + ["::"] + _args(tiny, fsdp) + ["--fsdp", "::"] + _args(tiny, dp_res) + ["--resume", "::"]
@@ -199,7 +199,7 @@ def test_torchrun_dp_and_fsdp_match_one_process(tiny, tmp_path):
 
     # one process resumes the FSDP run from its step-3 checkpoint (gathered full state dicts)
     res = _killed_at_step_4(fsdp, tmp_path / "one_res")
-    LMPruner(LMPruneConfig(model=str(model), output_dir=str(res), train_text=str(text), **RUN), resume=True,
+    LMPruner(LMPruneConfig(model=str(model), output_dir=str(res), train_text=str(text), **ONE), resume=True,
              log=lambda m: None).run()
     _same_run(res, one)
 
