@@ -153,6 +153,23 @@ void permute_bf16(const float* x, float* xq, int64_t M, int64_t K) {
       for (int j = 0; j < 16; ++j) xq[m * K + k + j] = x[m * K + k + kOrder[j]];
 }
 
+// 3-8 rows of x: one weight row against all of them at a time, so the weight streams in one pass
+// (x, at most 8 rows, stays in L1 / L2); 4 weight rows against 2 x rows per pass
+// would stream the weight during only the first of M / 2 passes.
+template <int MB, typename W>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void one_pass(const W* w, const float* x, float* y,
+                                                                              int64_t n0, int64_t n1, int64_t N,
+                                                                              int64_t K) {
+  for (int64_t n = n0; n < n1; ++n) tile<1, MB>(w + n * K, x, y + n, N, K);
+}
+
+template <int MB>
+__attribute__((target("avx2,fma"), always_inline)) inline void one_pass_bf16(const c10::BFloat16* w, const float* x,
+                                                                              const float* xq, float* y, int64_t n0,
+                                                                              int64_t n1, int64_t N, int64_t K) {
+  for (int64_t n = n0; n < n1; ++n) tile_bf16<1, MB>(w + n * K, x, xq, y + n, N, K);
+}
+
 __attribute__((target("avx2,fma"))) void rows_bf16_avx2(const c10::BFloat16* w, const float* x, const float* xq,
                                                         const float* b, float* y, int64_t n0, int64_t n1, int64_t M,
                                                         int64_t N, int64_t K) {
@@ -160,6 +177,15 @@ __attribute__((target("avx2,fma"))) void rows_bf16_avx2(const c10::BFloat16* w, 
   if (M == 1) {
     for (; n + 8 <= n1; n += 8) tile_bf16<8, 1>(w + n * K, x, xq, y + n, N, K);
     for (; n < n1; ++n) tile_bf16<1, 1>(w + n * K, x, xq, y + n, N, K);
+  } else if (M > 2) {
+    switch (M) {
+      case 3: one_pass_bf16<3>(w, x, xq, y, n0, n1, N, K); break;
+      case 4: one_pass_bf16<4>(w, x, xq, y, n0, n1, N, K); break;
+      case 5: one_pass_bf16<5>(w, x, xq, y, n0, n1, N, K); break;
+      case 6: one_pass_bf16<6>(w, x, xq, y, n0, n1, N, K); break;
+      case 7: one_pass_bf16<7>(w, x, xq, y, n0, n1, N, K); break;
+      default: one_pass_bf16<8>(w, x, xq, y, n0, n1, N, K); break;
+    }
   } else {
     for (; n + 4 <= n1; n += 4) {
       int64_t m = 0;
@@ -175,8 +201,8 @@ __attribute__((target("avx2,fma"))) void rows_bf16_avx2(const c10::BFloat16* w, 
   }
 }
 
-// Rows [n0, n1) of w against all M rows of x. One x row: 8 weight rows in flight; more: 4 weight
-// rows against 2 x rows at a time (8 accumulators), the 4 rows re-read from L1 for the next 2.
+// Rows [n0, n1) of w against all M rows of x. One x row: 8 weight rows in flight; two: 4 weight
+// rows against both; more: one_pass.
 template <typename W>
 __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const W* w, const float* x, const float* b, float* y,
                                                         int64_t n0, int64_t n1, int64_t M, int64_t N, int64_t K) {
@@ -184,6 +210,15 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const W* w, const float*
   if (M == 1) {
     for (; n + 8 <= n1; n += 8) tile<8, 1>(w + n * K, x, y + n, N, K);
     for (; n < n1; ++n) tile<1, 1>(w + n * K, x, y + n, N, K);
+  } else if (M > 2) {
+    switch (M) {
+      case 3: one_pass<3>(w, x, y, n0, n1, N, K); break;
+      case 4: one_pass<4>(w, x, y, n0, n1, N, K); break;
+      case 5: one_pass<5>(w, x, y, n0, n1, N, K); break;
+      case 6: one_pass<6>(w, x, y, n0, n1, N, K); break;
+      case 7: one_pass<7>(w, x, y, n0, n1, N, K); break;
+      default: one_pass<8>(w, x, y, n0, n1, N, K); break;
+    }
   } else {
     for (; n + 4 <= n1; n += 4) {
       int64_t m = 0;
