@@ -56,14 +56,14 @@ class _FusedLMLoss(torch.autograd.Function):
         kl_sum = torch.zeros((), dtype=acc, device=hs.device)
         ce_sum = torch.zeros((), dtype=acc, device=hs.device)
         g_hs = torch.empty_like(hs) if ctx.needs_input_grad[0] else None
-        g_ws = torch.zeros(ws.shape, dtype=acc, device=ws.device) if ctx.needs_input_grad[1] else None
+        g_ws = None  # [V, d]: the first chunk's product, then accumulated in place (no zero-filled [V, d] buffer)
         w = ws.to(hs.dtype)
         wteach = wt.to(ht.dtype) if kl_weight else None
         for a in range(0, N, chunk):
             b = min(N, a + chunk)
             h = hs[a:b]
             logits = (h @ w.T).to(acc)                                                  # [c, V]
-            g = torch.zeros_like(logits) if want_grad else None
+            g = None  # d loss / d logits [c, V], built from the terms (no zero-filled buffer)
             if kl_weight and n_kl:
                 m = kl_mask[a:b].to(acc)[:, None]
                 ls = torch.log_softmax(logits / T, -1)
@@ -71,7 +71,7 @@ class _FusedLMLoss(torch.autograd.Function):
                 pt = lt.exp()
                 kl_sum += (m * pt * (lt - ls)).sum()
                 if want_grad:  # d/dlogits of T^2 KL(p_t || softmax(logits / T)) = T (q - p_t)
-                    g += (kl_weight * T / n_kl) * m * (ls.exp() - pt)
+                    g = ls.exp_().sub_(pt).mul_((kl_weight * T / n_kl) * m)
                 del ls, lt, pt
             if ce_weight and n_ce:
                 tg = targets[a:b]
@@ -81,14 +81,19 @@ class _FusedLMLoss(torch.autograd.Function):
                 if want_grad:
                     gc = lp.exp()
                     gc[torch.arange(b - a, device=gc.device), tg.clamp_min(0)] -= 1.0
-                    g += (ce_weight / n_ce) * gc * valid.to(acc)[:, None]
+                    gc.mul_((ce_weight / n_ce) * valid.to(acc)[:, None])
+                    g = gc if g is None else g.add_(gc)
                 del lp
+            if want_grad and g is None:
+                g = torch.zeros_like(logits)
             if want_grad:
                 if g_hs is not None:
                     g_hs[a:b] = (g @ ws.to(acc)).to(hs.dtype)
-                if g_ws is not None:
-                    g_ws += g.T @ h.to(acc)
+                if ctx.needs_input_grad[1]:
+                    g_ws = g.T @ h.to(acc) if g_ws is None else g_ws.addmm_(g.T, h.to(acc))
             del logits, g
+        if ctx.needs_input_grad[1] and g_ws is None:  # no tokens
+            g_ws = torch.zeros(ws.shape, dtype=acc, device=ws.device)
         kl = kl_sum * (T * T / max(n_kl, 1))
         ce = ce_sum / max(n_ce, 1)
         ctx.save_for_backward(g_hs if g_hs is not None else torch.empty(0),
