@@ -3,9 +3,9 @@ native CPU kernel ``cofi::decode_linear`` (csrc/decode_linear/decode_linear_cpu.
 else the plain-PyTorch reference. Inference only (no autograd kernel).
 
 A decode step's projections are matrix-vector products over weights that do not fit in cache; the
-kernel streams each weight once at close to the machine's read bandwidth: at one row 1.2-2.4x
-torch's ``F.linear`` in float32, about even in bfloat16 (whose GEMV is already the better half of
-torch's CPU GEMVs); at eight rows 1.7-7.6x (benchmarks/bench_decode_linear.py). Products and sums are float32 for every
+kernel streams each weight once at close to the machine's read bandwidth: at one row 1.6-2.3x
+torch's ``F.linear`` in float32 and 1.1-1.7x in bfloat16, at eight rows 1.5-6.4x
+(benchmarks/bench_decode_linear.py, this 2-core AVX2 machine). Products and sums are float32 for every
 weight dtype (float32, bfloat16, float16), the result is rounded once to x's dtype: the same operation
 as ``decode_linear_ref``. ``cofi.ops.last_backend("decode_linear")`` says which ran.
 """
