@@ -2,17 +2,7 @@
 fractions from the file's times, the ratio ranges, skipped cases and the load caveat."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _report():
-    spec = importlib.util.spec_from_file_location("cofi_bench_report", ROOT / "benchmarks" / "report.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from bench_report import load_report as _report
 
 
 def _row(proj: str, n: int, k: int, rows: int, dtype: str, dl_ms: float, fl_ms: float, read_gb_s: float) -> dict:

@@ -2,17 +2,7 @@
 'where cofi wins or loses' note naming each shape on the right side."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _report():
-    spec = importlib.util.spec_from_file_location("cofi_bench_report", ROOT / "benchmarks" / "report.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from bench_report import load_report as _report
 
 
 def _row(batch: int, sparsity: float, **ms: float) -> dict:
