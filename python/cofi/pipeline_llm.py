@@ -46,9 +46,9 @@ class LMDemoConfig:
     eval_text: str | None = None
     seq_len: int = 256
     batch_size: int = 4
-    prune_steps: int = 80
+    prune_steps: int = 120
     lagrangian_warmup_steps: int | None = None  # default: half the pruning steps
-    recover_steps: int = 50
+    recover_steps: int = 70
     target_layers: int | None = 22
     target_hidden: int | None = 576
     target_heads: int | None = 6
