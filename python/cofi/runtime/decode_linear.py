@@ -62,16 +62,22 @@ def native_step(r: torch.Tensor) -> bool:
             and _ext.has_kernel("llama_decode_step", "CPU") and not torch.compiler.is_compiling())
 
 
+def native_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """The native kernel on inputs ``usable`` accepted (not checked again). x: [..., K]; w: [N, K];
+    b: [N] | None. Returns [..., N]."""
+    y = torch.ops.cofi.decode_linear(x.reshape(-1, x.shape[-1]), w, b)
+    B.record(OP, "native", x.device)
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
 def decode_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """``x w^T + b`` computed in float32, rounded once to x's dtype. x: [..., K] with at most
     MAX_ROWS rows for the native kernel (more rows: the reference); w: [N, K]; b: [N] | None.
     Returns [..., N]."""
     if usable(x, w):
-        y = torch.ops.cofi.decode_linear(x.reshape(-1, x.shape[-1]), w, b)
-        B.record(OP, "native", x.device)
-        return y.view(*x.shape[:-1], w.shape[0])
+        return native_linear(x, w, b)
     B.record(OP, "torch", x.device)
     return decode_linear_ref(x, w, b)
 
 
-__all__ = ["MAX_ROWS", "decode_linear", "decode_linear_ref", "native_step", "usable"]
+__all__ = ["MAX_ROWS", "decode_linear", "decode_linear_ref", "native_linear", "native_step", "usable"]

@@ -15,16 +15,15 @@ Built once from a ``CompactLlamaForCausalLM`` (or a dense folder folded with no 
 - bf16 / fp16 weights on a CPU without native half GEMMs (``torch.ops.mkldnn`` says so; AVX2 only):
   a projection over more than one token row runs in float32 on row blocks of the weight upcast
   in cache-sized chunks (``upcast_linear``), 3-10x faster there than torch's half GEMM and the same
-  operation (that GEMM also accumulates in float32 and rounds once); one row (batch-1 decoding)
-  stays a half GEMV, which reads half the bytes;
+  operation (that GEMM also accumulates in float32 and rounds once);
 - a decoding step (one new token per row, at most ``decode_linear.MAX_ROWS`` rows, on CPU) runs every
   layer in one native call, ``cofi::llama_decode_step`` (csrc/llama_decode): the per-op path below
   op for op, without ~20 Python dispatches per layer (``cofi.ops.last_backend("llama_decode_step")``:
   "native", or "torch" when the per-op path ran);
 - projections over at most ``decode_linear.MAX_ROWS`` rows (decoding steps; batch 1 and 8) run the
   native streaming kernel ``cofi::decode_linear`` (float32 accumulation, rounded once, for every
-  weight dtype): about twice torch's GEMV speed, the weights being read once at close to the
-  machine's read bandwidth (``cofi.ops.last_backend("decode_linear")`` says which ran).
+  weight dtype; the weights read once, at close to the machine's read bandwidth for fp32; ratios in
+  ``cofi.runtime.decode_linear``; ``cofi.ops.last_backend("decode_linear")`` says which ran).
 
 Positions follow transformers with an attention mask: ``cumsum(mask) - 1`` (left padding puts a row's
 first real token at position 0), so a padded batch gives each row its unpadded logits.
@@ -39,9 +38,9 @@ from torch import nn
 
 from ..errors import UserError
 from ..models import _decoder_ops as ops
-from .compact_llama import CompactLlamaForCausalLM
 from ..ops import _backends
-from .decode_linear import MAX_ROWS, decode_linear, native_step, usable
+from .compact_llama import CompactLlamaForCausalLM
+from .decode_linear import native_linear, native_step, usable
 
 _DYNAMIC_ROPE = ("dynamic", "longrope")
 _UPCAST_CHUNK = 1 << 20  # float32 weight elements upcast at a time (4 MiB: stays in cache)
@@ -183,8 +182,8 @@ class LlamaRuntime(nn.Module):
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         """x [..., K] @ w [N, K]^T + b -> [..., N]: the streaming kernel for a few rows; float32 over
         row blocks where half GEMMs are slow."""
-        if x.numel() <= MAX_ROWS * x.shape[-1] and usable(x, w):
-            return decode_linear(x, w, b)
+        if usable(x, w):
+            return native_linear(x, w, b)
         if self.upcast and x.numel() > x.shape[-1]:
             return upcast_linear(x, w, b)
         return F.linear(x, w, b)
