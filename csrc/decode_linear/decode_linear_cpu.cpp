@@ -153,80 +153,52 @@ void permute_bf16(const float* x, float* xq, int64_t M, int64_t K) {
       for (int j = 0; j < 16; ++j) xq[m * K + k + j] = x[m * K + k + kOrder[j]];
 }
 
-// 3-8 rows of x: one weight row against all of them at a time, so the weight streams in one pass
-// (x, at most 8 rows, stays in L1 / L2); 4 weight rows against 2 x rows per pass
-// would stream the weight during only the first of M / 2 passes.
-template <int MB, typename W>
-__attribute__((target("avx2,fma,f16c"), always_inline)) inline void one_pass(const W* w, const float* x, float* y,
-                                                                              int64_t n0, int64_t n1, int64_t N,
+// One tile of R weight rows against MB x rows for any weight type (xq: x in bf16 unpack order,
+// read only for bfloat16 weights).
+template <int R, int MB, typename W>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void tile_any(const W* w, const float* x,
+                                                                              const float* xq, float* y, int64_t N,
                                                                               int64_t K) {
-  for (int64_t n = n0; n < n1; ++n) tile<1, MB>(w + n * K, x, y + n, N, K);
+  if constexpr (std::is_same_v<W, c10::BFloat16>) {
+    tile_bf16<R, MB>(w, x, xq, y, N, K);
+  } else {
+    tile<R, MB>(w, x, y, N, K);
+  }
 }
 
-template <int MB>
-__attribute__((target("avx2,fma"), always_inline)) inline void one_pass_bf16(const c10::BFloat16* w, const float* x,
+// 3-8 rows of x: one weight row against all of them at a time, so the weight streams in one pass
+// (x, at most 8 rows, stays in L1 / L2); 4 weight rows against 2 x rows per pass would stream the
+// weight during only the first of M / 2 passes.
+template <int MB, typename W>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void one_pass(const W* w, const float* x,
                                                                               const float* xq, float* y, int64_t n0,
                                                                               int64_t n1, int64_t N, int64_t K) {
-  for (int64_t n = n0; n < n1; ++n) tile_bf16<1, MB>(w + n * K, x, xq, y + n, N, K);
-}
-
-__attribute__((target("avx2,fma"))) void rows_bf16_avx2(const c10::BFloat16* w, const float* x, const float* xq,
-                                                        const float* b, float* y, int64_t n0, int64_t n1, int64_t M,
-                                                        int64_t N, int64_t K) {
-  int64_t n = n0;
-  if (M == 1) {
-    for (; n + 8 <= n1; n += 8) tile_bf16<8, 1>(w + n * K, x, xq, y + n, N, K);
-    for (; n < n1; ++n) tile_bf16<1, 1>(w + n * K, x, xq, y + n, N, K);
-  } else if (M > 2) {
-    switch (M) {
-      case 3: one_pass_bf16<3>(w, x, xq, y, n0, n1, N, K); break;
-      case 4: one_pass_bf16<4>(w, x, xq, y, n0, n1, N, K); break;
-      case 5: one_pass_bf16<5>(w, x, xq, y, n0, n1, N, K); break;
-      case 6: one_pass_bf16<6>(w, x, xq, y, n0, n1, N, K); break;
-      case 7: one_pass_bf16<7>(w, x, xq, y, n0, n1, N, K); break;
-      default: one_pass_bf16<8>(w, x, xq, y, n0, n1, N, K); break;
-    }
-  } else {
-    for (; n + 4 <= n1; n += 4) {
-      int64_t m = 0;
-      for (; m + 2 <= M; m += 2) tile_bf16<4, 2>(w + n * K, x + m * K, xq + m * K, y + m * N + n, N, K);
-      if (m < M) tile_bf16<4, 1>(w + n * K, x + m * K, xq + m * K, y + m * N + n, N, K);
-    }
-    for (; n < n1; ++n)
-      for (int64_t m = 0; m < M; ++m) tile_bf16<1, 1>(w + n * K, x + m * K, xq + m * K, y + m * N + n, N, K);
-  }
-  if (b) {
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t j = n0; j < n1; ++j) y[m * N + j] += b[j];
-  }
+  for (int64_t n = n0; n < n1; ++n) tile_any<1, MB>(w + n * K, x, xq, y + n, N, K);
 }
 
 // Rows [n0, n1) of w against all M rows of x. One x row: 8 weight rows in flight; two: 4 weight
 // rows against both; more: one_pass.
 template <typename W>
-__attribute__((target("avx2,fma,f16c"))) void rows_avx2(const W* w, const float* x, const float* b, float* y,
-                                                        int64_t n0, int64_t n1, int64_t M, int64_t N, int64_t K) {
+__attribute__((target("avx2,fma,f16c"))) void rows_avx2(const W* w, const float* x, const float* xq, const float* b,
+                                                        float* y, int64_t n0, int64_t n1, int64_t M, int64_t N,
+                                                        int64_t K) {
   int64_t n = n0;
   if (M == 1) {
-    for (; n + 8 <= n1; n += 8) tile<8, 1>(w + n * K, x, y + n, N, K);
-    for (; n < n1; ++n) tile<1, 1>(w + n * K, x, y + n, N, K);
+    for (; n + 8 <= n1; n += 8) tile_any<8, 1>(w + n * K, x, xq, y + n, N, K);
+    for (; n < n1; ++n) tile_any<1, 1>(w + n * K, x, xq, y + n, N, K);
   } else if (M > 2) {
     switch (M) {
-      case 3: one_pass<3>(w, x, y, n0, n1, N, K); break;
-      case 4: one_pass<4>(w, x, y, n0, n1, N, K); break;
-      case 5: one_pass<5>(w, x, y, n0, n1, N, K); break;
-      case 6: one_pass<6>(w, x, y, n0, n1, N, K); break;
-      case 7: one_pass<7>(w, x, y, n0, n1, N, K); break;
-      default: one_pass<8>(w, x, y, n0, n1, N, K); break;
+      case 3: one_pass<3>(w, x, xq, y, n0, n1, N, K); break;
+      case 4: one_pass<4>(w, x, xq, y, n0, n1, N, K); break;
+      case 5: one_pass<5>(w, x, xq, y, n0, n1, N, K); break;
+      case 6: one_pass<6>(w, x, xq, y, n0, n1, N, K); break;
+      case 7: one_pass<7>(w, x, xq, y, n0, n1, N, K); break;
+      default: one_pass<8>(w, x, xq, y, n0, n1, N, K); break;
     }
   } else {
-    for (; n + 4 <= n1; n += 4) {
-      int64_t m = 0;
-      for (; m + 2 <= M; m += 2) tile<4, 2>(w + n * K, x + m * K, y + m * N + n, N, K);
-      if (m < M) tile<4, 1>(w + n * K, x + m * K, y + m * N + n, N, K);
-    }
+    for (; n + 4 <= n1; n += 4) tile_any<4, 2>(w + n * K, x, xq, y + n, N, K);
     for (; n < n1; ++n)
-      for (int64_t m = 0; m < M; ++m) tile<1, 1>(w + n * K, x + m * K, y + m * N + n, N, K);
+      for (int64_t m = 0; m < M; ++m) tile_any<1, 1>(w + n * K, x + m * K, xq + m * K, y + m * N + n, N, K);
   }
   if (b) {
     for (int64_t m = 0; m < M; ++m)
@@ -258,10 +230,8 @@ void run(const at::Tensor& w, const at::Tensor& xf, const at::Tensor& bf, at::Te
   const int64_t grain = std::max<int64_t>(8, ((1 << 16) / std::max<int64_t>(1, K * w.element_size()) + 7) / 8 * 8);
   at::parallel_for(0, (N + 7) / 8, std::max<int64_t>(1, grain / 8), [&](int64_t t0, int64_t t1) {
     const int64_t n0 = t0 * 8, n1 = std::min(N, t1 * 8);
-    if (simd && xq.defined()) {
-      rows_bf16_avx2(reinterpret_cast<const c10::BFloat16*>(wp), xp, xq.data_ptr<float>(), bp, yp, n0, n1, M, N, K);
-    } else if (simd) {
-      rows_avx2<W>(wp, xp, bp, yp, n0, n1, M, N, K);
+    if (simd) {
+      rows_avx2<W>(wp, xp, xq.defined() ? xq.data_ptr<float>() : xp, bp, yp, n0, n1, M, N, K);
     } else {
       rows_scalar<W>(wp, xp, bp, yp, n0, n1, M, N, K);
     }
