@@ -46,7 +46,7 @@ TORCH_LIBRARY(cofi, m) {
   m.def("compact_embeddings_fwd(Tensor input_ids, Tensor? token_type_ids, Tensor? position_ids, Tensor word, Tensor position, Tensor token_type, Tensor ln_weight, Tensor ln_bias, Tensor? hidden_z, float eps) -> Tensor");
   // --- decode_linear (runtime; few-row projections at streaming speed, CPU) ---
   m.def("decode_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
-  m.def("llama_decode_step(Tensor r, Tensor?[] params, int[] dims, Tensor cos, Tensor sin, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, int start, Tensor? mask, int head_dim, float eps) -> Tensor");
+  m.def("llama_decode_step(Tensor r, Tensor?[] params, int[] dims, Tensor cos, Tensor sin, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, int start, Tensor? mask, int head_dim, float eps, Tensor? norm=None, Tensor? lm_head=None) -> Tensor");
   // their CPU workspace (csrc/cpu_workspace.h): {cached bytes, bytes in use, hits, misses}; free the cache
   m.def("cpu_workspace_stats() -> int[]");
   m.def("cpu_workspace_release() -> int");

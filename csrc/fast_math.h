@@ -9,6 +9,20 @@
 
 #define COFI_INLINE static inline __attribute__((always_inline))
 
+// Run-time AVX2 + FMA + F16C: the extension is built for the x86-64-v2 baseline, so hot loops are
+// compiled a second time with COFI_TARGET_AVX2 and picked per call with cpu_has_avx2().
+#if defined(__x86_64__) && defined(__GNUC__)
+#define COFI_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+inline bool cpu_has_avx2() {
+  static const bool ok =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return ok;
+}
+#else
+#define COFI_TARGET_AVX2
+inline bool cpu_has_avx2() { return false; }
+#endif
+
 COFI_INLINE float exp_fast(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);

@@ -21,8 +21,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "decode_linear.h"
+#include "../fast_math.h"
 
 namespace cofi {
 namespace {
@@ -206,39 +208,52 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const W* w, const float*
   }
 }
 
-bool has_avx2() {
-  static const bool ok =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return ok;
-}
-
-template <typename W>
-void run(const at::Tensor& w, const at::Tensor& xf, const at::Tensor& bf, at::Tensor& yf) {
-  const int64_t M = xf.size(0), N = w.size(0), K = w.size(1);
-  const W* wp = w.data_ptr<W>();
-  const float* xp = xf.data_ptr<float>();
-  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
-  float* yp = yf.data_ptr<float>();
-  const bool simd = has_avx2();
-  at::Tensor xq;
-  if (simd && std::is_same_v<W, c10::BFloat16>) {
-    xq = at::empty_like(xf);
-    permute_bf16(xp, xq.data_ptr<float>(), M, K);
-  }
-  // Tasks of whole 8-row tiles, at least ~64 KiB of weight each (below that a task's start-up costs
-  // more than its reads).
-  const int64_t grain = std::max<int64_t>(8, ((1 << 16) / std::max<int64_t>(1, K * w.element_size()) + 7) / 8 * 8);
-  at::parallel_for(0, (N + 7) / 8, std::max<int64_t>(1, grain / 8), [&](int64_t t0, int64_t t1) {
-    const int64_t n0 = t0 * 8, n1 = std::min(N, t1 * 8);
-    if (simd) {
-      rows_avx2<W>(wp, xp, xq.defined() ? xq.data_ptr<float>() : xp, bp, yp, n0, n1, M, N, K);
-    } else {
-      rows_scalar<W>(wp, xp, bp, yp, n0, n1, M, N, K);
-    }
-  });
-}
 
 }  // namespace
+
+bool decode_linear_permutes(at::ScalarType w_dtype) { return cpu_has_avx2() && w_dtype == at::kBFloat16; }
+
+void decode_linear_permute(const float* x, float* xq, int64_t M, int64_t K) { permute_bf16(x, xq, M, K); }
+
+void decode_linear_rows(const at::Tensor& w, const float* x, const float* xq, const float* b, float* y, int64_t M,
+                        int64_t n0, int64_t n1) {
+  const int64_t N = w.size(0), K = w.size(1);
+  const bool simd = cpu_has_avx2();
+  auto go = [&](auto* wp) {
+    using W = std::remove_const_t<std::remove_pointer_t<decltype(wp)>>;
+    if (simd) {
+      rows_avx2<W>(wp, x, xq, b, y, n0, n1, M, N, K);
+    } else {
+      rows_scalar<W>(wp, x, b, y, n0, n1, M, N, K);
+    }
+  };
+  switch (w.scalar_type()) {
+    case at::kFloat: go(w.const_data_ptr<float>()); break;
+    case at::kBFloat16: go(w.const_data_ptr<c10::BFloat16>()); break;
+    default: go(w.const_data_ptr<c10::Half>()); break;
+  }
+}
+
+int64_t decode_linear_grain(const at::Tensor& w) {
+  // whole 8-row tiles, at least ~64 KiB of weight each (below that a task's start-up costs more than its reads)
+  return std::max<int64_t>(8, ((1 << 16) / std::max<int64_t>(1, w.size(1) * w.element_size()) + 7) / 8 * 8);
+}
+
+void decode_linear_f32(const at::Tensor& w, const float* x, const float* b, float* y, int64_t M) {
+  const int64_t N = w.size(0), K = w.size(1);
+  if (M == 0 || N == 0) return;
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf,
+              "cofi::decode_linear: w must be float32, bfloat16 or float16, got ", w.scalar_type());
+  std::vector<float> xq;
+  if (decode_linear_permutes(w.scalar_type())) {
+    xq.resize(static_cast<size_t>(M * K));
+    decode_linear_permute(x, xq.data(), M, K);
+  }
+  const float* xqp = xq.empty() ? x : xq.data();
+  at::parallel_for(0, (N + 7) / 8, decode_linear_grain(w) / 8, [&](int64_t t0, int64_t t1) {
+    decode_linear_rows(w, x, xqp, b, y, M, t0 * 8, std::min(N, t1 * 8));
+  });
+}
 
 at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2, "cofi::decode_linear: x must be [M, K], got ", x.sizes());
@@ -261,18 +276,10 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& w, const std
     bf = bias->to(at::kFloat).contiguous();
   }
   const int64_t M = x.size(0), N = w.size(0);
-  at::Tensor wc = w.contiguous();
-  at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor wc = w.contiguous();
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor yf = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (M > 0 && N > 0) {
-    if (dt == at::kFloat) {
-      run<float>(wc, xf, bf, yf);
-    } else if (dt == at::kBFloat16) {
-      run<c10::BFloat16>(wc, xf, bf, yf);
-    } else {
-      run<c10::Half>(wc, xf, bf, yf);
-    }
-  }
+  decode_linear_f32(wc, xf.data_ptr<float>(), bf.defined() ? bf.data_ptr<float>() : nullptr, yf.data_ptr<float>(), M);
   return dt == at::kFloat ? yf : yf.to(dt);
 }
 

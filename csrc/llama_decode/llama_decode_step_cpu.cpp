@@ -1,24 +1,26 @@
 // cofi::llama_decode_step: every layer of the compact Llama runtime for one new token per row, in
-// one call (inference, CPU). It exists to take per-op Python dispatch out of decoding: a layer is
-// ~20 small ops, ~5 us each from Python, which at batch 1 is a quarter of a pruned SmolLM2's token
-// time; from C++ each costs ~1 us. The math is LlamaRuntime's per-op path for S == 1 with a cache
-// (python/cofi/runtime/llama_runtime.py), step for step: RMSNorm, the fused q/k/v projection and
-// RoPE (transformers' rotate_half), the cache written in place, attention of each query head over its
-// K/V group, o_proj, RMSNorm, gate/up, silu * up, down; projections through decode_linear's kernel.
-// The residual add + RMSNorm and the one-query attention are plain loops here (float32 math, one
-// rounding to the model dtype per stored value): for a few rows, ATen's rms_norm and SDPA spend
-// 30-60 us each on dispatch and set-up, more than the work.
+// one call (inference, CPU). It exists to take per-op dispatch out of decoding: a layer is ~20 small
+// ops, ~5 us each from Python and 1-8 us each even from C++ (allocation, dispatch, set-up), which at
+// batch 1 is a fifth of a pruned SmolLM2's token time, more than the work. The math is
+// LlamaRuntime's per-op path for S == 1 with a cache (python/cofi/runtime/llama_runtime.py), step
+// for step: RMSNorm, the fused q/k/v projection and RoPE (transformers' rotate_half), the cache
+// written in place, attention of each query head over its K/V group, o_proj, RMSNorm, gate/up,
+// silu * up, down. Projections run decode_linear's kernel; everything else is plain loops over
+// float32 work buffers allocated once per call. Each value is rounded to the model dtype T where
+// the per-op path stores a T tensor (after every projection, product, sum and norm), so bf16 / fp16
+// steps round as eager does; float32 math is that of the eager ops up to summation order.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../decode_linear/decode_linear.h"
+#include "../fast_math.h"
 
 namespace cofi {
 namespace {
@@ -26,102 +28,351 @@ namespace {
 using at::Tensor;
 using OptT = std::optional<Tensor>;
 
+constexpr int64_t kMaxHeadDim = 512;
 constexpr int64_t kPerLayer = 12;  // ln1, qkv_w, qkv_b, o_w, o_b, attn_bias, ln2, gu_w, gu_b, down_w, down_b, mlp_bias
+
+// Value v rounded to T (what storing it in a T tensor does), kept as float.
+template <typename T>
+inline float rnd(float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return static_cast<float>(static_cast<T>(v));
+  }
+}
 
 const Tensor& need(const OptT& t, const char* what, int64_t layer) {
   TORCH_CHECK(t.has_value() && t->defined(), "cofi::llama_decode_step: layer ", layer, " needs ", what);
   return *t;
 }
 
-// r [B, d] (+)= delta [B, d] (when given, rounded to T like an eager add); y = r * rstd(r) * w.
+// A parameter of the expected shape, the step's dtype and contiguous, or a one-line refusal.
+const Tensor& param(const OptT& t, const char* what, int64_t layer, at::IntArrayRef shape, at::ScalarType dt) {
+  const Tensor& p = need(t, what, layer);
+  TORCH_CHECK(p.sizes() == shape && p.scalar_type() == dt && p.is_contiguous(), "cofi::llama_decode_step: layer ",
+              layer, " ", what, " must be contiguous ", dt, " ", shape, ", got ", p.scalar_type(), " ", p.sizes(),
+              p.is_contiguous() ? "" : " (not contiguous)");
+  return p;
+}
+
 template <typename T>
-void add_rms_norm(T* r, const T* delta, const T* w, T* y, int64_t B, int64_t d, float eps) {
+const T* opt_ptr(const OptT& t, const char* what, int64_t layer, int64_t n, at::ScalarType dt) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  return param(t, what, layer, {n}, dt).template data_ptr<T>();
+}
+
+// r (+)= pend when pending (the last sublayer's output not yet added), rounded like an eager add.
+template <typename T>
+void flush_pending(float* r, const float* pend, bool& pending, int64_t n) {
+  if (!pending) return;
+  for (int64_t k = 0; k < n; ++k) r[k] = rnd<T>(r[k] + pend[k]);
+  pending = false;
+}
+
+// r [B, d] (+)= delta [B, d] (when given, rounded like an eager add); y = r * rstd(r) * w, rounded.
+template <typename T>
+void add_rms_norm(float* r, const float* delta, const T* w, float* y, int64_t B, int64_t d, float eps) {
   for (int64_t b = 0; b < B; ++b) {
-    T* rb = r + b * d;
+    float* rb = r + b * d;
     if (delta) {
-      const T* db = delta + b * d;
-      for (int64_t k = 0; k < d; ++k) rb[k] = static_cast<T>(static_cast<float>(rb[k]) + static_cast<float>(db[k]));
+      const float* db = delta + b * d;
+      for (int64_t k = 0; k < d; ++k) rb[k] = rnd<T>(rb[k] + db[k]);
     }
     float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
-    for (int64_t k = 0; k < d; ++k) {
-      const float v = static_cast<float>(rb[k]);
-      ss += v * v;
-    }
+    for (int64_t k = 0; k < d; ++k) ss += rb[k] * rb[k];
     const float rstd = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
-    T* yb = y + b * d;
-    for (int64_t k = 0; k < d; ++k) yb[k] = static_cast<T>(static_cast<float>(rb[k]) * rstd * static_cast<float>(w[k]));
+    float* yb = y + b * d;
+    for (int64_t k = 0; k < d; ++k) yb[k] = rnd<T>(rb[k] * rstd * static_cast<float>(w[k]));
   }
 }
 
-Tensor add_rms_norm(Tensor& r, const Tensor& delta, const Tensor& w, double eps) {
-  Tensor y = at::empty_like(r);
-  const Tensor dc = delta.defined() ? delta.contiguous() : delta;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, r.scalar_type(), "llama_decode_step", [&] {
-    add_rms_norm<scalar_t>(r.data_ptr<scalar_t>(), dc.defined() ? dc.data_ptr<scalar_t>() : nullptr,
-                           w.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), r.size(0), r.size(1), static_cast<float>(eps));
-  });
-  return y;
+// Parameters and caches of one layer, checked before the parallel region (which must not throw).
+template <typename T>
+struct Layer {
+  int64_t hq = 0, hk = 0, width = 0, cap = 0;
+  const T *ln1 = nullptr, *qkv_b = nullptr, *o_b = nullptr, *attn_bias = nullptr;
+  const T *ln2 = nullptr, *gu_b = nullptr, *down_b = nullptr, *mlp_bias = nullptr;
+  const Tensor *qkv_w = nullptr, *o_w = nullptr, *gu_w = nullptr, *down_w = nullptr;
+  T *kc = nullptr, *vc = nullptr;
+};
+
+// Inside the parallel region: y [B, N] = x [B, K] w^T (+ bias), rounded to T (decode_linear's
+// operation), its 8-row tiles shared out by a guided schedule (large contiguous chunks first, small
+// ones at the end, so a thread the machine delays does not hold the other up); ends in a barrier.
+template <typename T>
+void project(const Tensor& w, const T* bias, const float* x, const float* xq, float* y, int64_t B) {
+  const int64_t N = w.size(0), tiles = (N + 7) / 8;
+#pragma omp for schedule(guided, 1)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t n0 = t * 8, n1 = std::min(N, n0 + 8);
+    decode_linear_rows(w, x, xq, nullptr, y, B, n0, n1);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = n0; j < n1; ++j) y[b * N + j] = rnd<T>(y[b * N + j] + (bias ? static_cast<float>(bias[j]) : 0.f));
+  }
 }
 
-// One query per row: ctx[b, h] = softmax(scale q[b, h] . K[b, g(h), :T]) V[b, g(h), :T], with
-// g(h) = h / n; positions whose mask [B, T] is false are left out. q: [B, G * n, D] contiguous;
-// caches [B, G, cap, D] contiguous. Returns [B, G * n * D].
+// r (+)= v [d] for every row, rounded (a removed sublayer's bias).
 template <typename T>
-void decode_attention(const T* q, const T* kc, const T* vc, const bool* mask, T* ctx, int64_t B, int64_t G, int64_t n,
-                      int64_t cap, int64_t len, int64_t D, float scale) {
-  at::parallel_for(0, B * G, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> sc(len), acc(D);
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t b = p / G, g = p % G;
-      const T* K = kc + (b * G + g) * cap * D;
-      const T* V = vc + (b * G + g) * cap * D;
-      const bool* mb = mask ? mask + b * len : nullptr;
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t h = g * n + j;
-        const T* qh = q + (b * G * n + h) * D;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < len; ++t) {
-          if (mb && !mb[t]) {
-            sc[t] = -std::numeric_limits<float>::infinity();
-            continue;
-          }
-          const T* kt = K + t * D;
-          float s = 0.f;
+void add_row(float* r, const T* v, int64_t B, int64_t d) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < d; ++k) r[b * d + k] = rnd<T>(r[b * d + k] + static_cast<float>(v[k]));
+}
+
+// One query per row, query head h of row b: ctx[b, h] = softmax(scale q[b, h] . K[b, g, :len])
+// V[b, g, :len] with g = h / n; positions whose mask [B, len] is false are left out. q: [B, G n, D];
+// caches [B, G, cap, D]; ctx [B, G n, D], rounded to T; sc: len scratch floats, acc: D. Loops are
+// written for the vectoriser (compiled for AVX2 and the baseline, attend() picks); exp is
+// fast_math's exp_fast (~1 ulp) rather than a libm call per score.
+template <typename T>
+__attribute__((always_inline)) inline void attend_impl(const float* q, const T* kc, const T* vc, const bool* mask,
+                                                       float* ctx, int64_t b, int64_t h, int64_t G, int64_t n,
+                                                       int64_t cap, int64_t len, int64_t D, float scale, float* sc,
+                                                       float* acc) {
+  const int64_t g = h / n;
+  const T* K = kc + (b * G + g) * cap * D;
+  const T* V = vc + (b * G + g) * cap * D;
+  const bool* mb = mask ? mask + b * len : nullptr;
+  const float* qh = q + (b * G * n + h) * D;
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < len; ++t) {
+    const T* kt = K + t * D;
+    float s = 0.f;
 #pragma omp simd reduction(+ : s)
-          for (int64_t e = 0; e < D; ++e) s += static_cast<float>(qh[e]) * static_cast<float>(kt[e]);
-          sc[t] = s * scale;
-          mx = std::max(mx, sc[t]);
-        }
-        float den = 0.f;
-        for (int64_t t = 0; t < len; ++t) {
-          sc[t] = (mb && !mb[t]) ? 0.f : std::exp(sc[t] - mx);
-          den += sc[t];
-        }
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t t = 0; t < len; ++t) {
-          if (sc[t] == 0.f) continue;
-          const float pt = sc[t];
-          const T* vt = V + t * D;
+    for (int64_t e = 0; e < D; ++e) s += qh[e] * static_cast<float>(kt[e]);
+    sc[t] = s * scale;
+    if (!mb || mb[t]) mx = std::max(mx, sc[t]);
+  }
+  float den = 0.f;
+#pragma omp simd reduction(+ : den)
+  for (int64_t t = 0; t < len; ++t) {
+    const float p = (mb && !mb[t]) ? 0.f : exp_fast(sc[t] - mx);
+    sc[t] = p;
+    den += p;
+  }
+  std::fill(acc, acc + D, 0.f);
+  for (int64_t t = 0; t < len; ++t) {
+    const float pt = sc[t];
+    if (pt == 0.f) continue;
+    const T* vt = V + t * D;
 #pragma omp simd
-          for (int64_t e = 0; e < D; ++e) acc[e] += pt * static_cast<float>(vt[e]);
-        }
-        T* out = ctx + (b * G * n + h) * D;
-        const float inv = 1.f / den;
-        for (int64_t e = 0; e < D; ++e) out[e] = static_cast<T>(acc[e] * inv);
+    for (int64_t e = 0; e < D; ++e) acc[e] += pt * static_cast<float>(vt[e]);
+  }
+  float* out = ctx + (b * G * n + h) * D;
+  const float inv = 1.f / den;
+  for (int64_t e = 0; e < D; ++e) out[e] = rnd<T>(acc[e] * inv);
+}
+
+#define COFI_ATTEND_ARGS                                                                                            \
+  const float *q, const T *kc, const T *vc, const bool *mask, float *ctx, int64_t b, int64_t h, int64_t G, int64_t n, \
+      int64_t cap, int64_t len, int64_t D, float scale, float *sc, float *acc
+template <typename T>
+COFI_TARGET_AVX2 void attend_avx2(COFI_ATTEND_ARGS) {
+  attend_impl<T>(q, kc, vc, mask, ctx, b, h, G, n, cap, len, D, scale, sc, acc);
+}
+template <typename T>
+void attend_base(COFI_ATTEND_ARGS) {
+  attend_impl<T>(q, kc, vc, mask, ctx, b, h, G, n, cap, len, D, scale, sc, acc);
+}
+template <typename T>
+void attend(COFI_ATTEND_ARGS) {
+  (cpu_has_avx2() ? attend_avx2<T> : attend_base<T>)(q, kc, vc, mask, ctx, b, h, G, n, cap, len, D, scale, sc, acc);
+}
+#undef COFI_ATTEND_ARGS
+
+// RoPE (x * cos + rotate_half(x) * sin, each product and the sum rounded as eager does) on the
+// q and k heads of qkv [B, hq + 2 hk, D]: q heads to q [B, hq, D]; k heads, and v as they are,
+// to position `start` of the caches [B, hk, cap, D].
+template <typename T>
+void rope_and_cache(const float* qkv, const T* cos, const T* sin, float* q, T* kc, T* vc, int64_t B, int64_t hq,
+                    int64_t hk, int64_t cap, int64_t start, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t b = 0; b < B; ++b) {
+    const T* cb = cos + b * D;
+    const T* sb = sin + b * D;
+    for (int64_t h = 0; h < hq + 2 * hk; ++h) {
+      const float* x = qkv + (b * (hq + 2 * hk) + h) * D;
+      if (h >= hq + hk) {
+        T* out = vc + ((b * hk + (h - hq - hk)) * cap + start) * D;
+        for (int64_t e = 0; e < D; ++e) out[e] = static_cast<T>(x[e]);
+        continue;
+      }
+      float rot[kMaxHeadDim];
+      for (int64_t e = 0; e < D; ++e) {
+        const float other = e < half ? -x[e + half] : x[e - half];
+        rot[e] = rnd<T>(rnd<T>(x[e] * static_cast<float>(cb[e])) + rnd<T>(other * static_cast<float>(sb[e])));
+      }
+      if (h < hq) {
+        std::copy(rot, rot + D, q + (b * hq + h) * D);
+      } else {
+        T* out = kc + ((b * hk + (h - hq)) * cap + start) * D;
+        for (int64_t e = 0; e < D; ++e) out[e] = static_cast<T>(rot[e]);
       }
     }
-  });
+  }
+}
+
+// Every layer, in one parallel region: projections and attention are shared out among the
+// threads; the small per-row work between them (norms, RoPE, silu * up) runs on one thread while
+// the others wait at the barrier (it takes a few microseconds; a fork / join per projection, as a
+// parallel_for per op would do, costs about as much each time).
+template <typename T>
+Tensor run_step(const Tensor& r_in, const std::vector<OptT>& params, at::IntArrayRef dims, const Tensor& cos,
+                const Tensor& sin, at::TensorList k_cache, at::TensorList v_cache, int64_t start, const bool* mask,
+                int64_t D, float eps, const OptT& norm_w, const OptT& head_w) {
+  const int64_t L = static_cast<int64_t>(k_cache.size()), B = r_in.size(0), d = r_in.size(1);
+  const auto dt = r_in.scalar_type();
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  std::vector<Layer<T>> layers(L);
+  int64_t max_qkv = 0, max_width = 0, max_q = 0;
+  for (int64_t i = 0; i < L; ++i) {
+    const OptT* p = params.data() + kPerLayer * i;
+    Layer<T>& l = layers[i];
+    l.hq = dims[3 * i], l.hk = dims[3 * i + 1], l.width = dims[3 * i + 2];
+    if (l.hq > 0) {
+      TORCH_CHECK(l.hk > 0 && l.hq % l.hk == 0, "cofi::llama_decode_step: layer ", i,
+                  " query heads must be a positive multiple of K/V heads, got ", l.hq, " and ", l.hk);
+      const int64_t nqkv = (l.hq + 2 * l.hk) * D;
+      for (const Tensor* t : {&k_cache[i], &v_cache[i]}) {
+        TORCH_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == l.hk && t->size(2) > start &&
+                        t->size(3) == D && t->is_contiguous() && t->scalar_type() == dt,
+                    "cofi::llama_decode_step: layer ", i, " K/V cache must be contiguous ", dt, " [", B, ", ", l.hk,
+                    ", > ", start, ", ", D, "], got ", t->scalar_type(), " ", t->sizes());
+      }
+      l.ln1 = param(p[0], "ln1", i, {d}, dt).template data_ptr<T>();
+      l.qkv_w = &param(p[1], "qkv_w", i, {nqkv, d}, dt);
+      l.qkv_b = opt_ptr<T>(p[2], "qkv_b", i, nqkv, dt);
+      l.o_w = &param(p[3], "o_w", i, {d, l.hq * D}, dt);
+      l.o_b = opt_ptr<T>(p[4], "o_b", i, d, dt);
+      l.kc = k_cache[i].data_ptr<T>(), l.vc = v_cache[i].data_ptr<T>(), l.cap = k_cache[i].size(2);
+      max_qkv = std::max(max_qkv, nqkv), max_q = std::max(max_q, l.hq * D);
+    } else {
+      l.attn_bias = opt_ptr<T>(p[5], "attn_bias", i, d, dt);
+    }
+    if (l.width > 0) {
+      l.ln2 = param(p[6], "ln2", i, {d}, dt).template data_ptr<T>();
+      l.gu_w = &param(p[7], "gu_w", i, {2 * l.width, d}, dt);
+      l.gu_b = opt_ptr<T>(p[8], "gu_b", i, 2 * l.width, dt);
+      l.down_w = &param(p[9], "down_w", i, {d, l.width}, dt);
+      l.down_b = opt_ptr<T>(p[10], "down_b", i, d, dt);
+      max_width = std::max(max_width, l.width);
+    } else {
+      l.mlp_bias = opt_ptr<T>(p[11], "mlp_bias", i, d, dt);
+    }
+  }
+  const T* fnorm = head_w ? param(norm_w, "the final norm", L, {d}, dt).template data_ptr<T>() : nullptr;
+  const Tensor* head = head_w ? &param(head_w, "lm_head", L, {head_w->size(0), d}, dt) : nullptr;
+  const int64_t V = head ? head->size(0) : 0;
+  // x and, for bf16 weights, x in the kernel's read order (decode_linear_permute) for each projection
+  std::vector<float> r(B * d), pend(B * d), y(B * d), yq(B * d), qkv(B * max_qkv), q(B * max_q), ctx(B * max_q),
+      ctxq(B * max_q), gu(B * 2 * max_width), h(B * max_width), hq(B * max_width);
+  const bool perm = decode_linear_permutes(dt);
+  const Tensor rc = r_in.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
+  const T* rp = rc.data_ptr<T>();
+  for (int64_t k = 0; k < B * d; ++k) r[k] = static_cast<float>(rp[k]);
+  const T *cp = cc.data_ptr<T>(), *sp = sc.data_ptr<T>();
+  const int64_t len = start + 1;
+  auto permute = [&](const float* x, float* xq, int64_t K) {
+    if (perm) decode_linear_permute(x, xq, B, K);
+  };
+  // the result: logits [B, V] after the final norm and head when given (float32 ones written in place), else r
+  Tensor out = at::empty({B, head ? V : d}, r_in.options());
+  std::vector<float> logit_buf(std::is_same_v<T, float> ? 0 : B * V);
+  float* logits = head ? (std::is_same_v<T, float> ? reinterpret_cast<float*>(out.data_ptr()) : logit_buf.data()) : nullptr;
+  bool pending = false;  // pend holds the last sublayer's output, added to r by the next norm (or at the end)
+#pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
+  {
+    std::vector<float> scores(len), acc(D);
+    for (int64_t i = 0; i < L; ++i) {
+      const Layer<T>& l = layers[i];
+      if (l.hq > 0) {
+#pragma omp single
+        {
+          add_rms_norm<T>(r.data(), pending ? pend.data() : nullptr, l.ln1, y.data(), B, d, eps);
+          pending = false;
+          permute(y.data(), yq.data(), d);
+        }
+        project<T>(*l.qkv_w, l.qkv_b, y.data(), perm ? yq.data() : y.data(), qkv.data(), B);
+#pragma omp single
+        rope_and_cache<T>(qkv.data(), cp, sp, q.data(), l.kc, l.vc, B, l.hq, l.hk, l.cap, start, D);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t bh = 0; bh < B * l.hq; ++bh)
+          attend<T>(q.data(), l.kc, l.vc, mask, ctx.data(), bh / l.hq, bh % l.hq, l.hk, l.hq / l.hk, l.cap, len, D,
+                    scale, scores.data(), acc.data());
+#pragma omp single
+        permute(ctx.data(), ctxq.data(), l.hq * D);
+        project<T>(*l.o_w, l.o_b, ctx.data(), perm ? ctxq.data() : ctx.data(), pend.data(), B);
+#pragma omp single
+        pending = true;
+      } else if (l.attn_bias) {
+#pragma omp single
+        {
+          flush_pending<T>(r.data(), pend.data(), pending, B * d);
+          add_row<T>(r.data(), l.attn_bias, B, d);
+        }
+      }
+      if (l.width > 0) {
+#pragma omp single
+        {
+          add_rms_norm<T>(r.data(), pending ? pend.data() : nullptr, l.ln2, y.data(), B, d, eps);
+          pending = false;
+          permute(y.data(), yq.data(), d);
+        }
+        project<T>(*l.gu_w, l.gu_b, y.data(), perm ? yq.data() : y.data(), gu.data(), B);
+#pragma omp single
+        {
+          for (int64_t b = 0; b < B; ++b) {
+            const float* g = gu.data() + b * 2 * l.width;
+            float* hb = h.data() + b * l.width;
+            for (int64_t k = 0; k < l.width; ++k) hb[k] = rnd<T>(rnd<T>(g[k] / (1.f + std::exp(-g[k]))) * g[l.width + k]);
+          }
+          permute(h.data(), hq.data(), l.width);
+        }
+        project<T>(*l.down_w, l.down_b, h.data(), perm ? hq.data() : h.data(), pend.data(), B);
+#pragma omp single
+        pending = true;
+      } else if (l.mlp_bias) {
+#pragma omp single
+        {
+          flush_pending<T>(r.data(), pend.data(), pending, B * d);
+          add_row<T>(r.data(), l.mlp_bias, B, d);
+        }
+      }
+    }
+    if (head) {
+#pragma omp single
+      {
+        flush_pending<T>(r.data(), pend.data(), pending, B * d);
+        add_rms_norm<T>(r.data(), nullptr, fnorm, y.data(), B, d, eps);
+        permute(y.data(), yq.data(), d);
+      }
+      project<T>(*head, nullptr, y.data(), perm ? yq.data() : y.data(), logits, B);
+    }
+  }
+  if (head) {
+    if constexpr (!std::is_same_v<T, float>) {
+      T* op = out.data_ptr<T>();
+      for (int64_t k = 0; k < B * V; ++k) op[k] = static_cast<T>(logits[k]);
+    }
+    return out;
+  }
+  flush_pending<T>(r.data(), pend.data(), pending, B * d);
+  T* op = out.data_ptr<T>();
+  for (int64_t k = 0; k < B * d; ++k) op[k] = static_cast<T>(r[k]);
+  return out;
 }
 
 // r: [B, d] residual stream of the new tokens; cos, sin: [B, D] at their positions; dims: per layer
 // (query heads after padding to whole groups, K/V heads, SwiGLU width), 0 = sublayer absent;
 // k_cache / v_cache: per layer [B, G_l, T, D] (an empty tensor without attention), positions < start filled;
 // mask: [B, 1, 1, start + 1] bool (true = attend) or none (every cached position visible).
-// Returns r after the last layer (before the final norm); writes position `start` of the caches.
+// norm [d], lm_head [V, d]: when given, the final RMSNorm and the head run too.
+// Returns r after the last layer (before the final norm), or the logits [B, V] when lm_head is
+// given; writes position `start` of the caches.
 Tensor llama_decode_step_cpu(const Tensor& r_in, const std::vector<OptT>& params, at::IntArrayRef dims,
-                             const Tensor& cos, const Tensor& sin, at::TensorList k_cache, at::TensorList v_cache, int64_t start, const OptT& mask, int64_t head_dim,
-                             double eps) {
+                             const Tensor& cos, const Tensor& sin, at::TensorList k_cache, at::TensorList v_cache,
+                             int64_t start, const OptT& mask, int64_t head_dim, double eps, const OptT& norm,
+                             const OptT& lm_head) {
   const int64_t L = static_cast<int64_t>(k_cache.size());
   TORCH_CHECK(r_in.dim() == 2 && r_in.size(0) <= kDecodeLinearMaxRows,
               "cofi::llama_decode_step: r must be [B, d] with B <= ", kDecodeLinearMaxRows, ", got ", r_in.sizes());
@@ -130,68 +381,31 @@ Tensor llama_decode_step_cpu(const Tensor& r_in, const std::vector<OptT>& params
               "cofi::llama_decode_step: ", L, " layers need ", kPerLayer * L, " params, ", 3 * L, " dims and ", L,
               " value caches; got ", params.size(), ", ", dims.size(), ", ", v_cache.size());
   TORCH_CHECK(start >= 1, "cofi::llama_decode_step: start must be >= 1 (decoding after a prefill), got ", start);
-  const int64_t B = r_in.size(0), d = r_in.size(1), D = head_dim, half = D / 2;
-  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
-  const Tensor c = cos.unsqueeze(1), s = sin.unsqueeze(1);  // [B, 1, D]: broadcast over heads
-  Tensor r = r_in.contiguous().clone();
-  Tensor pending;  // the last sublayer's output, added to r by the next add_rms_norm (or at the end)
+  const int64_t B = r_in.size(0), D = head_dim;
+  const auto dt = r_in.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "cofi::llama_decode_step: r must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(D > 0 && D % 2 == 0 && D <= kMaxHeadDim, "cofi::llama_decode_step: head_dim must be even and in [2, ", kMaxHeadDim, "], got ", D);
+  for (const Tensor* t : {&cos, &sin}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == D && t->scalar_type() == dt,
+                "cofi::llama_decode_step: cos / sin must be ", dt, " [", B, ", ", D, "], got ", t->scalar_type(), " ",
+                t->sizes());
+  }
   const OptT m2 = mask.has_value() && mask->defined() ? OptT(mask->reshape({B, -1}).contiguous()) : OptT();
   if (m2) {
     TORCH_CHECK(m2->scalar_type() == at::kBool && m2->size(1) == start + 1,
                 "cofi::llama_decode_step: mask must be bool [B, 1, 1, start + 1] = [", B, ", 1, 1, ", start + 1,
                 "], got ", mask->sizes(), " ", mask->scalar_type());
   }
-  auto flush = [&]() {
-    if (pending.defined()) {
-      r.add_(pending);
-      pending = Tensor();
-    }
-  };
-  for (int64_t i = 0; i < L; ++i) {
-    const OptT* p = params.data() + kPerLayer * i;
-    const int64_t hq = dims[3 * i], hk = dims[3 * i + 1], width = dims[3 * i + 2];
-    if (hq > 0) {
-      const Tensor y = add_rms_norm(r, pending, need(p[0], "ln1", i), eps);
-      pending = Tensor();
-      const Tensor qkv = decode_linear_cpu(y, need(p[1], "qkv_w", i), p[2]).view({B, hq + 2 * hk, D});
-      const Tensor qk = qkv.narrow(1, 0, hq + hk);
-      const Tensor rot = at::cat({qk.narrow(2, half, D - half).neg(), qk.narrow(2, 0, half)}, -1);
-      const Tensor qk2 = qk * c + rot * s;
-      const Tensor& kc = k_cache[i];
-      const Tensor& vc = v_cache[i];
-      for (const Tensor* t : {&kc, &vc}) {
-        TORCH_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == hk && t->size(2) > start && t->size(3) == D &&
-                        t->is_contiguous() && t->scalar_type() == r.scalar_type(),
-                    "cofi::llama_decode_step: layer ", i, " K/V cache must be contiguous ", r.scalar_type(), " [", B,
-                    ", ", hk, ", > ", start, ", ", D, "], got ", t->scalar_type(), " ", t->sizes());
-      }
-      kc.select(2, start).copy_(qk2.narrow(1, hq, hk));
-      vc.select(2, start).copy_(qkv.narrow(1, hq + hk, hk));
-      const Tensor q = qk2.narrow(1, 0, hq).contiguous();
-      Tensor ctx = at::empty({B, hq * D}, r.options());
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, r.scalar_type(), "llama_decode_step", [&] {
-        decode_attention<scalar_t>(q.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
-                                   m2 ? m2->data_ptr<bool>() : nullptr, ctx.data_ptr<scalar_t>(), B, hk, hq / hk,
-                                   kc.size(2), start + 1, D, static_cast<float>(scale));
-      });
-      pending = decode_linear_cpu(ctx, need(p[3], "o_w", i), p[4]);
-    } else if (p[5].has_value() && p[5]->defined()) {
-      flush();
-      r.add_(*p[5]);
-    }
-    if (width > 0) {
-      const Tensor y = add_rms_norm(r, pending, need(p[6], "ln2", i), eps);
-      pending = Tensor();
-      const Tensor gu = decode_linear_cpu(y, need(p[7], "gu_w", i), p[8]);
-      const Tensor h = at::silu(gu.narrow(1, 0, width)) * gu.narrow(1, width, width);
-      pending = decode_linear_cpu(h, need(p[9], "down_w", i), p[10]);
-    } else if (p[11].has_value() && p[11]->defined()) {
-      flush();
-      r.add_(*p[11]);
-    }
+  const bool* mp = m2 ? m2->data_ptr<bool>() : nullptr;
+  const OptT head = lm_head.has_value() && lm_head->defined() ? lm_head : OptT();
+  TORCH_CHECK(!head || head->dim() == 2, "cofi::llama_decode_step: lm_head must be [V, d], got ", head->sizes());
+  const float e = static_cast<float>(eps);
+  switch (dt) {
+    case at::kFloat: return run_step<float>(r_in, params, dims, cos, sin, k_cache, v_cache, start, mp, D, e, norm, head);
+    case at::kBFloat16: return run_step<c10::BFloat16>(r_in, params, dims, cos, sin, k_cache, v_cache, start, mp, D, e, norm, head);
+    default: return run_step<c10::Half>(r_in, params, dims, cos, sin, k_cache, v_cache, start, mp, D, e, norm, head);
   }
-  flush();
-  return r;
 }
 
 }  // namespace

@@ -78,4 +78,6 @@ def test_opcheck():
     v = [none if t is None else t.normal_() for t in cache.v]
     r, cs = torch.randn(2, rt.embed.shape[1]), torch.randn(2, rt.head_dim)
     args = (r, params, dims, cs, cs.cos(), k, v, 3, None, rt.head_dim, rt.eps)
-    torch.library.opcheck(torch.ops.cofi.llama_decode_step, args, test_utils=("test_schema", "test_faketensor"))
+    for extra in ((), (rt.norm, rt.lm_head)):  # the layers only; with the final norm and the head (logits)
+        torch.library.opcheck(torch.ops.cofi.llama_decode_step, args + extra,
+                              test_utils=("test_schema", "test_faketensor"))

@@ -31,8 +31,9 @@ def _fake(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.
 
 
 @torch.library.register_fake("cofi::llama_decode_step")
-def _fake_step(r, params, dims, cos, sin, k_cache, v_cache, start, mask, head_dim, eps) -> torch.Tensor:
-    return torch.empty_like(r)
+def _fake_step(r, params, dims, cos, sin, k_cache, v_cache, start, mask, head_dim, eps, norm=None,
+               lm_head=None) -> torch.Tensor:
+    return torch.empty_like(r) if lm_head is None else r.new_empty(r.shape[0], lm_head.shape[0])
 
 
 def decode_linear_ref(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

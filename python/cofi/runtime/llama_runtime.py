@@ -241,9 +241,9 @@ class LlamaRuntime(nn.Module):
         mask = self._mask(keep, cache, start, S)
         d = r.shape[-1]
         if cache is not None and S == 1 and start > 0 and present is None and native_step(r):
-            r = self._native_step(r, cos, sin, mask, cache, start)
-        else:
-            r = self._layers(r, cos[:, None], sin[:, None], mask, cache, start, present)
+            cache.length = start + S
+            return self._native_step(r, cos, sin, mask, cache, start)
+        r = self._layers(r, cos[:, None], sin[:, None], mask, cache, start, present)
         if cache is not None:
             cache.length = start + S
         if last_only:
@@ -256,14 +256,15 @@ class LlamaRuntime(nn.Module):
 
     def _native_step(self, r: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                      cache: KVCache, start: int) -> torch.Tensor:
-        """Every layer for one new token per row in one native call. r: [B, 1, d]; cos, sin: [B, 1, D]."""
+        """Every layer, the final norm and the head for one new token per row in one native call.
+        r: [B, 1, d]; cos, sin: [B, 1, D]. Returns logits [B, 1, V]."""
         params, dims = self.step_args()
         none = r.new_empty(0)
         k = [none if t is None else t for t in cache.k]
         v = [none if t is None else t for t in cache.v]
         m = None if mask is None else mask[:, :, 0][:, :, None]
         out = torch.ops.cofi.llama_decode_step(r[:, 0], params, dims, cos[:, 0], sin[:, 0], k, v, start, m,
-                                               self.head_dim, self.eps)
+                                               self.head_dim, self.eps, self.norm, self.lm_head)
         _backends.record("llama_decode_step", "native", r.device)
         return out[:, None]
 
