@@ -98,14 +98,14 @@ struct Layer {
 };
 
 // Inside the parallel region: y [B, N] = x [B, K] w^T (+ bias), rounded to T (decode_linear's
-// operation), its 8-row tiles shared out by a guided schedule (large contiguous chunks first, small
+// operation), its tiles shared out by a guided schedule (large contiguous chunks first, small
 // ones at the end, so a thread the machine delays does not hold the other up); ends in a barrier.
 template <typename T>
 void project(const Tensor& w, const T* bias, const float* x, const float* xq, float* y, int64_t B) {
-  const int64_t N = w.size(0), tiles = (N + 7) / 8;
+  const int64_t N = w.size(0), unit = decode_linear_tile(w), tiles = (N + unit - 1) / unit;
 #pragma omp for schedule(guided, 1)
   for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t n0 = t * 8, n1 = std::min(N, n0 + 8);
+    const int64_t n0 = t * unit, n1 = std::min(N, n0 + unit);
     decode_linear_rows(w, x, xq, nullptr, y, B, n0, n1);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t j = n0; j < n1; ++j) y[b * N + j] = rnd<T>(y[b * N + j] + (bias ? static_cast<float>(bias[j]) : 0.f));
