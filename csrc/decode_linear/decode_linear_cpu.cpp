@@ -25,6 +25,7 @@
 
 #include "decode_linear.h"
 #include "../fast_math.h"
+#include "../simd8.h"
 
 namespace cofi {
 namespace {
@@ -47,21 +48,6 @@ void rows_scalar(const W* w, const float* x, const float* b, float* y, int64_t n
       y[m * N + n] = s + (b ? b[n] : 0.f);
     }
   }
-}
-
-__attribute__((target("avx2,fma"), always_inline)) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-__attribute__((target("avx2,fma"), always_inline)) inline __m256 load8(const c10::BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-__attribute__((target("avx2,fma"), always_inline)) inline float hsum(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
 // Rows per read stream. A tile reads its R rows side by side, one stream per row; a stream shorter
@@ -105,7 +91,7 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) inline void tile(const W
 // bfloat16: 16 weights per load widened by unpacking against zero (no lane-crossing convert), which
 // yields elements {0-3, 8-11} and {4-7, 12-15} of each 16; xq holds x in that order (permute_bf16).
 template <int R, int MB>
-__attribute__((target("avx2,fma"), always_inline)) inline void tile_bf16(const c10::BFloat16* w, const float* x,
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void tile_bf16(const c10::BFloat16* w, const float* x,
                                                                           const float* xq, float* y, int64_t N,
                                                                           int64_t K, int64_t ld, int64_t ys) {
   __m256 acc[MB][R];

@@ -21,6 +21,7 @@
 
 #include "../decode_linear/decode_linear.h"
 #include "../fast_math.h"
+#include "../simd8.h"
 
 namespace cofi {
 namespace {
@@ -121,11 +122,10 @@ void add_row(float* r, const T* v, int64_t B, int64_t d) {
 
 // One query per row, query head h of row b: ctx[b, h] = softmax(scale q[b, h] . K[b, g, :len])
 // V[b, g, :len] with g = h / n; positions whose mask [B, len] is false are left out. q: [B, G n, D];
-// caches [B, G, cap, D]; ctx [B, G n, D], rounded to T; sc: len scratch floats, acc: D. Loops are
-// written for the vectoriser (compiled for AVX2 and the baseline, attend() picks); exp is
-// fast_math's exp_fast (~1 ulp) rather than a libm call per score.
+// caches [B, G, cap, D]; ctx [B, G n, D], rounded to T; sc: len scratch floats, acc: D. Plain loops
+// (CPUs without AVX2, or D not a multiple of 8); exp is fast_math's exp_fast (~1 ulp).
 template <typename T>
-__attribute__((always_inline)) inline void attend_impl(const float* q, const T* kc, const T* vc, const bool* mask,
+void attend_impl(const float* q, const T* kc, const T* vc, const bool* mask,
                                                        float* ctx, int64_t b, int64_t h, int64_t G, int64_t n,
                                                        int64_t cap, int64_t len, int64_t D, float scale, float* sc,
                                                        float* acc) {
@@ -163,22 +163,89 @@ __attribute__((always_inline)) inline void attend_impl(const float* q, const T* 
   for (int64_t e = 0; e < D; ++e) out[e] = rnd<T>(acc[e] * inv);
 }
 
-#define COFI_ATTEND_ARGS                                                                                            \
-  const float *q, const T *kc, const T *vc, const bool *mask, float *ctx, int64_t b, int64_t h, int64_t G, int64_t n, \
-      int64_t cap, int64_t len, int64_t D, float scale, float *sc, float *acc
+// The same with AVX2 intrinsics, for D a multiple of 8 (dot products 8 lanes wide, exp 8 scores at a
+// time with fast_math's exp_poly; masked scores are -inf, whose exp_poly is exactly 0).
 template <typename T>
-COFI_TARGET_AVX2 void attend_avx2(COFI_ATTEND_ARGS) {
-  attend_impl<T>(q, kc, vc, mask, ctx, b, h, G, n, cap, len, D, scale, sc, acc);
+COFI_TARGET_AVX2 void attend_avx2(const float* q, const T* kc, const T* vc, const bool* mask, float* ctx, int64_t b,
+                                  int64_t h, int64_t G, int64_t n, int64_t cap, int64_t len, int64_t D, float scale,
+                                  float* sc, float* acc) {
+  const int64_t g = h / n;
+  const T* K = kc + (b * G + g) * cap * D;
+  const T* V = vc + (b * G + g) * cap * D;
+  const bool* mb = mask ? mask + b * len : nullptr;
+  const float* qh = q + (b * G * n + h) * D;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  float mx = ninf;
+  for (int64_t t = 0; t < len; ++t) {
+    const T* kt = K + t * D;
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t e = 0;
+    for (; e + 16 <= D; e += 16) {
+      s0 = _mm256_fmadd_ps(load8(kt + e), _mm256_loadu_ps(qh + e), s0);
+      s1 = _mm256_fmadd_ps(load8(kt + e + 8), _mm256_loadu_ps(qh + e + 8), s1);
+    }
+    if (e < D) s0 = _mm256_fmadd_ps(load8(kt + e), _mm256_loadu_ps(qh + e), s0);
+    const float st = (mb && !mb[t]) ? ninf : hsum(_mm256_add_ps(s0, s1)) * scale;
+    sc[t] = st;
+    mx = std::max(mx, st);
+  }
+  __m256 den8 = _mm256_setzero_ps();
+  const __m256 mx8 = _mm256_set1_ps(mx);
+  int64_t t = 0;
+  for (; t + 8 <= len; t += 8) {
+    const __m256 p = (__m256)exp_poly<v8f, v8i>((v8f)_mm256_sub_ps(_mm256_loadu_ps(sc + t), mx8));
+    _mm256_storeu_ps(sc + t, p);
+    den8 = _mm256_add_ps(den8, p);
+  }
+  float den = hsum(den8);
+  for (; t < len; ++t) {
+    sc[t] = exp_scalar(sc[t] - mx);
+    den += sc[t];
+  }
+  for (int64_t e = 0; e < D; e += 8) _mm256_storeu_ps(acc + e, _mm256_setzero_ps());
+  for (int64_t u = 0; u < len; ++u) {
+    if (sc[u] == 0.f) continue;
+    const __m256 pt = _mm256_set1_ps(sc[u]);
+    const T* vt = V + u * D;
+    for (int64_t e = 0; e < D; e += 8) _mm256_storeu_ps(acc + e, _mm256_fmadd_ps(pt, load8(vt + e), _mm256_loadu_ps(acc + e)));
+  }
+  float* out = ctx + (b * G * n + h) * D;
+  const __m256 inv = _mm256_set1_ps(1.f / den);
+  for (int64_t e = 0; e < D; e += 8) _mm256_storeu_ps(out + e, round8<T>(_mm256_mul_ps(_mm256_loadu_ps(acc + e), inv)));
 }
+
 template <typename T>
-void attend_base(COFI_ATTEND_ARGS) {
-  attend_impl<T>(q, kc, vc, mask, ctx, b, h, G, n, cap, len, D, scale, sc, acc);
+void attend(const float* q, const T* kc, const T* vc, const bool* mask, float* ctx, int64_t b, int64_t h, int64_t G,
+            int64_t n, int64_t cap, int64_t len, int64_t D, float scale, float* sc, float* acc) {
+  if (cpu_has_avx2() && D % 8 == 0) {
+    attend_avx2<T>(q, kc, vc, mask, ctx, b, h, G, n, cap, len, D, scale, sc, acc);
+  } else {
+    attend_impl<T>(q, kc, vc, mask, ctx, b, h, G, n, cap, len, D, scale, sc, acc);
+  }
 }
+
+// h[k] = silu(gu[k]) * gu[width + k] for k < width, the silu and the product each rounded to T.
 template <typename T>
-void attend(COFI_ATTEND_ARGS) {
-  (cpu_has_avx2() ? attend_avx2<T> : attend_base<T>)(q, kc, vc, mask, ctx, b, h, G, n, cap, len, D, scale, sc, acc);
+COFI_TARGET_AVX2 void silu_mul_avx2(const float* gu, float* h, int64_t width) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  int64_t k = 0;
+  for (; k + 8 <= width; k += 8) {
+    const __m256 g = _mm256_loadu_ps(gu + k);
+    const __m256 e = (__m256)exp_poly<v8f, v8i>((v8f)_mm256_sub_ps(_mm256_setzero_ps(), g));
+    const __m256 sg = round8<T>(_mm256_div_ps(g, _mm256_add_ps(one, e)));
+    _mm256_storeu_ps(h + k, round8<T>(_mm256_mul_ps(sg, _mm256_loadu_ps(gu + width + k))));
+  }
+  for (; k < width; ++k) h[k] = rnd<T>(rnd<T>(gu[k] / (1.f + exp_scalar(-gu[k]))) * gu[width + k]);
 }
-#undef COFI_ATTEND_ARGS
+
+template <typename T>
+void silu_mul(const float* gu, float* h, int64_t width) {
+  if (cpu_has_avx2()) {
+    silu_mul_avx2<T>(gu, h, width);
+  } else {
+    for (int64_t k = 0; k < width; ++k) h[k] = rnd<T>(rnd<T>(gu[k] / (1.f + exp_fast(-gu[k]))) * gu[width + k]);
+  }
+}
 
 // RoPE (x * cos + rotate_half(x) * sin, each product and the sum rounded as eager does) on the
 // q and k heads of qkv [B, hq + 2 hk, D]: q heads to q [B, hq, D]; k heads, and v as they are,
@@ -321,11 +388,7 @@ Tensor run_step(const Tensor& r_in, const std::vector<OptT>& params, at::IntArra
         project<T>(*l.gu_w, l.gu_b, y.data(), perm ? yq.data() : y.data(), gu.data(), B);
 #pragma omp single
         {
-          for (int64_t b = 0; b < B; ++b) {
-            const float* g = gu.data() + b * 2 * l.width;
-            float* hb = h.data() + b * l.width;
-            for (int64_t k = 0; k < l.width; ++k) hb[k] = rnd<T>(rnd<T>(g[k] / (1.f + std::exp(-g[k]))) * g[l.width + k]);
-          }
+          for (int64_t b = 0; b < B; ++b) silu_mul<T>(gu.data() + b * 2 * l.width, h.data() + b * l.width, l.width);
           permute(h.data(), hq.data(), l.width);
         }
         project<T>(*l.down_w, l.down_b, h.data(), perm ? hq.data() : h.data(), pend.data(), B);

@@ -32,6 +32,8 @@
 #include <limits>
 #include <vector>
 
+#include "../fast_math.h"
+
 #include "../autocast_guard.h"
 
 extern "C" {
@@ -93,38 +95,6 @@ inline bool has_avx2() { return false; }
   COFI_AVX2 ret name##_avx2 params { return name##_impl args; } \
   ret name##_base params { return name##_impl args; }           \
   inline ret name params { return has_avx2() ? name##_avx2 args : name##_base args; }
-
-// GCC vector extensions: 8 floats per step in every clone (AVX2 in the haswell clone, 2x SSE in
-// the default one) without relying on the auto-vectoriser's if-conversion rules.
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-template <typename V, typename I>
-__attribute__((always_inline)) inline V exp_poly(V x) {
-  const V lo = V{} - 87.0f, hi = V{} + 88.0f;
-  V xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
-  const V n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  V r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  V p = r * (1.0f / 720.0f) + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const I e = (__builtin_convertvector(n, I) + 127) << 23;
-  V s;
-  std::memcpy(&s, &e, sizeof(s));
-  return x < lo ? V{} : p * s;
-}
-
-__attribute__((always_inline)) inline float exp_scalar(float x) {
-  typedef float v1f __attribute__((vector_size(4)));
-  typedef int32_t v1i __attribute__((vector_size(4)));
-  v1f v = {x};
-  return exp_poly<v1f, v1i>(v)[0];
-}
 
 // p[j] = exp(s[j] - m), returns sum_j p[j].
 __attribute__((always_inline)) inline float exp_sub_sum_impl(float* __restrict s, int n, float m) {

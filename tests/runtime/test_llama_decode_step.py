@@ -81,3 +81,16 @@ def test_opcheck():
     for extra in ((), (rt.norm, rt.lm_head)):  # the layers only; with the final norm and the head (logits)
         torch.library.opcheck(torch.ops.cofi.llama_decode_step, args + extra,
                               test_utils=("test_schema", "test_faketensor"))
+
+
+def test_baseline_paths_without_avx2():
+    """The plain-loop kernels (CPUs without AVX2; COFI_CPU_AVX2=0 forces them) pass the same checks."""
+    import subprocess
+
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, COFI_CPU_AVX2="0")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
+           "test_native_step_equals_per_op_path or test_matches_float64",
+           os.path.join(here, "test_llama_decode_step.py"), os.path.join(here, "test_decode_linear.py")]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -71,7 +71,9 @@ def upcast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> t
 class KVCache:
     """Per-layer key / value buffers ``[B, G_l, T_max, D]`` (None for a layer without attention),
     ``valid`` bool ``[B, T_max]`` (key is a real token), ``length``: positions filled,
-    ``next_pos`` int64 ``[B]``: the RoPE position of each row's next token."""
+    ``next_pos`` int64 ``[B]``: the RoPE position of each row's next token; ``cos`` / ``sin``
+    ``[T_max, D]``: RoPE at every position the cache can hold (transformers' rotary class run once
+    over them, so a step looks its positions up instead of recomputing them)."""
 
     k: list[torch.Tensor | None]
     v: list[torch.Tensor | None]
@@ -79,6 +81,8 @@ class KVCache:
     length: int
     next_pos: torch.Tensor
     padded: bool
+    cos: torch.Tensor
+    sin: torch.Tensor
 
     @property
     def capacity(self) -> int:
@@ -209,8 +213,9 @@ class LlamaRuntime(nn.Module):
             shape = (batch, layer.nk, capacity, self.head_dim) if layer.attn else None
             k.append(None if shape is None else torch.empty(shape, dtype=self.dtype, device=self.device))
             v.append(None if shape is None else torch.empty(shape, dtype=self.dtype, device=self.device))
+        cos, sin = self.rotary(self.embed[:1, None], torch.arange(capacity, device=self.device)[None])
         return KVCache(k, v, torch.zeros(batch, capacity, dtype=torch.bool, device=self.device), 0,
-                       torch.zeros(batch, dtype=torch.int64, device=self.device), False)
+                       torch.zeros(batch, dtype=torch.int64, device=self.device), False, cos[0], sin[0])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False,
@@ -237,7 +242,7 @@ class LlamaRuntime(nn.Module):
         if cache is not None:
             cache.next_pos = pos[:, -1] + 1 if keep is None else cache.next_pos + keep.long().sum(1)
         r = F.embedding(input_ids, self.embed)
-        cos, sin = self.rotary(r, pos)  # [B, S, D]
+        cos, sin = self.rotary(r, pos) if cache is None else (cache.cos[pos], cache.sin[pos])  # [B, S, D]
         mask = self._mask(keep, cache, start, S)
         d = r.shape[-1]
         if cache is not None and S == 1 and start > 0 and present is None and native_step(r):
