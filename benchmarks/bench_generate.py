@@ -27,9 +27,12 @@ processor), tokens/s = B (N - 1) / (t_N - t_1): prefill and setup never enter it
 Memory: weights + KV cache bytes at the end of decoding (counted), and the process's RSS growth
 during the first timed decode call (sampled every 2 ms from /proc/self/statm; memory freed by an
 earlier call may be reused, so it is a lower bound).
-Bounds, per job: read bandwidth = best of 5 ``torch.sum`` over a 512 MiB buffer (copy bandwidth
-reported next to it); decode bound = that bandwidth over the bytes one step reads (every weight the
-step touches incl. the LM head, plus the KV cache at mid-decode), in tokens/s; prefill bound = the
+Bounds: read bandwidth = best of 5 ``torch.sum`` over a 512 MiB buffer (copy bandwidth reported
+next to it), once per job and again just before every timed decode call (this VM's bandwidth drifts
+by +-15 % over minutes, with its neighbours' load); decode bound = that bandwidth over the bytes one
+step reads (every weight the step touches incl. the LM head, plus the KV cache at mid-decode), in
+tokens/s, and decode efficiency = the median over rounds of each call's tokens/s over the bound from
+the bandwidth measured just before it; prefill bound = the
 matmul FLOP ratio dense / pruned (projections, QK^T and PV causal, one LM-head row per sequence):
 efficiency = the measured speed-up over the same library's dense model / that ratio.
 
@@ -47,6 +50,7 @@ import copy
 import gc
 import os
 import shlex
+import statistics
 import sys
 import tempfile
 import threading
@@ -93,8 +97,8 @@ class Job:
 
 
 PLAN = [
-    Job("smollm2", "float32", {1: 2, 8: 1}, {1: (128, 2), 8: (128, 1)}),
-    Job("smollm2", "bfloat16", {1: 1, 8: 1}, {1: (128, 1), 8: (32, 1)}),
+    Job("smollm2", "float32", {1: 2, 8: 1}, {1: (128, 3), 8: (128, 1)}),
+    Job("smollm2", "bfloat16", {1: 1, 8: 1}, {1: (128, 3), 8: (32, 1)}),
     Job("llama-3.2-1b", "float32", {1: 1}, {1: (32, 1)}),
 ]
 QUICK = [Job("quick", "float32", {1: 2, 2: 1}, {1: (8, 2), 2: (8, 1)}),
@@ -368,9 +372,11 @@ def time_decode(rts: dict[str, LlamaRuntime], hfs: dict, order: list[str], promp
     for k in order:  # warm-up: a short generation after a short prompt
         run(k, prompt[:, :8], 4)
     steps: dict[str, list[float]] = {k: [] for k in order}
+    bw: dict[str, list[float]] = {k: [] for k in order}
     mem: dict[str, int] = {}
 
     def call(k: str) -> list[float]:
+        bw[k].append(bandwidth(512)[0])
         if k in mem:
             return run(k, prompt, n)
         with RssPeak() as p:
@@ -382,7 +388,8 @@ def time_decode(rts: dict[str, LlamaRuntime], hfs: dict, order: list[str], promp
         steps[k].append((stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3)
 
     interleaved({k: (lambda k=k: call(k)) for k in order}, rounds, record)
-    return {k: quantiles(v) | {"rss": mem[k], "new_tokens": n} for k, v in steps.items()}
+    return {k: quantiles(v) | {"rss": mem[k], "new_tokens": n, "step_ms": v, "read_bw": bw[k]}
+            for k, v in steps.items()}
 
 
 def run_job(job: Job, args, tmp: Path) -> dict:
@@ -439,10 +446,15 @@ def run_job(job: Job, args, tmp: Path) -> dict:
             if B in dec:
                 d, n = dec[B][k], dec[B][k]["new_tokens"]
                 tok_s = B * 1e3 / d["p50"]
-                bound = read_bw * 1e9 * B / step_read_bytes(rt, B, args.prompt + n // 2)
+                nbytes = step_read_bytes(rt, B, args.prompt + n // 2)
+                # each call against the read bandwidth measured just before it (this machine's
+                # bandwidth drifts by +-15 % over minutes), the median over rounds
+                eff = statistics.median(nbytes / (ms * 1e-3) / (gb * 1e9) for ms, gb in zip(d["step_ms"], d["read_bw"]))
+                bw_call = statistics.median(d["read_bw"])
                 row |= {"new_tokens": n, "decode_step_ms": d["p50"], "decode_step_p10_ms": d["p10"],
                         "decode_step_p90_ms": d["p90"], "decode_n": d["n"], "decode_tok_s": tok_s,
-                        "decode_bound_tok_s": bound, "decode_efficiency": tok_s / bound,
+                        "decode_read_bandwidth_gb_s": bw_call, "decode_bound_tok_s": bw_call * 1e9 * B / nbytes,
+                        "decode_efficiency": eff,
                         "kv_cache_bytes": kv_bytes(rt, B, args.prompt + n), "peak_rss_growth_bytes": d["rss"]}
             rows.append(row)
     by = {(r["batch"], r["provider"], r["sparsity_target"]): r for r in rows}

@@ -17,7 +17,12 @@
 #include <limits>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
+#include <xmmintrin.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "../decode_linear/decode_linear.h"
 #include "../fast_math.h"
@@ -72,7 +77,38 @@ void flush_pending(float* r, const float* pend, bool& pending, int64_t n) {
 
 // r [B, d] (+)= delta [B, d] (when given, rounded like an eager add); y = r * rstd(r) * w, rounded.
 template <typename T>
+COFI_TARGET_AVX2 void add_rms_norm_avx2(float* r, const float* delta, const T* w, float* y, int64_t B, int64_t d,
+                                        float eps) {
+  const int64_t d8 = d / 8 * 8;
+  for (int64_t b = 0; b < B; ++b) {
+    float* rb = r + b * d;
+    const float* db = delta ? delta + b * d : nullptr;
+    __m256 ss8 = _mm256_setzero_ps();
+    for (int64_t k = 0; k < d8; k += 8) {
+      __m256 v = _mm256_loadu_ps(rb + k);
+      if (db) {
+        v = round8<T>(_mm256_add_ps(v, _mm256_loadu_ps(db + k)));
+        _mm256_storeu_ps(rb + k, v);
+      }
+      ss8 = _mm256_fmadd_ps(v, v, ss8);
+    }
+    float ss = hsum(ss8);
+    for (int64_t k = d8; k < d; ++k) {
+      if (db) rb[k] = rnd<T>(rb[k] + db[k]);
+      ss += rb[k] * rb[k];
+    }
+    const float rstd = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+    const __m256 rs = _mm256_set1_ps(rstd);
+    float* yb = y + b * d;
+    for (int64_t k = 0; k < d8; k += 8)
+      _mm256_storeu_ps(yb + k, round8<T>(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(rb + k), rs), load8(w + k))));
+    for (int64_t k = d8; k < d; ++k) yb[k] = rnd<T>(rb[k] * rstd * static_cast<float>(w[k]));
+  }
+}
+
+template <typename T>
 void add_rms_norm(float* r, const float* delta, const T* w, float* y, int64_t B, int64_t d, float eps) {
+  if (cpu_has_avx2()) return add_rms_norm_avx2<T>(r, delta, w, y, B, d, eps);
   for (int64_t b = 0; b < B; ++b) {
     float* rb = r + b * d;
     if (delta) {
@@ -85,6 +121,36 @@ void add_rms_norm(float* r, const float* delta, const T* w, float* y, int64_t B,
     const float rstd = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
     float* yb = y + b * d;
     for (int64_t k = 0; k < d; ++k) yb[k] = rnd<T>(rb[k] * rstd * static_cast<float>(w[k]));
+  }
+}
+
+// This thread's share [i0, i1) of n attention items (query heads of every row), the same split
+// for the prefetch and the attention loop.
+inline std::pair<int64_t, int64_t> my_share(int64_t n) {
+#ifdef _OPENMP
+  const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+  const int64_t t = 0, nt = 1;
+#endif
+  return {n * t / nt, n * (t + 1) / nt};
+}
+
+// Asks for (into L2) the K/V rows [0, len) that attention items [i0, i1) will read: the cache was
+// written steps ago and the weights streamed since have evicted it, and read on demand its
+// few-KiB rows come in one miss at a time; fetched while the q/k/v projection runs, they are there.
+template <typename T>
+void prefetch_kv(const T* kc, const T* vc, int64_t hq, int64_t hk, int64_t cap, int64_t len, int64_t D, int64_t i0,
+                 int64_t i1) {
+  int64_t last = -1;
+  for (int64_t bh = i0; bh < i1; ++bh) {
+    const int64_t pair = bh / hq * hk + (bh % hq) / (hq / hk);
+    if (pair == last) continue;
+    last = pair;
+    for (const T* base : {kc, vc}) {
+      const char* p = reinterpret_cast<const char*>(base + pair * cap * D);
+      const char* end = p + len * D * static_cast<int64_t>(sizeof(T));
+      for (; p < end; p += 64) _mm_prefetch(p, _MM_HINT_T1);
+    }
   }
 }
 
@@ -359,13 +425,15 @@ Tensor run_step(const Tensor& r_in, const std::vector<OptT>& params, at::IntArra
           pending = false;
           permute(y.data(), yq.data(), d);
         }
+        const auto [i0, i1] = my_share(B * l.hq);
+        prefetch_kv<T>(l.kc, l.vc, l.hq, l.hk, l.cap, len, D, i0, i1);
         project<T>(*l.qkv_w, l.qkv_b, y.data(), perm ? yq.data() : y.data(), qkv.data(), B);
 #pragma omp single
         rope_and_cache<T>(qkv.data(), cp, sp, q.data(), l.kc, l.vc, B, l.hq, l.hk, l.cap, start, D);
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t bh = 0; bh < B * l.hq; ++bh)
+        for (int64_t bh = i0; bh < i1; ++bh)
           attend<T>(q.data(), l.kc, l.vc, mask, ctx.data(), bh / l.hq, bh % l.hq, l.hk, l.hq / l.hk, l.cap, len, D,
                     scale, scores.data(), acc.data());
+#pragma omp barrier
 #pragma omp single
         permute(ctx.data(), ctxq.data(), l.hq * D);
         project<T>(*l.o_w, l.o_b, ctx.data(), perm ? ctxq.data() : ctx.data(), pend.data(), B);
