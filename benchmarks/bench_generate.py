@@ -30,8 +30,10 @@ earlier call may be reused, so it is a lower bound).
 Bounds: read bandwidth = best of 5 ``torch.sum`` over a 512 MiB buffer (copy bandwidth reported
 next to it), once per job and again just before every timed decode call (this VM's bandwidth drifts
 by +-15 % over minutes, with its neighbours' load); decode bound = that bandwidth over the bytes one
-step reads (every weight the step touches incl. the LM head, plus the KV cache at mid-decode), in
-tokens/s, and decode efficiency = the median over rounds of each call's tokens/s over the bound from
+step reads (every weight the step touches incl. the LM head, plus the KV cache at mid-decode), or,
+where it takes longer, the step's FLOPs at this machine's float32 matmul rate (best of 3 ``torch.mm``
+of 1536 x 1536, per job; batch 8 in float32 is compute-bound on 2 AVX2 cores), in tokens/s, and
+decode efficiency = the median over rounds of each call's tokens/s over the bound from
 the bandwidth measured just before it; prefill bound = the
 matmul FLOP ratio dense / pruned (projections, QK^T and PV causal, one LM-head row per sequence):
 efficiency = the measured speed-up over the same library's dense model / that ratio.
@@ -156,6 +158,30 @@ def step_read_bytes(rt: LlamaRuntime, batch: int, kv_length: int) -> int:
     if rt.embed.data_ptr() != rt.lm_head.data_ptr():
         n -= (rt.embed.shape[0] - batch) * rt.embed.shape[1] * rt.embed.element_size()
     return n + kv_bytes(rt, batch, kv_length)
+
+
+def step_flops(rt: LlamaRuntime, batch: int, kv_length: int) -> float:
+    """FLOPs of one decode step: 2 x weights x rows for every projection and the LM head, QK^T and PV
+    over ``kv_length`` positions."""
+    fl = 2.0 * batch * rt.lm_head.numel()
+    for layer in rt.layers:
+        if layer.attn:
+            fl += 2 * batch * (layer.qkv_w.numel() + layer.o_w.numel()) + 4 * batch * layer.nq * rt.head_dim * kv_length
+        if layer.mlp:
+            fl += 2 * batch * (layer.gu_w.numel() + layer.down_w.numel())
+    return fl
+
+
+def gemm_gflops(n: int = 1536, reps: int = 3) -> float:
+    """This machine's float32 matmul rate, GFLOP/s: best of ``reps`` ``torch.mm`` of two n x n."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
 
 
 def kv_bytes(rt: LlamaRuntime, batch: int, length: int) -> int:
@@ -411,8 +437,9 @@ def run_job(job: Job, args, tmp: Path) -> dict:
               f"{time.perf_counter() - t_start:.0f} s", flush=True)
         return {**asdict(job), "source": models["source"], "logit_check": checks, "rows": []}
     read_bw, copy_bw = bandwidth(64 if job.config == "quick" else 512)
-    print(f"[{job.config} {job.dtype}] {models['source']}; read {read_bw:.1f} GB/s, copy {copy_bw:.1f} GB/s; "
-          f"logit checks {check_line(checks)}", flush=True)
+    peak = gemm_gflops()
+    print(f"[{job.config} {job.dtype}] {models['source']}; read {read_bw:.1f} GB/s, copy {copy_bw:.1f} GB/s, "
+          f"matmul {peak:.0f} GFLOP/s; logit checks {check_line(checks)}", flush=True)
     order = ["rt_dense", "hf_dense"] + [k for s in real for k in (f"rt_pruned@{s:g}", f"hf_pruned@{s:g}")]
     rt_of = {k: rt_d if k.endswith("dense") else rts[k.replace("hf_", "rt_")] for k in order}  # weights of k
     V, g = rt_d.vocab_size, torch.Generator().manual_seed(0)
@@ -446,14 +473,20 @@ def run_job(job: Job, args, tmp: Path) -> dict:
             if B in dec:
                 d, n = dec[B][k], dec[B][k]["new_tokens"]
                 tok_s = B * 1e3 / d["p50"]
-                nbytes = step_read_bytes(rt, B, args.prompt + n // 2)
+                kv = args.prompt + n // 2
+                nbytes, t_flop = step_read_bytes(rt, B, kv), step_flops(rt, B, kv) / (peak * 1e9)
+
+                def step_bound_s(gb: float, nbytes: int = nbytes, t_flop: float = t_flop) -> float:
+                    return max(nbytes / (gb * 1e9), t_flop)  # roofline: reading the step's bytes or doing its FLOPs
+
                 # each call against the read bandwidth measured just before it (this machine's
                 # bandwidth drifts by +-15 % over minutes), the median over rounds
-                eff = statistics.median(nbytes / (ms * 1e-3) / (gb * 1e9) for ms, gb in zip(d["step_ms"], d["read_bw"]))
+                eff = statistics.median(step_bound_s(gb) / (ms * 1e-3) for ms, gb in zip(d["step_ms"], d["read_bw"]))
                 bw_call = statistics.median(d["read_bw"])
                 row |= {"new_tokens": n, "decode_step_ms": d["p50"], "decode_step_p10_ms": d["p10"],
                         "decode_step_p90_ms": d["p90"], "decode_n": d["n"], "decode_tok_s": tok_s,
-                        "decode_read_bandwidth_gb_s": bw_call, "decode_bound_tok_s": bw_call * 1e9 * B / nbytes,
+                        "decode_read_bandwidth_gb_s": bw_call, "decode_bound_tok_s": B / step_bound_s(bw_call),
+                        "decode_bound_by": "flops" if t_flop > nbytes / (bw_call * 1e9) else "bandwidth",
                         "decode_efficiency": eff,
                         "kv_cache_bytes": kv_bytes(rt, B, args.prompt + n), "peak_rss_growth_bytes": d["rss"]}
             rows.append(row)
@@ -479,6 +512,7 @@ def run_job(job: Job, args, tmp: Path) -> dict:
     wall = time.perf_counter() - t_start
     print(f"  [{job.config} {job.dtype}] {wall:.0f} s", flush=True)
     return {**asdict(job), "source": models["source"], "read_bandwidth_gb_s": read_bw, "copy_bandwidth_gb_s": copy_bw,
+            "gemm_gflop_s": peak,
             "logit_check": checks, "prefill_tokens": args.prefill, "prompt_tokens": args.prompt,
             "wall_s": wall, "rows": rows}
 

@@ -4,9 +4,9 @@
 // Why: a decode step is a chain of matrix-vector products whose weights do not fit in cache, so
 // its speed is the rate at which the weights stream from memory. At one to eight rows torch's
 // F.linear reaches about half of this 2-core machine's streaming read rate in fp32 (12-14 of ~28
-// GB/s; benchmarks/bench_decode_linear.py) and a few GB/s at 8 rows. Here each thread streams its own contiguous block
-// of weight rows: R rows at a time (R independent read streams, dot products against every x row
-// while the R rows sit in L1), accumulating in float32.
+// GB/s; benchmarks/bench_decode_linear.py) and a few GB/s at 8 rows. Here each thread streams its
+// own contiguous block of weight rows: R rows at a time (R read streams of 3-4 KiB, see stream_rows,
+// dot products against every x row while the rows sit in L1), accumulating in float32.
 //
 // Weights float32, bfloat16 or float16 (x has the weight's dtype); products and sums are float32
 // and y is rounded once to x's dtype (the operation torch's half GEMMs perform, to summation order).

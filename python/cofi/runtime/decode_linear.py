@@ -3,9 +3,9 @@ native CPU kernel ``cofi::decode_linear`` (csrc/decode_linear/decode_linear_cpu.
 else the plain-PyTorch reference. Inference only (no autograd kernel).
 
 A decode step's projections are matrix-vector products over weights that do not fit in cache; the
-kernel streams each weight once at close to the machine's read bandwidth: at one row 1.6-2.3x
-torch's ``F.linear`` in float32 and 1.1-1.7x in bfloat16, at eight rows 1.5-6.4x
-(benchmarks/bench_decode_linear.py, this 2-core AVX2 machine). Products and sums are float32 for every
+kernel streams each weight once at close to the machine's read bandwidth (short rows grouped into
+3-4 KiB read streams; docs/decoder-runtime.md); ratios to torch's ``F.linear`` in
+benchmarks/README.md (benchmarks/bench_decode_linear.py, this 2-core AVX2 machine). Products and sums are float32 for every
 weight dtype (float32, bfloat16, float16), the result is rounded once to x's dtype: the same operation
 as ``decode_linear_ref``. ``cofi.ops.last_backend("decode_linear")`` says which ran.
 """
@@ -56,10 +56,10 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
-def native_step(r: torch.Tensor) -> bool:
-    """True when ``cofi::llama_decode_step`` (same kernels, every layer in one call) can run a decoding
-    step on r [B, 1, d]: CPU, B <= MAX_ROWS, a supported dtype, not being traced."""
-    return (r.device.type == "cpu" and r.shape[0] <= MAX_ROWS and _native(r.dtype)
+def native_step(rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """True when ``cofi::llama_decode_step`` (same kernels, a whole step in one call) can run a decoding
+    step of ``rows`` new tokens: CPU, rows <= MAX_ROWS, a supported dtype, not being traced."""
+    return (device.type == "cpu" and rows <= MAX_ROWS and _native(dtype)
             and _ext.has_kernel("llama_decode_step", "CPU") and not torch.compiler.is_compiling())
 
 

@@ -98,10 +98,11 @@ def stream(runtime: LlamaRuntime, prompts: Sequence[Sequence[int]], cfg: Samplin
         logits = runtime(ids, None if bool(mask.all()) else mask, cache, last_only=True)[:, -1]
         for step in range(cfg.max_new_tokens):
             tok = next_tokens(logits, cfg, gen)
-            tok = torch.where(done, torch.full_like(tok, cfg.pad_token_id), tok)
-            done = done | torch.isin(tok, stop)
+            if cfg.stop_tokens:  # without stop tokens no row ever stops (a few ops a step saved)
+                tok = torch.where(done, torch.full_like(tok, cfg.pad_token_id), tok)
+                done = done | torch.isin(tok, stop)
             yield tok.cpu()
-            if bool(done.all()) or step + 1 == cfg.max_new_tokens:
+            if step + 1 == cfg.max_new_tokens or (cfg.stop_tokens and bool(done.all())):
                 return
             logits = runtime(tok[:, None], None, cache, last_only=True)[:, -1]
 

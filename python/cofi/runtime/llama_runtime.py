@@ -8,17 +8,18 @@ Built once from a ``CompactLlamaForCausalLM`` (or a dense folder folded with no 
   o_proj columns (exact: a padded head's output is multiplied by 0), so every layer is a uniform GQA
   layout: prefill uses SDPA's ``enable_gqa`` and decoding folds a group's query heads into SDPA's
   query-length axis, so K/V are never copied or repeated;
-- RoPE cos/sin come from transformers' rotary class at each call's positions, its frequencies in
-  float32 whatever the weights' dtype (dynamic RoPE types, whose frequencies depend on the sequence
-  length, are refused);
+- RoPE cos/sin come from transformers' rotary class, its frequencies in float32 whatever the
+  weights' dtype (dynamic RoPE types, whose frequencies depend on the sequence length, are refused);
+  with a cache they are looked up in the cache's table of every position it can hold;
 - the cache is ``[B, G_l, T_max, D]`` per layer, allocated once per generation, written in place;
 - bf16 / fp16 weights on a CPU without native half GEMMs (``torch.ops.mkldnn`` says so; AVX2 only):
   a projection over more than one token row runs in float32 on row blocks of the weight upcast
   in cache-sized chunks (``upcast_linear``), 3-10x faster there than torch's half GEMM and the same
   operation (that GEMM also accumulates in float32 and rounds once);
 - a decoding step (one new token per row, at most ``decode_linear.MAX_ROWS`` rows, on CPU) runs every
-  layer in one native call, ``cofi::llama_decode_step`` (csrc/llama_decode): the per-op path below
-  op for op, without ~20 Python dispatches per layer (``cofi.ops.last_backend("llama_decode_step")``:
+  layer, the final norm and the head in one native call, ``cofi::llama_decode_step``
+  (csrc/llama_decode; docs/decoder-runtime.md): the per-op path below op for op, in one parallel
+  region, without ~20 dispatches per layer (``cofi.ops.last_backend("llama_decode_step")``:
   "native", or "torch" when the per-op path ran);
 - projections over at most ``decode_linear.MAX_ROWS`` rows (decoding steps; batch 1 and 8) run the
   native streaming kernel ``cofi::decode_linear`` (float32 accumulation, rounded once, for every
@@ -228,6 +229,9 @@ class LlamaRuntime(nn.Module):
             raise UserError(f"cofi.runtime.llama_runtime: cache holds {cache.capacity} positions, "
                             f"got {start} cached + {S} new")
         self.base_shape.check_length(start + S)
+        if (attention_mask is None and cache is not None and S == 1 and start > 0 and present is None
+                and native_step(B, self.dtype, self.device)):
+            return self._decode_step(input_ids, cache, start)
         keep = None if attention_mask is None else attention_mask.to(torch.bool)
         if cache is not None:
             cache.valid[:, start:start + S] = True if keep is None else keep
@@ -245,9 +249,6 @@ class LlamaRuntime(nn.Module):
         cos, sin = self.rotary(r, pos) if cache is None else (cache.cos[pos], cache.sin[pos])  # [B, S, D]
         mask = self._mask(keep, cache, start, S)
         d = r.shape[-1]
-        if cache is not None and S == 1 and start > 0 and present is None and native_step(r):
-            cache.length = start + S
-            return self._native_step(r, cos, sin, mask, cache, start)
         r = self._layers(r, cos[:, None], sin[:, None], mask, cache, start, present)
         if cache is not None:
             cache.length = start + S
@@ -259,18 +260,24 @@ class LlamaRuntime(nn.Module):
                 r = r[torch.arange(B, device=r.device), last][:, None]
         return self.linear(F.rms_norm(r, (d,), self.norm, self.eps), self.lm_head, None)
 
-    def _native_step(self, r: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                     cache: KVCache, start: int) -> torch.Tensor:
-        """Every layer, the final norm and the head for one new token per row in one native call.
-        r: [B, 1, d]; cos, sin: [B, 1, D]. Returns logits [B, 1, V]."""
+    def _decode_step(self, input_ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        """One new token per row (input_ids [B, 1], no padding among them) after ``start`` cached ones:
+        every layer, the final norm and the head in one native call; the few tensor ops around it
+        are what the general path computes for this case. Returns logits [B, 1, V]."""
+        pos = cache.next_pos
+        cache.valid[:, start] = True
+        cache.next_pos = pos + 1
+        cache.length = start + 1
+        mask = self._mask(None, cache, start, 1)
         params, dims = self.step_args()
-        none = r.new_empty(0)
+        none = self.embed.new_empty(0)
         k = [none if t is None else t for t in cache.k]
         v = [none if t is None else t for t in cache.v]
         m = None if mask is None else mask[:, :, 0][:, :, None]
-        out = torch.ops.cofi.llama_decode_step(r[:, 0], params, dims, cos[:, 0], sin[:, 0], k, v, start, m,
-                                               self.head_dim, self.eps, self.norm, self.lm_head)
-        _backends.record("llama_decode_step", "native", r.device)
+        out = torch.ops.cofi.llama_decode_step(self.embed[input_ids[:, 0]], params, dims, cache.cos[pos],
+                                               cache.sin[pos], k, v, start, m, self.head_dim, self.eps, self.norm,
+                                               self.lm_head)
+        _backends.record("llama_decode_step", "native", self.device)
         return out[:, None]
 
     def _layers(self, r: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
