@@ -67,12 +67,10 @@ const T* opt_ptr(const OptT& t, const char* what, int64_t layer, int64_t n, at::
   return param(t, what, layer, {n}, dt).template data_ptr<T>();
 }
 
-// r (+)= pend when pending (the last sublayer's output not yet added), rounded like an eager add.
+// r += pend (the last sublayer's output, not yet added), rounded like an eager add.
 template <typename T>
-void flush_pending(float* r, const float* pend, bool& pending, int64_t n) {
-  if (!pending) return;
+void flush_pending(float* r, const float* pend, int64_t n) {
   for (int64_t k = 0; k < n; ++k) r[k] = rnd<T>(r[k] + pend[k]);
-  pending = false;
 }
 
 // r [B, d] (+)= delta [B, d] (when given, rounded like an eager add); y = r * rstd(r) * w, rounded.
@@ -412,19 +410,23 @@ Tensor run_step(const Tensor& r_in, const std::vector<OptT>& params, at::IntArra
   Tensor out = at::empty({B, head ? V : d}, r_in.options());
   std::vector<float> logit_buf(std::is_same_v<T, float> ? 0 : B * V);
   float* logits = head ? (std::is_same_v<T, float> ? reinterpret_cast<float*>(out.data_ptr()) : logit_buf.data()) : nullptr;
-  bool pending = false;  // pend holds the last sublayer's output, added to r by the next norm (or at the end)
+  // Whether pend holds the last sublayer's output, not yet added to r (by the next norm or at the
+  // end). Every thread keeps its own copy, updated identically outside the single sections, so no
+  // barrier is spent on a flag.
+  bool pending_at_end = false;
 #pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
   {
     std::vector<float> scores(len), acc(D);
+    bool pending = false;
     for (int64_t i = 0; i < L; ++i) {
       const Layer<T>& l = layers[i];
       if (l.hq > 0) {
 #pragma omp single
         {
           add_rms_norm<T>(r.data(), pending ? pend.data() : nullptr, l.ln1, y.data(), B, d, eps);
-          pending = false;
           permute(y.data(), yq.data(), d);
         }
+        pending = false;
         const auto [i0, i1] = my_share(B * l.hq);
         prefetch_kv<T>(l.kc, l.vc, l.hq, l.hk, l.cap, len, D, i0, i1);
         project<T>(*l.qkv_w, l.qkv_b, y.data(), perm ? yq.data() : y.data(), qkv.data(), B);
@@ -434,25 +436,27 @@ Tensor run_step(const Tensor& r_in, const std::vector<OptT>& params, at::IntArra
           attend<T>(q.data(), l.kc, l.vc, mask, ctx.data(), bh / l.hq, bh % l.hq, l.hk, l.hq / l.hk, l.cap, len, D,
                     scale, scores.data(), acc.data());
 #pragma omp barrier
+        if (perm) {
 #pragma omp single
-        permute(ctx.data(), ctxq.data(), l.hq * D);
+          permute(ctx.data(), ctxq.data(), l.hq * D);
+        }
         project<T>(*l.o_w, l.o_b, ctx.data(), perm ? ctxq.data() : ctx.data(), pend.data(), B);
-#pragma omp single
         pending = true;
       } else if (l.attn_bias) {
 #pragma omp single
         {
-          flush_pending<T>(r.data(), pend.data(), pending, B * d);
+          if (pending) flush_pending<T>(r.data(), pend.data(), B * d);
           add_row<T>(r.data(), l.attn_bias, B, d);
         }
+        pending = false;
       }
       if (l.width > 0) {
 #pragma omp single
         {
           add_rms_norm<T>(r.data(), pending ? pend.data() : nullptr, l.ln2, y.data(), B, d, eps);
-          pending = false;
           permute(y.data(), yq.data(), d);
         }
+        pending = false;
         project<T>(*l.gu_w, l.gu_b, y.data(), perm ? yq.data() : y.data(), gu.data(), B);
 #pragma omp single
         {
@@ -460,25 +464,28 @@ Tensor run_step(const Tensor& r_in, const std::vector<OptT>& params, at::IntArra
           permute(h.data(), hq.data(), l.width);
         }
         project<T>(*l.down_w, l.down_b, h.data(), perm ? hq.data() : h.data(), pend.data(), B);
-#pragma omp single
         pending = true;
       } else if (l.mlp_bias) {
 #pragma omp single
         {
-          flush_pending<T>(r.data(), pend.data(), pending, B * d);
+          if (pending) flush_pending<T>(r.data(), pend.data(), B * d);
           add_row<T>(r.data(), l.mlp_bias, B, d);
         }
+        pending = false;
       }
     }
     if (head) {
 #pragma omp single
       {
-        flush_pending<T>(r.data(), pend.data(), pending, B * d);
+        if (pending) flush_pending<T>(r.data(), pend.data(), B * d);
         add_rms_norm<T>(r.data(), nullptr, fnorm, y.data(), B, d, eps);
         permute(y.data(), yq.data(), d);
       }
+      pending = false;
       project<T>(*head, nullptr, y.data(), perm ? yq.data() : y.data(), logits, B);
     }
+#pragma omp single nowait
+    pending_at_end = pending;
   }
   if (head) {
     if constexpr (!std::is_same_v<T, float>) {
@@ -487,7 +494,7 @@ Tensor run_step(const Tensor& r_in, const std::vector<OptT>& params, at::IntArra
     }
     return out;
   }
-  flush_pending<T>(r.data(), pend.data(), pending, B * d);
+  if (pending_at_end) flush_pending<T>(r.data(), pend.data(), B * d);
   T* op = out.data_ptr<T>();
   for (int64_t k = 0; k < B * d; ++k) op[k] = static_cast<T>(r[k]);
   return out;
