@@ -699,7 +699,7 @@ def render_generate_job(job: dict[str, Any]) -> str:
     head = ["batch", "sparsity (target)", f"prefill ms {' / '.join(GEN_PROVIDERS)}",
             "**rt_pruned prefill vs** rt_dense / hf_dense / hf_pruned", "FLOP bound (rt / hf reached)",
             f"decode tok/s {' / '.join(GEN_PROVIDERS)}", "**rt_pruned decode vs** rt_dense / hf_dense / hf_pruned",
-            f"bandwidth bound tok/s pruned / dense (reached {' / '.join(GEN_PROVIDERS)})",
+            f"decode bound tok/s pruned / dense, * = FLOP-bound (reached {' / '.join(GEN_PROVIDERS)})",
             "memory MB rt_pruned / rt_dense: weights + KV (RSS growth)"]
     body = []
     for (b, prov, target), ours in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][2] or 0)):
@@ -725,7 +725,8 @@ def render_generate_job(job: dict[str, Any]) -> str:
             " / ".join(gen_cell(got[p], "decode_tok_s") for p in GEN_PROVIDERS),
             " / ".join(fmt_x(ours.get("decode_tok_s"), got[p].get("decode_tok_s")) if got[p] and "decode_tok_s" in ours
                        else "-" for p in GEN_PROVIDERS[1:]),
-            (f"{ours['decode_bound_tok_s']:.0f} / {rtd.get('decode_bound_tok_s', 0):.0f} ("
+            (f"{ours['decode_bound_tok_s']:.0f}{bound_mark(ours)} / {rtd.get('decode_bound_tok_s', 0):.0f}"
+             f"{bound_mark(rtd)} ("
              + " / ".join(gen_cell(got[p], "decode_efficiency", fmt_r) for p in GEN_PROVIDERS) + ")"
              if "decode_tok_s" in ours else "-"),
             f"{mem(ours)} / {mem(got['rt_dense'])}"])
@@ -734,8 +735,14 @@ def render_generate_job(job: dict[str, Any]) -> str:
     checks = gen_checks(job)
     return (f"**{job['config']}, {job['dtype']}** · {job['source']} · prefill {job['prefill_tokens']} tokens "
             f"(rounds {rounds}) · decode after {job['prompt_tokens']} tokens ({dec} rounds) · read bandwidth "
-            f"{job['read_bandwidth_gb_s']:.1f} GB/s (copy {job['copy_bandwidth_gb_s']:.1f}) · {checks} · "
+            f"{job['read_bandwidth_gb_s']:.1f} GB/s at the start (copy {job['copy_bandwidth_gb_s']:.1f})"
+            + (f", matmul {job['gemm_gflop_s']:.0f} GFLOP/s" if "gemm_gflop_s" in job else "") + f" · {checks} · "
             f"{job['wall_s']:.0f} s\n\n" + table(head, body))
+
+
+def bound_mark(r: Row) -> str:
+    """'*' where a decode row's bound is its FLOPs, not its bytes."""
+    return "*" if r.get("decode_bound_by") == "flops" else ""
 
 
 def gen_checks(job: dict[str, Any]) -> str:
