@@ -22,8 +22,9 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -349,6 +350,26 @@ def render_decode_linear(rel: str, data: dict[str, Any]) -> str:
     return with_caveat(text, caveat)
 
 
+def render_decode_structure(rel: str, data: dict[str, Any]) -> str:
+    """decode_structure: a whole decode step vs one decode_linear and torch.sum over the same bytes."""
+    meta = data["meta"]
+    head = ["dtype", "sparsity", "MB a step reads", "step ms (GB/s)", "one decode_linear ms (GB/s)",
+            "torch.sum ms (GB/s)", "**step / sum**", "decode_linear / sum", "step / decode_linear"]
+    body = [[r["dtype"], f"{r['sparsity']:g}", f"{r['bytes'] / 1e6:.0f}",
+             f"{r['step_ms']:.2f} ({r['step_gb_s']:.1f})", f"{r['one_gemv_ms']:.2f} ({r['one_gemv_gb_s']:.1f})",
+             f"{r['sum_ms']:.2f} ({r['sum_gb_s']:.1f})", fmt_r(r["step_of_sum"]), fmt_r(r["gemv_of_sum"]),
+             fmt_r(r["step_of_gemv"])] for r in data["rows"]]
+    cmd, caveat = run_notes(meta)
+    text = (f"{env_line(rel, meta)}{cmd} · {meta['wall_s']:.0f} s · {meta['source']}\n\n"
+            "`benchmarks/bench_decode_structure.py`: batch 1, ~128 cached tokens, interleaved rounds, medians: one "
+            "decoding step of cofi's runtime vs one `cofi::decode_linear` over a single weight of the bytes the "
+            "step reads and `torch.sum` over a float32 buffer of those bytes. step / sum = the step's fraction of "
+            "the read bandwidth; decode_linear / sum = the projection kernel's; step / decode_linear = what the "
+            "step's structure (dependent projections, barriers, per-row work between them) keeps.\n\n"
+            + table(head, body))
+    return with_caveat(text, caveat)
+
+
 def render_runtime(rel: str, data: dict[str, Any]) -> str:
     """runtime: compact models vs dense BERT-base, and the compact providers against each other."""
     pad = data.get("pad_multiple", 16)
@@ -626,7 +647,7 @@ def render_budget_curve(rel: str, data: dict[str, Any]) -> str:
             f"sentences and has no labelled test split (dev is also the selection set). Wall = one run: "
             + (data.get("wall_note") or f"{data['jobs']} runs at a time with "
                f"{max(1, data['threads'] // data['jobs'])} thread(s) each") + "."
-            f"\n\n" + table(head, body))
+            "\n\n" + table(head, body))
     if data.get("plot"):
         text += f"\n\nPlot: [{Path(data['plot']).name}]({Path(data['plot']).relative_to('benchmarks').as_posix()})."
     return with_caveat(text, caveat)
@@ -818,6 +839,7 @@ RENDERERS: list[tuple[str, str, Callable[[str, Any], str]]] = [
     ("refactor_train_step", "refactor_train_step — the trainer step, old vs new checkout", render_refactor_train_step),
     ("lm_train_step", "lm_train_step — one decoder pruning step (SmolLM2 shape)", render_lm_train_step),
     ("generate", "generate — pruned-decoder prefill and decode", render_generate),
+    ("decode_structure", "decode_structure — a decode step vs one stream of its bytes", render_decode_structure),
     ("user_task", "user_task — a user's own CSV task, start to finish", render_user_task),
     ("prune_cost", "prune_cost — a pruning run, compact vs `backend=\"dense\"`", render_prune_cost),
     ("hard_concrete", "hard_concrete — one step's mask work, fused vs eager", render_hard_concrete),
