@@ -225,28 +225,32 @@ void decode_linear_rows(const at::Tensor& w, const float* x, const float* xq, co
 
 int64_t decode_linear_tile(const at::Tensor& w) { return 8 * stream_rows(w.size(1) * w.element_size()); }
 
-int64_t decode_linear_grain(const at::Tensor& w) {
-  // whole tiles, at least ~64 KiB of weight each (below that a task's start-up costs more than its reads)
+namespace {
+
+// Rows per parallel task: whole tiles, at least ~64 KiB of weight each (below that a task's
+// start-up costs more than its reads).
+int64_t task_rows(const at::Tensor& w) {
   const int64_t row = std::max<int64_t>(1, w.size(1) * w.element_size()), tile = decode_linear_tile(w);
   return std::max<int64_t>(tile, ((1 << 16) / row + tile - 1) / tile * tile);
 }
 
-void decode_linear_f32(const at::Tensor& w, const float* x, const float* b, float* y, int64_t M) {
+// y [M, N] = x [M, K] w^T (+ b), float32 in and out, w contiguous float32 / bfloat16 / float16.
+void run_f32(const at::Tensor& w, const float* x, const float* b, float* y, int64_t M) {
   const int64_t N = w.size(0), K = w.size(1);
   if (M == 0 || N == 0) return;
-  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf,
-              "cofi::decode_linear: w must be float32, bfloat16 or float16, got ", w.scalar_type());
   std::vector<float> xq;
   if (decode_linear_permutes(w.scalar_type())) {
     xq.resize(static_cast<size_t>(M * K));
     decode_linear_permute(x, xq.data(), M, K);
   }
   const float* xqp = xq.empty() ? x : xq.data();
-  const int64_t grain = decode_linear_grain(w);
+  const int64_t grain = task_rows(w);
   at::parallel_for(0, (N + grain - 1) / grain, 1, [&](int64_t t0, int64_t t1) {
     decode_linear_rows(w, x, xqp, b, y, M, t0 * grain, std::min(N, t1 * grain));
   });
 }
+
+}  // namespace
 
 at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2, "cofi::decode_linear: x must be [M, K], got ", x.sizes());
@@ -272,7 +276,7 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& w, const std
   const at::Tensor wc = w.contiguous();
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor yf = at::empty({M, N}, x.options().dtype(at::kFloat));
-  decode_linear_f32(wc, xf.data_ptr<float>(), bf.defined() ? bf.data_ptr<float>() : nullptr, yf.data_ptr<float>(), M);
+  run_f32(wc, xf.data_ptr<float>(), bf.defined() ? bf.data_ptr<float>() : nullptr, yf.data_ptr<float>(), M);
   return dt == at::kFloat ? yf : yf.to(dt);
 }
 

@@ -189,10 +189,8 @@ void add_row(float* r, const T* v, int64_t B, int64_t d) {
 // caches [B, G, cap, D]; ctx [B, G n, D], rounded to T; sc: len scratch floats, acc: D. Plain loops
 // (CPUs without AVX2, or D not a multiple of 8); exp is fast_math's exp_fast (~1 ulp).
 template <typename T>
-void attend_impl(const float* q, const T* kc, const T* vc, const bool* mask,
-                                                       float* ctx, int64_t b, int64_t h, int64_t G, int64_t n,
-                                                       int64_t cap, int64_t len, int64_t D, float scale, float* sc,
-                                                       float* acc) {
+void attend_impl(const float* q, const T* kc, const T* vc, const bool* mask, float* ctx, int64_t b, int64_t h, int64_t G,
+                 int64_t n, int64_t cap, int64_t len, int64_t D, float scale, float* sc, float* acc) {
   const int64_t g = h / n;
   const T* K = kc + (b * G + g) * cap * D;
   const T* V = vc + (b * G + g) * cap * D;
@@ -418,6 +416,15 @@ Tensor run_step(const Tensor& r_in, const std::vector<OptT>& params, at::IntArra
   {
     std::vector<float> scores(len), acc(D);
     bool pending = false;
+    // a removed sublayer's bias: r += pend (if pending) + bias, on one thread
+    auto add_bias = [&](const T* bias) {
+#pragma omp single
+      {
+        if (pending) flush_pending<T>(r.data(), pend.data(), B * d);
+        add_row<T>(r.data(), bias, B, d);
+      }
+      pending = false;
+    };
     for (int64_t i = 0; i < L; ++i) {
       const Layer<T>& l = layers[i];
       if (l.hq > 0) {
@@ -443,12 +450,7 @@ Tensor run_step(const Tensor& r_in, const std::vector<OptT>& params, at::IntArra
         project<T>(*l.o_w, l.o_b, ctx.data(), perm ? ctxq.data() : ctx.data(), pend.data(), B);
         pending = true;
       } else if (l.attn_bias) {
-#pragma omp single
-        {
-          if (pending) flush_pending<T>(r.data(), pend.data(), B * d);
-          add_row<T>(r.data(), l.attn_bias, B, d);
-        }
-        pending = false;
+        add_bias(l.attn_bias);
       }
       if (l.width > 0) {
 #pragma omp single
@@ -466,12 +468,7 @@ Tensor run_step(const Tensor& r_in, const std::vector<OptT>& params, at::IntArra
         project<T>(*l.down_w, l.down_b, h.data(), perm ? hq.data() : h.data(), pend.data(), B);
         pending = true;
       } else if (l.mlp_bias) {
-#pragma omp single
-        {
-          if (pending) flush_pending<T>(r.data(), pend.data(), B * d);
-          add_row<T>(r.data(), l.mlp_bias, B, d);
-        }
-        pending = false;
+        add_bias(l.mlp_bias);
       }
     }
     if (head) {
